@@ -1,0 +1,140 @@
+"""The Llama architecture in plain torch over a flattened token batch and a paged KV cache.
+
+Weights are read from a ``transformers`` state dict. The math follows ``transformers``'
+``LlamaForCausalLM`` operation by operation (fp32 RMSNorm, rotary tables computed the same way)
+so that greedy decoding matches it token for token; the projections are fused (q|k|v and
+gate|up) to run fewer, larger matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from kernels.attention import AttentionMetadata, paged_attention, write_kv
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, cast back, then scaled (transformers' order of operations)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[max_positions, head_dim]``, indexed by position."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x`` ``[tokens, heads, head_dim]`` by per-token ``cos``/``sin`` ``[tokens, head_dim]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class LlamaLayer:
+    """One decoder layer: attention and SwiGLU MLP, each behind an RMSNorm with a residual."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
+                 head_dim: int) -> None:
+        def w(name: str) -> torch.Tensor:
+            return weights[f"{prefix}.{name}"]
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return weights.get(f"{prefix}.{name}")
+
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim
+        self.eps = config.rms_norm_eps
+        self.scale = head_dim ** -0.5
+        self.input_norm = w("input_layernorm.weight")
+        self.post_attention_norm = w("post_attention_layernorm.weight")
+        self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+                              w("self_attn.v_proj.weight")])
+        biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
+        self.qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc]
+        self.o_proj = w("self_attn.o_proj.weight")
+        self.o_bias = maybe("self_attn.o_proj.bias")
+        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
+        self.intermediate = w("mlp.gate_proj.weight").shape[0]
+        gate_b, up_b = maybe("mlp.gate_proj.bias"), maybe("mlp.up_proj.bias")
+        self.gate_up_bias = torch.cat([gate_b, up_b]) if gate_b is not None and up_b is not None else None
+        self.down = w("mlp.down_proj.weight")
+        self.down_bias = maybe("mlp.down_proj.bias")
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        tokens = h.shape[0]
+        x = rms_norm(h, self.input_norm, self.eps)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
+        k = qkv[:, q_size: q_size + kv_size].view(tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        write_kv(k, v, cache[0], cache[1], meta.slot_mapping)
+        attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
+        h = h + F.linear(attn.reshape(tokens, q_size), self.o_proj, self.o_bias)
+        x = rms_norm(h, self.post_attention_norm, self.eps)
+        gate_up = F.linear(x, self.gate_up, self.gate_up_bias)
+        act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
+        return h + F.linear(act, self.down, self.down_bias)
+
+
+class LlamaModel:
+    """A causal LM over flattened tokens: ``forward`` gives hidden states, ``logits`` the scores."""
+
+    def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: str = "cpu") -> None:
+        weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        self.dtype = dtype
+        self.device = device
+        self.embed = weights["model.embed_tokens.weight"]
+        self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim)
+                       for i in range(self.num_layers)]
+        self.norm = weights["model.norm.weight"]
+        self.eps = config.rms_norm_eps
+        self.lm_head = weights.get("lm_head.weight", self.embed)
+        self.max_positions = config.max_position_embeddings
+        cos, sin = rotary_tables(config, self.head_dim, self.max_positions, dtype)
+        self.cos, self.sin = cos.to(device), sin.to(device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm."""
+        h = self.embed[input_ids]
+        cos, sin = self.cos[positions], self.sin[positions]
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, cache, meta)
+        return rms_norm(h, self.norm, self.eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores in fp32 for the given hidden states."""
+        return F.linear(hidden, self.lm_head).float()

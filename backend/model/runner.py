@@ -1,0 +1,103 @@
+"""Turns a scheduled batch into tensors, runs the model and returns logits for sampling rows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from backend.config import EngineConfig
+from backend.engine.scheduler import SchedulerOutput
+from backend.engine.sequence import Sequence
+from backend.model.llama import KVCache, LlamaModel
+from kernels.attention import NULL_BLOCK, AttentionMetadata
+
+
+@dataclass
+class StepLogits:
+    """Logits of the sequences whose scheduled tokens reach their end (they get a new token)."""
+
+    seqs: list[Sequence]
+    logits: torch.Tensor  # [len(seqs), vocab] fp32
+
+
+def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
+    """Bytes one block takes across all layers, keys and values."""
+    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim
+    return per_token * block_size * torch.empty(0, dtype=model.dtype).element_size()
+
+
+def available_memory_bytes(device: str) -> int:
+    """Memory free for the KV cache on ``device`` right now."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def num_kv_blocks(model: LlamaModel, config: EngineConfig) -> int:
+    """Blocks that fit the configured KV budget."""
+    budget = config.kv_cache_bytes
+    if budget is None:
+        budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)
+    return budget // kv_block_bytes(model, config.block_size)
+
+
+class ModelRunner:
+    """Owns the model and its paged KV cache; executes one scheduled batch per call."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # torch.empty leaves pages untouched until used; only the null block must read as zero.
+        self.caches: list[KVCache] = []
+        for _ in range(model.num_layers):
+            k = torch.empty(shape, dtype=model.dtype, device=model.device)
+            v = torch.empty(shape, dtype=model.dtype, device=model.device)
+            k[NULL_BLOCK].zero_()
+            v[NULL_BLOCK].zero_()
+            self.caches.append((k, v))
+
+    def execute(self, batch: SchedulerOutput) -> StepLogits:
+        device = self.model.device
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        num_decodes = 0
+        for item in batch.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(seq.block_table)
+            if n == 1 and num_decodes == len(query_lens) - 1:
+                num_decodes += 1
+            if end == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables],
+                                    dtype=torch.long, device=device)
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        rows_of_tokens = torch.repeat_interleave(
+            torch.arange(len(query_lens), device=device),
+            torch.tensor(query_lens, device=device))
+        slot_mapping = block_tables[rows_of_tokens, pos // bs] * bs + pos % bs
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables, query_lens=query_lens, seq_lens=seq_lens,
+            num_decodes=num_decodes, block_size=bs)
+        hidden = self.model.forward(torch.tensor(input_ids, dtype=torch.long, device=device),
+                                    pos, self.caches, meta)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
+        return StepLogits(sample_seqs, self.model.logits(hidden.index_select(0, rows)))

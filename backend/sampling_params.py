@@ -1,0 +1,116 @@
+"""Per-request sampling parameters, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token of a request, and when to stop.
+
+    Field names and meanings follow vLLM's ``SamplingParams``. ``temperature=0`` is greedy
+    decoding. ``logprobs=N`` returns the N most likely tokens of the model's raw distribution
+    at every position (plus the sampled one). Invalid values raise ``ValueError`` naming the field.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+
+        def check_int(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                fail(name, "must be an integer")
+
+        def check_number(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, "must be a number")
+            if value != value or value in (float("inf"), float("-inf")):
+                fail(name, "must be finite")
+
+        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs"):
+            check_int(name)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            check_number(name)
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be a boolean")
+        if self.n < 1:
+            fail("n", "must be at least 1")
+        if self.temperature < 0:
+            fail("temperature", "must be non-negative")
+        if self.top_k < 0:
+            fail("top_k", "must be 0 (disabled) or positive")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            fail("min_p", "must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            fail("repetition_penalty", "must be positive")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            fail("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            fail("frequency_penalty", "must be in [-2, 2]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            fail("max_tokens", "must be at least 1")
+        if self.min_tokens < 0:
+            fail("min_tokens", "must be non-negative")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and self.logprobs < 0:
+            fail("logprobs", "must be non-negative")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            fail("seed", "must be in [0, 2**63)")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", "must be a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                   for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be a list of non-negative integers")
+        if self.n > 1 and self.is_greedy:
+            # n identical greedy copies are almost surely a mistake; vLLM rejects them too.
+            fail("n", "must be 1 for greedy sampling (temperature=0)")
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the request always takes the most likely token."""
+        return self.temperature < _GREEDY_EPS
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        """Builds params from a JSON-like dict; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**values)

@@ -1,0 +1,115 @@
+"""Paged attention: one interface the model calls, implementations behind it.
+
+The KV cache of a layer is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+token ``p`` of a sequence lives at slot ``block_table[p // block_size] * block_size + p % block_size``.
+Block 0 is the null block: never allocated, kept zero, and used to pad gathers so that padded
+positions read finite values (they are masked out of the softmax anyway).
+
+A step's batch is flattened: the query tokens of all sequences are concatenated, sequences with a
+single query token (decodes) first. This module holds the torch implementation, which runs
+everywhere; Triton kernels plug in behind the same two functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+NULL_BLOCK = 0
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens sit in the paged cache; built once per step, read by every layer.
+
+    ``query_lens[i]`` new tokens of sequence ``i`` are attended over its first ``seq_lens[i]``
+    tokens (cached context plus the new ones). The first ``num_decodes`` sequences have one query
+    token each. Tensors live on the model's device.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with NULL_BLOCK
+    query_lens: list[int]
+    seq_lens: list[int]
+    num_decodes: int
+    block_size: int
+    # Derived once per step for the torch path (gather indices and masks), not per layer.
+    _decode_slots: torch.Tensor | None = field(default=None, repr=False)
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+    _prefill_slots: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        device = self.block_tables.device
+        if self.num_decodes:
+            lens = torch.tensor(self.seq_lens[: self.num_decodes], device=device)
+            self._decode_slots = _context_slots(
+                self.block_tables[: self.num_decodes], int(lens.max()), self.block_size)
+            positions = torch.arange(self._decode_slots.shape[1], device=device)
+            self._decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+            self._decode_slots = self._decode_slots.masked_fill(
+                ~self._decode_mask[:, 0, 0, :], NULL_BLOCK * self.block_size)
+        for i in range(self.num_decodes, len(self.seq_lens)):
+            if self.seq_lens[i] == self.query_lens[i]:
+                # Nothing cached before this chunk: attend over the fresh K/V directly.
+                self._prefill_slots.append(None)
+            else:
+                self._prefill_slots.append(_context_slots(
+                    self.block_tables[i: i + 1], self.seq_lens[i], self.block_size)[0])
+
+
+def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Slots of positions ``0..length-1`` for each row of ``block_tables``: ``[rows, length]``."""
+    positions = torch.arange(length, device=block_tables.device)
+    blocks = block_tables[:, positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores the new tokens' keys and values ``[num_tokens, num_kv_heads, head_dim]``."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of the step's query tokens over their paged contexts.
+
+    ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are the same tokens' keys and
+    values, already written to the cache. Returns ``[num_tokens, num_heads, head_dim]``.
+    """
+    out = torch.empty_like(q)
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    nd = meta.num_decodes
+    if nd:
+        assert meta._decode_slots is not None and meta._decode_mask is not None
+        index = meta._decode_slots.reshape(-1)
+        ctx = meta._decode_slots.shape[1]
+        keys = flat_k.index_select(0, index).view(nd, ctx, *flat_k.shape[1:]).transpose(1, 2)
+        values = flat_v.index_select(0, index).view(nd, ctx, *flat_v.shape[1:]).transpose(1, 2)
+        out[:nd] = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, values, attn_mask=meta._decode_mask, scale=scale,
+            enable_gqa=True).squeeze(2)
+    start = nd
+    for i, slots in enumerate(meta._prefill_slots, start=nd):
+        n = meta.query_lens[i]
+        query = q[start: start + n].transpose(0, 1).unsqueeze(0)
+        if slots is None:
+            keys = k[start: start + n].transpose(0, 1).unsqueeze(0)
+            values = v[start: start + n].transpose(0, 1).unsqueeze(0)
+            res = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
+                                                 enable_gqa=True)
+        else:
+            keys = flat_k.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            values = flat_v.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            ctx = slots.shape[0]
+            # Query j sits at position ctx - n + j and sees every key at or before it.
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+            res = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                                 enable_gqa=True)
+        out[start: start + n] = res[0].transpose(0, 1)
+        start += n
+    return out
