@@ -5,4 +5,4 @@ from backend.llm import LLM
 from backend.outputs import CompletionOutput, RequestOutput
 from backend.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "CompletionOutput", "EngineConfig", "RequestOutput", "SamplingParams"]

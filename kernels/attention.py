@@ -1,7 +1,8 @@
 """Paged attention: one interface the model calls, implementations behind it.
 
 The KV cache of a layer is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``;
-token ``p`` of a sequence lives at slot ``block_table[p // block_size] * block_size + p % block_size``.
+token ``p`` of a sequence lives at slot
+``block_table[p // block_size] * block_size + p % block_size``.
 Block 0 is the null block: never allocated, kept zero, and used to pad gathers so that padded
 positions read finite values (they are masked out of the softmax anyway).
 

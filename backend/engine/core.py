@@ -42,7 +42,8 @@ class EngineStats:
 class EngineCore:
     """Owns scheduler, block manager, model runner and sampler; advances all requests a step."""
 
-    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None,
+                 loaded: LoadedModel | None = None) -> None:
         self.config = config or EngineConfig()
         loaded = loaded or load_model(self.config.model)
         self.tokenizer = loaded.tokenizer

@@ -115,7 +115,7 @@ class Scheduler:
         self.stats.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Removes a finished or aborted sequence from whichever queue holds it; frees its blocks."""
+        """Takes a finished or aborted sequence out of its queue and frees its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:

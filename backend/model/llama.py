@@ -43,7 +43,7 @@ def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x`` ``[tokens, heads, head_dim]`` by per-token ``cos``/``sin`` ``[tokens, head_dim]``."""
+    """Rotates ``x`` ``[tokens, heads, dim]`` by per-token ``cos``/``sin`` ``[tokens, dim]``."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -70,13 +70,15 @@ class LlamaLayer:
         self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
                               w("self_attn.v_proj.weight")])
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        self.qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc]
+        self.qkv_bias = (torch.cat(biases)  # type: ignore[arg-type]
+                         if all(b is not None for b in biases) else None)
         self.o_proj = w("self_attn.o_proj.weight")
         self.o_bias = maybe("self_attn.o_proj.bias")
         self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
         self.intermediate = w("mlp.gate_proj.weight").shape[0]
         gate_b, up_b = maybe("mlp.gate_proj.bias"), maybe("mlp.up_proj.bias")
-        self.gate_up_bias = torch.cat([gate_b, up_b]) if gate_b is not None and up_b is not None else None
+        self.gate_up_bias = (torch.cat([gate_b, up_b])
+                             if gate_b is not None and up_b is not None else None)
         self.down = w("mlp.down_proj.weight")
         self.down_bias = maybe("mlp.down_proj.bias")
 

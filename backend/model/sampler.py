@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.sampling_params import SamplingParams
 from backend.outputs import TokenLogprobs
+from backend.sampling_params import SamplingParams
 
 
 @dataclass

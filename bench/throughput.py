@@ -1,0 +1,372 @@
+"""Offline generation throughput of the engine against Hugging Face ``generate``, in one process.
+
+What is measured, on one seeded workload of random-token prompts (greedy decoding, every request
+runs to exactly its requested output length, EOS ignored):
+
+* **engine tok/s**: generated tokens per second of wall time of one ``LLM.generate`` call over all
+  requests (continuous batching, paged KV cache).
+* **baseline tok/s**: the same for ``transformers``' batched ``generate`` on the same weights and
+  dtype (fp32), in fixed batches with left padding. Each batch runs to its longest requested
+  output, so only the requested (useful) tokens are counted as generated.
+* **GEMM rate**: the fp32 matmul rate of this machine, measured in the same run with a square
+  GEMM, as a practical ceiling for the model's FLOP rate.
+* **MFU**: the engine's achieved model FLOP rate (``2 x weight parameters`` per processed token,
+  attention scores left out) as a fraction of the measured GEMM rate.
+
+The machines these benchmarks run on are shared and noisy: absolute tokens/s move by tens of
+percent from one run to the next. Both systems and the GEMM are therefore measured back to back
+in one run, and the figures to compare across runs are the *ratios*: engine/baseline and the
+achieved fraction of the measured matmul rate.
+
+Usage (from the repository root)::
+
+    python -m bench.throughput [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from backend import LLM, SamplingParams
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
+SEED = 0
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """The shape of the synthetic workload; lengths are drawn uniformly, bounds inclusive."""
+
+    num_requests: int
+    prompt_len_min: int
+    prompt_len_max: int
+    output_len_min: int
+    output_len_max: int
+    baseline_batch_size: int
+    seed: int = SEED
+
+
+FULL = WorkloadSpec(num_requests=64, prompt_len_min=16, prompt_len_max=256,
+                    output_len_min=16, output_len_max=128, baseline_batch_size=32)
+QUICK = WorkloadSpec(num_requests=8, prompt_len_min=16, prompt_len_max=64,
+                     output_len_min=8, output_len_max=16, baseline_batch_size=8)
+
+# Engine settings for the run (also written to the result file).
+ENGINE_ARGS: dict[str, Any] = {"kv_cache_bytes": 2**30, "max_num_seqs": 64,
+                               "max_num_batched_tokens": 2048}
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    output_len: int
+
+
+def build_workload(spec: WorkloadSpec, tokenizer: Any, vocab_size: int) -> list[Request]:
+    """Random prompts over the tokenizer's ordinary (non-special) token ids."""
+    rng = random.Random(spec.seed)
+    special = set(tokenizer.all_special_ids)
+    limit = min(len(tokenizer), vocab_size)
+    candidates = [i for i in range(limit) if i not in special]
+    requests = []
+    for _ in range(spec.num_requests):
+        prompt_len = rng.randint(spec.prompt_len_min, spec.prompt_len_max)
+        output_len = rng.randint(spec.output_len_min, spec.output_len_max)
+        requests.append(Request([rng.choice(candidates) for _ in range(prompt_len)], output_len))
+    return requests
+
+
+def warmup_workload(requests: list[Request]) -> list[Request]:
+    """A small slice of the workload with short outputs, to warm up kernels and allocators."""
+    return [Request(r.prompt[:32], 4) for r in requests[:2]]
+
+
+# --------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class EngineResult:
+    wall_s: float
+    generated_tokens: int
+    tokens_per_s: float
+    processed_tokens: int  # prefilled (incl. recomputed) + decoded tokens run through the model
+    num_steps: int
+    num_preemptions: int
+    num_prefilled_tokens: int
+    num_decoded_tokens: int
+
+
+def engine_generate(llm: LLM, requests: list[Request]) -> list[list[int]]:
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    outs = llm.generate(prompt_token_ids=[r.prompt for r in requests], sampling_params=params,
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def run_engine(llm: LLM, requests: list[Request]) -> tuple[EngineResult, list[list[int]]]:
+    engine_generate(llm, warmup_workload(requests))
+    before = llm.stats()
+    start = time.perf_counter()
+    outputs = engine_generate(llm, requests)
+    wall = time.perf_counter() - start
+    after = llm.stats()
+    generated = sum(len(o) for o in outputs)
+    expected = sum(r.output_len for r in requests)
+    if generated != expected:
+        print(f"warning: engine generated {generated} tokens, {expected} requested",
+              file=sys.stderr)
+    prefilled = after.num_prefilled_tokens - before.num_prefilled_tokens
+    decoded = after.num_decoded_tokens - before.num_decoded_tokens
+    result = EngineResult(
+        wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
+        processed_tokens=prefilled + decoded, num_steps=after.num_steps - before.num_steps,
+        num_preemptions=after.num_preemptions - before.num_preemptions,
+        num_prefilled_tokens=prefilled, num_decoded_tokens=decoded)
+    return result, outputs
+
+
+# ------------------------------------------------------------------------------------- baseline
+
+
+@dataclass
+class BaselineResult:
+    wall_s: float
+    generated_tokens: int  # useful tokens: the sum of requested output lengths
+    tokens_per_s: float
+    padded_generated_tokens: int  # batch size x max_new_tokens, summed over batches
+    batch_size: int
+    num_batches: int
+
+
+def hf_generate(model: Any, requests: list[Request], batch_size: int,
+                pad_id: int) -> tuple[list[list[int]], int]:
+    """Greedy batched generate with left padding; returns useful outputs and padded token count."""
+    outputs: list[list[int]] = []
+    padded = 0
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        width = max(len(r.prompt) for r in batch)
+        new_tokens = max(r.output_len for r in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, r in enumerate(batch):
+            input_ids[row, width - len(r.prompt):] = torch.tensor(r.prompt)
+            attention_mask[row, width - len(r.prompt):] = 1
+        # min_new_tokens == max_new_tokens masks EOS, so no row stops early.
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=pad_id)
+        padded += len(batch) * (out.shape[1] - width)
+        for row, r in enumerate(batch):
+            outputs.append(out[row, width:width + r.output_len].tolist())
+    return outputs, padded
+
+
+def run_baseline(model_path: str, tokenizer: Any, requests: list[Request],
+                 batch_size: int) -> tuple[BaselineResult, list[list[int]]]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    with torch.inference_mode():
+        hf_generate(model, warmup_workload(requests), batch_size, pad_id)
+        start = time.perf_counter()
+        outputs, padded = hf_generate(model, requests, batch_size, pad_id)
+        wall = time.perf_counter() - start
+    generated = sum(r.output_len for r in requests)
+    result = BaselineResult(
+        wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
+        padded_generated_tokens=padded, batch_size=batch_size,
+        num_batches=-(-len(requests) // batch_size))
+    return result, outputs
+
+
+# ------------------------------------------------------------------------------- GEMM and FLOPs
+
+
+@dataclass
+class GemmResult:
+    size: int
+    reps: int
+    best_gflops: float
+    median_gflops: float
+
+
+def measure_gemm(size: int = 2048, reps: int = 10, warmup: int = 3) -> GemmResult:
+    """fp32 ``size x size`` matmul rate; the best rep is taken as the machine's ceiling."""
+    gen = torch.Generator().manual_seed(SEED)
+    a = torch.randn(size, size, generator=gen, dtype=torch.float32)
+    b = torch.randn(size, size, generator=gen, dtype=torch.float32)
+    out = torch.empty(size, size, dtype=torch.float32)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * size**3
+    return GemmResult(size=size, reps=reps, best_gflops=flops / min(times) / 1e9,
+                      median_gflops=flops / statistics.median(times) / 1e9)
+
+
+@dataclass
+class ModelFlops:
+    layer_linear_params: int  # q, k, v, o, gate, up, down weights over all layers
+    lm_head_params: int
+    flops_per_token: int  # 2 x (layer_linear_params + lm_head_params)
+
+
+def model_flops(config: Any) -> ModelFlops:
+    """Matmul FLOPs per token of a Llama-style model; attention score/value FLOPs left out."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size
+    layers = per_layer * config.num_hidden_layers
+    lm_head = config.vocab_size * hidden
+    return ModelFlops(layer_linear_params=layers, lm_head_params=lm_head,
+                      flops_per_token=2 * (layers + lm_head))
+
+
+# -------------------------------------------------------------------------------------- checks
+
+
+def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """How far the engine's and the baseline's greedy outputs agree (fp32 noise may split them)."""
+    exact = sum(x == y for x, y in zip(a, b))
+    prefix_fracs = []
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefix_fracs.append(n / max(len(x), len(y), 1))
+    return {"exact_match_fraction": exact / max(len(a), 1),
+            "mean_common_prefix_fraction": statistics.fmean(prefix_fracs) if prefix_fracs else 0.0}
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a small workload (8 requests, short prompts and outputs)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"where to write the JSON result (default: {DEFAULT_OUT})")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = QUICK if args.quick else FULL
+    torch.manual_seed(SEED)
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        print(f"warning: load average {load_before[0]:.2f} before the run; other processes "
+              "compete for the CPU and skew the figures", file=sys.stderr)
+
+    llm = LLM(**ENGINE_ARGS)
+    config = llm.engine.model.config
+    requests = build_workload(spec, llm.tokenizer, config.vocab_size)
+    prompt_tokens = sum(len(r.prompt) for r in requests)
+    output_tokens = sum(r.output_len for r in requests)
+    print(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens, "
+          f"{output_tokens} output tokens (seed {spec.seed}); torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+
+    gemm = measure_gemm()
+    print(f"gemm: {gemm.size}^3 fp32 best {gemm.best_gflops:.1f} GFLOP/s, "
+          f"median {gemm.median_gflops:.1f}", flush=True)
+
+    engine, engine_out = run_engine(llm, requests)
+    print(f"engine: {engine.tokens_per_s:.1f} tok/s ({engine.wall_s:.2f} s)", flush=True)
+
+    baseline, baseline_out = run_baseline(llm.engine.model_path, llm.tokenizer, requests,
+                                          spec.baseline_batch_size)
+    print(f"baseline: {baseline.tokens_per_s:.1f} tok/s ({baseline.wall_s:.2f} s)", flush=True)
+
+    flops = model_flops(config)
+    engine_gflops = flops.flops_per_token * engine.processed_tokens / engine.wall_s / 1e9
+    mfu = engine_gflops * 1e9 / (gemm.best_gflops * 1e9)
+    # The engine applies lm_head only at sampled rows (one per generated token); this estimate
+    # charges the layers for every processed token and lm_head only for the sampled rows.
+    tight_flops = 2 * (flops.layer_linear_params * engine.processed_tokens
+                       + flops.lm_head_params * engine.generated_tokens)
+    tight_gflops = tight_flops / engine.wall_s / 1e9
+    ratio = engine.tokens_per_s / baseline.tokens_per_s
+    agreement = greedy_agreement(engine_out, baseline_out)
+
+    print()
+    print("=" * 72)
+    print(f"engine    {engine.tokens_per_s:9.1f} generated tok/s   wall {engine.wall_s:7.2f} s   "
+          f"steps {engine.num_steps}   preemptions {engine.num_preemptions}")
+    print(f"baseline  {baseline.tokens_per_s:9.1f} generated tok/s   wall {baseline.wall_s:7.2f} s"
+          f"   HF generate, batch {baseline.batch_size}, left padding")
+    print(f"ratio     {ratio:9.2f}x  (engine / baseline)")
+    print(f"flops     {flops.flops_per_token / 1e6:.1f} MFLOP/token = 2 x (layer linear weights "
+          f"{flops.layer_linear_params / 1e6:.1f}M + lm_head {flops.lm_head_params / 1e6:.1f}M)")
+    print(f"engine    {engine_gflops:9.1f} GFLOP/s over {engine.processed_tokens} processed "
+          f"tokens (prompt + decoded)")
+    print(f"gemm      {gemm.best_gflops:9.1f} GFLOP/s best fp32 {gemm.size}^3 "
+          f"(median {gemm.median_gflops:.1f})")
+    print(f"MFU       {mfu:9.3f}  of measured GEMM rate "
+          f"({tight_gflops / gemm.best_gflops:.3f} charging lm_head only at sampled rows)")
+    print(f"agreement {agreement['exact_match_fraction']:9.3f}  requests with identical greedy "
+          f"outputs (mean common prefix {agreement['mean_common_prefix_fraction']:.3f})")
+    print("=" * 72)
+
+    result = {
+        "benchmark": "throughput",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "command": sys.orig_argv,
+        "quick": args.quick,
+        "workload": {**asdict(spec), "prompt_tokens": prompt_tokens,
+                     "output_tokens": output_tokens},
+        "engine_args": ENGINE_ARGS,
+        "model": {"path": llm.engine.model_path, "dtype": "float32",
+                  "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                  "vocab_size": config.vocab_size},
+        "engine": asdict(engine),
+        "baseline": asdict(baseline),
+        "ratio_engine_over_baseline": ratio,
+        "gemm": asdict(gemm),
+        "flops": {**asdict(flops),
+                  "flops_per_token_definition": "2 * (layer linear weights + lm_head weight)"},
+        "engine_gflops": engine_gflops,
+        "engine_mfu": mfu,
+        "engine_gflops_lm_head_at_sampled_rows": tight_gflops,
+        "engine_mfu_lm_head_at_sampled_rows": tight_gflops / gemm.best_gflops,
+        "greedy_agreement": agreement,
+        "environment": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0],
+                        "torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "platform": platform.platform(),
+                        "machine": platform.machine()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Greedy outputs are token-identical to transformers' generate, whatever the batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import LLM, SamplingParams
+from backend.model.loader import LoadedModel
+from tests.conftest import assert_all_blocks_free, hf_greedy
+from tests.prompts import PROMPTS
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm: LoadedModel) -> list[list[int]]:
+    ids = [smollm.tokenizer.encode(p) for p in PROMPTS]
+    assert max(len(i) for i in ids) > 512, "the set must hold a prompt longer than 512 tokens"
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(hf_smollm, prompt_ids) -> list[list[int]]:
+    return [hf_greedy(hf_smollm, ids, MAX_NEW) for ids in prompt_ids]
+
+
+def _run(llm: LLM, batch: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+    outputs = llm.generate(prompt_token_ids=batch, sampling_params=params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _check_batches(llm: LLM, prompt_ids, reference, batch_size: int) -> None:
+    # Mixed prompt lengths in every batch: indices cycle through the whole varied set.
+    order = [i % len(prompt_ids) for i in range(max(batch_size, len(prompt_ids)))]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        got = _run(llm, [prompt_ids[i] for i in chunk])
+        for i, tokens in zip(chunk, got):
+            assert tokens == reference[i], f"prompt {i} differs at batch size {batch_size}"
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_smollm_matches_transformers(smollm, prompt_ids, reference, batch_size):
+    llm = LLM(loaded=smollm, kv_cache_bytes=256 * 2**20)
+    _check_batches(llm, prompt_ids, reference, batch_size)
+
+
+def test_smollm_small_chunked_prefill(smollm, prompt_ids, reference):
+    llm = LLM(loaded=smollm, kv_cache_bytes=256 * 2**20, max_num_batched_tokens=37)
+    _check_batches(llm, prompt_ids, reference, 32)
+    # The long prompt alone needs many chunks.
+    assert llm.stats().num_steps > len(prompt_ids[17]) // 37
+
+
+def test_smollm_preemption_under_small_cache(smollm, prompt_ids, reference):
+    block_bytes = 2 * 30 * 3 * 64 * 4 * 16
+    llm = LLM(loaded=smollm, kv_cache_bytes=64 * block_bytes, max_num_batched_tokens=256)
+    _check_batches(llm, prompt_ids, reference, 32)
+    assert llm.stats().num_preemptions > 0
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [
+    (4, 2, 64),   # grouped-query attention, head size 64
+    (4, 1, 128),  # multi-query, head size 128
+    (2, 2, 128),  # plain multi-head attention
+])
+def test_tiny_llama_matches_transformers(tiny_llama, heads, kv_heads, head_dim, smollm):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_llama(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+    gen = __import__("random").Random(heads * 1000 + head_dim)
+    prompts = [[gen.randrange(3, 49152) for _ in range(gen.randint(1, 300))] for _ in range(32)]
+    reference = [hf_greedy(hf, p, 16) for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    settings = [dict(), dict(max_num_batched_tokens=50),
+                dict(kv_cache_bytes=2 * 2 * kv_heads * head_dim * 4 * 16 * 60,
+                     max_num_batched_tokens=128)]
+    for extra in settings:
+        llm = LLM(str(path), **{"kv_cache_bytes": 64 * 2**20, **extra})
+        for batch_size in (1, 7, 32):
+            for start in range(0, 32, batch_size):
+                chunk = prompts[start: start + batch_size] if batch_size < 32 else prompts
+                outs = llm.generate(prompt_token_ids=chunk, sampling_params=params,
+                                    use_tqdm=False)
+                for p, o in zip(chunk, outs):
+                    assert o.outputs[0].token_ids == reference[prompts.index(p)], extra
+                if batch_size == 1 and start >= 7:
+                    break  # batch size 1 over a few prompts is enough per setting
+        assert_all_blocks_free(llm)
+        if "max_num_batched_tokens" in extra and extra["max_num_batched_tokens"] == 128:
+            assert llm.stats().num_preemptions > 0
