@@ -38,17 +38,23 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("stop", "stop_token_ids"):
+            try:
+                setattr(self, name, list(getattr(self, name)))
+            except TypeError:
+                raise ValueError(f"SamplingParams.{name} must be a list, "
+                                 f"got {getattr(self, name)!r}") from None
         self._validate()
 
     def _validate(self) -> None:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
-        def check_int(name: str) -> None:
+        def check_int(name: str, optional: bool = False) -> None:
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, "must be an integer")
 
         def check_number(name: str) -> None:
@@ -58,8 +64,10 @@ class SamplingParams:
             if value != value or value in (float("inf"), float("-inf")):
                 fail(name, "must be finite")
 
-        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs"):
+        for name in ("n", "top_k", "min_tokens"):
             check_int(name)
+        for name in ("seed", "max_tokens", "logprobs"):
+            check_int(name, optional=True)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             check_number(name)

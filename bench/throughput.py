@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -263,6 +264,65 @@ def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]
             "mean_common_prefix_fraction": statistics.fmean(prefix_fracs) if prefix_fracs else 0.0}
 
 
+def _proc_stat_cpu() -> tuple[float, float] | None:
+    """System-wide (busy, steal) CPU seconds since boot from ``/proc/stat``; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
+    steal = ticks[7] if len(ticks) > 7 else 0
+    return busy / hz, steal / hz
+
+
+@dataclass
+class CpuContention:
+    """CPU time other processes (and the hypervisor, as steal) took while the benchmark ran."""
+
+    wall_s: float
+    own_cpu_s: float
+    others_cpu_s: float | None
+    steal_s: float | None
+    others_fraction_of_machine: float | None
+
+
+class ContentionMonitor:
+    """Compares the machine's busy CPU time with this process's own over an interval."""
+
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._own = time.process_time()
+        self._stat = _proc_stat_cpu()
+
+    def stop(self) -> CpuContention:
+        wall = time.perf_counter() - self._wall
+        own = time.process_time() - self._own
+        stat = _proc_stat_cpu()
+        if self._stat is None or stat is None:
+            return CpuContention(wall, own, None, None, None)
+        others = max(0.0, stat[0] - self._stat[0] - own)
+        steal = stat[1] - self._stat[1]
+        return CpuContention(wall, own, others, steal,
+                             others / (wall * (os.cpu_count() or 1)))
+
+
+def git_state() -> dict[str, Any]:
+    """The commit benchmarked and whether the working tree had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -280,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = QUICK if args.quick else FULL
     torch.manual_seed(SEED)
     load_before = os.getloadavg()
-    if load_before[0] > 0.5:
-        print(f"warning: load average {load_before[0]:.2f} before the run; other processes "
-              "compete for the CPU and skew the figures", file=sys.stderr)
+    monitor = ContentionMonitor()
 
     llm = LLM(**ENGINE_ARGS)
     config = llm.engine.model.config
@@ -314,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     tight_gflops = tight_flops / engine.wall_s / 1e9
     ratio = engine.tokens_per_s / baseline.tokens_per_s
     agreement = greedy_agreement(engine_out, baseline_out)
+    contention = monitor.stop()
 
     print()
     print("=" * 72)
@@ -332,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({tight_gflops / gemm.best_gflops:.3f} charging lm_head only at sampled rows)")
     print(f"agreement {agreement['exact_match_fraction']:9.3f}  requests with identical greedy "
           f"outputs (mean common prefix {agreement['mean_common_prefix_fraction']:.3f})")
+    if contention.others_cpu_s is not None:
+        print(f"contention other processes used {contention.others_cpu_s:.1f} CPU-s during the "
+              f"run ({contention.others_fraction_of_machine:.1%} of the machine), steal "
+              f"{contention.steal_s:.1f} s")
+        if (contention.others_fraction_of_machine or 0.0) > 0.1:
+            print("warning: the CPU was shared with other work; figures are skewed",
+                  file=sys.stderr)
     print("=" * 72)
 
     result = {
@@ -339,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": datetime.now(UTC).isoformat(),
         "command": sys.orig_argv,
         "quick": args.quick,
+        "git": git_state(),
         "workload": {**asdict(spec), "prompt_tokens": prompt_tokens,
                      "output_tokens": output_tokens},
         "engine_args": ENGINE_ARGS,
@@ -356,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_gflops_lm_head_at_sampled_rows": tight_gflops,
         "engine_mfu_lm_head_at_sampled_rows": tight_gflops / gemm.best_gflops,
         "greedy_agreement": agreement,
+        "cpu_contention": asdict(contention),
         "environment": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                         "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0],
                         "torch": torch.__version__, "transformers": transformers.__version__,

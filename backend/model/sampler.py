@@ -78,8 +78,9 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor) -> torch.Tensor:
     """Zeroes tokens outside each row's top-k, top-p nucleus and min-p floor; not renormalized.
 
-    ``top_k`` of 0 or ``top_p`` of 1 or ``min_p`` of 0 disable that filter for a row. The most
-    likely token always survives.
+    Applied in that order, as transformers' and vLLM's samplers do: the nucleus is taken of the
+    distribution renormalized over the top k. ``top_k`` of 0, ``top_p`` of 1 and ``min_p`` of 0
+    disable their filter for a row. The most likely token always survives.
     """
     vocab = probs.shape[1]
     sorted_probs, order = probs.sort(dim=1, descending=True)
@@ -87,7 +88,8 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
     drop = ranks >= k
     # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
-    mass_before = sorted_probs.cumsum(dim=1) - sorted_probs
+    kept = sorted_probs.masked_fill(drop, 0.0)
+    mass_before = (kept.cumsum(dim=1) - kept) / kept.sum(dim=1, keepdim=True)
     drop |= mass_before >= top_p[:, None]
     drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
     drop[:, 0] = False

@@ -1,0 +1,157 @@
+"""asyncio front of the engine: ``generate`` yields outputs as they come, ``abort`` ends a request.
+
+The engine core is single-threaded; it runs on one dedicated thread that owns it, the tokenizer
+included (fast tokenizers are not safe to share across threads). Callers on the event loop never
+touch the core: they send commands through a queue and receive outputs, or the error that
+rejected their request, through a per-request asyncio queue fed with ``call_soon_threadsafe``.
+A caller that stops iterating (a cancelled task, a closed stream) aborts its request, so its KV
+blocks return at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from backend.engine.core import EngineCore, EngineStats
+from backend.outputs import RequestOutput
+from backend.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | None
+    params: SamplingParams | None
+    prompt_token_ids: list[int] | None
+    sink: asyncio.Queue[RequestOutput | BaseException]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    """Serves many concurrent ``generate`` calls from one engine core thread."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._active: set[str] = set()  # ids in flight, as seen from the callers' side
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: str | None, params: SamplingParams | None = None,
+                       request_id: str | None = None,
+                       prompt_token_ids: list[int] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's output after every step that advances it, the last one finished.
+
+        Raises ``ValueError`` (naming the field) before yielding anything if the request is bad.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            if request_id in self._active:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._active.add(request_id)
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._commands.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request_id))
+            with self._lock:
+                self._active.discard(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request; its iterator yields a final output with finish reason ``abort``."""
+        self._commands.put(_Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def shutdown(self) -> None:
+        """Stops the core thread; requests still running end with an error."""
+        self._commands.put(_Stop())
+        self._thread.join()
+
+    # ---- the core thread -------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        sink, loop = self._sinks[request_id]
+        if isinstance(item, BaseException) or item.finished:
+            del self._sinks[request_id]
+        loop.call_soon_threadsafe(sink.put_nowait, item)
+
+    def _apply(self, command: _Add | _Abort | _Stop) -> bool:
+        if isinstance(command, _Stop):
+            return False
+        if isinstance(command, _Add):
+            request_id = command.request_id
+            self._sinks[request_id] = (command.sink, command.loop)
+            try:
+                self.core.add_request(self.core.make_request(
+                    request_id, command.prompt, command.params, command.prompt_token_ids))
+            except ValueError as e:
+                self._deliver(request_id, e)
+        elif command.request_id in self._sinks:
+            output = self.core.abort(command.request_id)
+            if output is not None:
+                self._deliver(command.request_id, output)
+        return True
+
+    def _loop(self) -> None:
+        running = True
+        while running:
+            try:
+                # Block only when there is nothing to do; otherwise drain and go on stepping.
+                block = not self.core.has_unfinished_requests
+                while True:
+                    command = self._commands.get(block=block)
+                    block = False
+                    if not self._apply(command):
+                        running = False
+                        break
+            except queue.Empty:
+                pass
+            if not running:
+                break
+            try:
+                outputs = self.core.step()
+            except Exception as e:  # a failed step must not strand the callers
+                log.exception("engine step failed")
+                for request_id in list(self._sinks):
+                    self.core.abort(request_id)
+                    self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
+                continue
+            for output in outputs:
+                if output.request_id in self._sinks:
+                    self._deliver(output.request_id, output)
+        for request_id in list(self._sinks):
+            self.core.abort(request_id)
+            self._deliver(request_id, RuntimeError("engine shut down"))
