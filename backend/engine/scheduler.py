@@ -89,7 +89,10 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if n < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+            # Without chunked prefill a sequence waits for a step with room for all of it,
+            # unless it could never fit whole (a preempted one that outgrew the budget).
+            if (n < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill
+                    and seq.num_uncomputed_tokens <= self.config.max_num_batched_tokens):
                 break
             if not bm.allocate(seq.block_table, seq.num_computed_tokens + n):
                 break
