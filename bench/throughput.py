@@ -16,7 +16,10 @@ runs to exactly its requested output length, EOS ignored):
 The machines these benchmarks run on are shared and noisy: absolute tokens/s move by tens of
 percent from one run to the next. Both systems and the GEMM are therefore measured back to back
 in one run, and the figures to compare across runs are the *ratios*: engine/baseline and the
-achieved fraction of the measured matmul rate.
+achieved fraction of the measured matmul rate. Even ratios only hold when nothing else runs:
+with as many torch threads as cores, one competing process can slow small-batch matmuls many
+times over, and unevenly between the phases. The run therefore records, per phase, how much CPU
+time other processes took (from ``/proc/stat``) and warns when it exceeds 10% of the machine.
 
 Usage (from the repository root)::
 
@@ -96,6 +99,53 @@ def warmup_workload(requests: list[Request]) -> list[Request]:
     return [Request(r.prompt[:32], 4) for r in requests[:2]]
 
 
+# ---------------------------------------------------------------------------------- contention
+
+
+def _proc_stat_cpu() -> tuple[float, float] | None:
+    """System-wide (busy, steal) CPU seconds since boot from ``/proc/stat``; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
+    steal = ticks[7] if len(ticks) > 7 else 0
+    return busy / hz, steal / hz
+
+
+@dataclass
+class CpuContention:
+    """CPU time other processes (and the hypervisor, as steal) took while the benchmark ran."""
+
+    wall_s: float
+    own_cpu_s: float
+    others_cpu_s: float | None
+    steal_s: float | None
+    others_fraction_of_machine: float | None
+
+
+class ContentionMonitor:
+    """Compares the machine's busy CPU time with this process's own over an interval."""
+
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._own = time.process_time()
+        self._stat = _proc_stat_cpu()
+
+    def stop(self) -> CpuContention:
+        wall = time.perf_counter() - self._wall
+        own = time.process_time() - self._own
+        stat = _proc_stat_cpu()
+        if self._stat is None or stat is None:
+            return CpuContention(wall, own, None, None, None)
+        others = max(0.0, stat[0] - self._stat[0] - own)
+        steal = stat[1] - self._stat[1]
+        return CpuContention(wall, own, others, steal,
+                             others / (wall * (os.cpu_count() or 1)))
+
+
 # --------------------------------------------------------------------------------------- engine
 
 
@@ -109,6 +159,7 @@ class EngineResult:
     num_preemptions: int
     num_prefilled_tokens: int
     num_decoded_tokens: int
+    contention: CpuContention  # over the timed section
 
 
 def engine_generate(llm: LLM, requests: list[Request]) -> list[list[int]]:
@@ -122,9 +173,11 @@ def engine_generate(llm: LLM, requests: list[Request]) -> list[list[int]]:
 def run_engine(llm: LLM, requests: list[Request]) -> tuple[EngineResult, list[list[int]]]:
     engine_generate(llm, warmup_workload(requests))
     before = llm.stats()
+    monitor = ContentionMonitor()
     start = time.perf_counter()
     outputs = engine_generate(llm, requests)
     wall = time.perf_counter() - start
+    contention = monitor.stop()
     after = llm.stats()
     generated = sum(len(o) for o in outputs)
     expected = sum(r.output_len for r in requests)
@@ -137,7 +190,7 @@ def run_engine(llm: LLM, requests: list[Request]) -> tuple[EngineResult, list[li
         wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
         processed_tokens=prefilled + decoded, num_steps=after.num_steps - before.num_steps,
         num_preemptions=after.num_preemptions - before.num_preemptions,
-        num_prefilled_tokens=prefilled, num_decoded_tokens=decoded)
+        num_prefilled_tokens=prefilled, num_decoded_tokens=decoded, contention=contention)
     return result, outputs
 
 
@@ -152,6 +205,7 @@ class BaselineResult:
     padded_generated_tokens: int  # batch size x max_new_tokens, summed over batches
     batch_size: int
     num_batches: int
+    contention: CpuContention  # over the timed section
 
 
 def hf_generate(model: Any, requests: list[Request], batch_size: int,
@@ -188,14 +242,16 @@ def run_baseline(model_path: str, tokenizer: Any, requests: list[Request],
         pad_id = tokenizer.eos_token_id
     with torch.inference_mode():
         hf_generate(model, warmup_workload(requests), batch_size, pad_id)
+        monitor = ContentionMonitor()
         start = time.perf_counter()
         outputs, padded = hf_generate(model, requests, batch_size, pad_id)
         wall = time.perf_counter() - start
+        contention = monitor.stop()
     generated = sum(r.output_len for r in requests)
     result = BaselineResult(
         wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
         padded_generated_tokens=padded, batch_size=batch_size,
-        num_batches=-(-len(requests) // batch_size))
+        num_batches=-(-len(requests) // batch_size), contention=contention)
     return result, outputs
 
 
@@ -262,50 +318,6 @@ def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]
         prefix_fracs.append(n / max(len(x), len(y), 1))
     return {"exact_match_fraction": exact / max(len(a), 1),
             "mean_common_prefix_fraction": statistics.fmean(prefix_fracs) if prefix_fracs else 0.0}
-
-
-def _proc_stat_cpu() -> tuple[float, float] | None:
-    """System-wide (busy, steal) CPU seconds since boot from ``/proc/stat``; None off Linux."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(f) for f in fields]
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
-    steal = ticks[7] if len(ticks) > 7 else 0
-    return busy / hz, steal / hz
-
-
-@dataclass
-class CpuContention:
-    """CPU time other processes (and the hypervisor, as steal) took while the benchmark ran."""
-
-    wall_s: float
-    own_cpu_s: float
-    others_cpu_s: float | None
-    steal_s: float | None
-    others_fraction_of_machine: float | None
-
-
-class ContentionMonitor:
-    """Compares the machine's busy CPU time with this process's own over an interval."""
-
-    def __init__(self) -> None:
-        self._wall = time.perf_counter()
-        self._own = time.process_time()
-        self._stat = _proc_stat_cpu()
-
-    def stop(self) -> CpuContention:
-        wall = time.perf_counter() - self._wall
-        own = time.process_time() - self._own
-        stat = _proc_stat_cpu()
-        if self._stat is None or stat is None:
-            return CpuContention(wall, own, None, None, None)
-        others = max(0.0, stat[0] - self._stat[0] - own)
-        steal = stat[1] - self._stat[1]
-        return CpuContention(wall, own, others, steal,
-                             others / (wall * (os.cpu_count() or 1)))
 
 
 def git_state() -> dict[str, Any]:
@@ -391,13 +403,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({tight_gflops / gemm.best_gflops:.3f} charging lm_head only at sampled rows)")
     print(f"agreement {agreement['exact_match_fraction']:9.3f}  requests with identical greedy "
           f"outputs (mean common prefix {agreement['mean_common_prefix_fraction']:.3f})")
-    if contention.others_cpu_s is not None:
-        print(f"contention other processes used {contention.others_cpu_s:.1f} CPU-s during the "
-              f"run ({contention.others_fraction_of_machine:.1%} of the machine), steal "
-              f"{contention.steal_s:.1f} s")
-        if (contention.others_fraction_of_machine or 0.0) > 0.1:
-            print("warning: the CPU was shared with other work; figures are skewed",
-                  file=sys.stderr)
+    for name, c in (("run", contention), ("engine", engine.contention),
+                    ("baseline", baseline.contention)):
+        if c.others_fraction_of_machine is not None:
+            print(f"others    {c.others_fraction_of_machine:9.1%}  of the CPU taken by other "
+                  f"processes during the {name} ({c.others_cpu_s:.1f} CPU-s, steal "
+                  f"{c.steal_s:.1f} s)")
+    if max(c.others_fraction_of_machine or 0.0
+           for c in (contention, engine.contention, baseline.contention)) > 0.1:
+        print("warning: the CPU was shared with other work; figures are skewed",
+              file=sys.stderr)
     print("=" * 72)
 
     result = {

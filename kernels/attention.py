@@ -19,6 +19,18 @@ import torch
 import torch.nn.functional as F
 
 NULL_BLOCK = 0
+# Decodes are attended in groups of similar context length: padding each group only to its own
+# longest context keeps the gathered K/V small (this path is bound by memory traffic).
+DECODE_GROUP_SIZE = 16
+
+
+@dataclass
+class DecodeGroup:
+    """Decodes attended together: their rows in the batch, context slots and padding mask."""
+
+    rows: torch.Tensor  # [n] int64
+    slots: torch.Tensor  # [n, max_context] int64, padded with slots of the null block
+    mask: torch.Tensor  # [n, 1, 1, max_context] bool, True where a key is real
 
 
 @dataclass
@@ -37,20 +49,20 @@ class AttentionMetadata:
     num_decodes: int
     block_size: int
     # Derived once per step for the torch path (gather indices and masks), not per layer.
-    _decode_slots: torch.Tensor | None = field(default=None, repr=False)
-    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+    _decode_groups: list[DecodeGroup] = field(default_factory=list, repr=False)
     _prefill_slots: list[torch.Tensor | None] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         device = self.block_tables.device
-        if self.num_decodes:
-            lens = torch.tensor(self.seq_lens[: self.num_decodes], device=device)
-            self._decode_slots = _context_slots(
-                self.block_tables[: self.num_decodes], int(lens.max()), self.block_size)
-            positions = torch.arange(self._decode_slots.shape[1], device=device)
-            self._decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
-            self._decode_slots = self._decode_slots.masked_fill(
-                ~self._decode_mask[:, 0, 0, :], NULL_BLOCK * self.block_size)
+        by_length = sorted(range(self.num_decodes), key=self.seq_lens.__getitem__)
+        for start in range(0, self.num_decodes, DECODE_GROUP_SIZE):
+            members = by_length[start: start + DECODE_GROUP_SIZE]
+            rows = torch.tensor(members, device=device)
+            lens = torch.tensor([self.seq_lens[i] for i in members], device=device)
+            slots = _context_slots(self.block_tables[rows], int(lens.max()), self.block_size)
+            mask = torch.arange(slots.shape[1], device=device)[None, :] < lens[:, None]
+            slots = slots.masked_fill(~mask, NULL_BLOCK * self.block_size)
+            self._decode_groups.append(DecodeGroup(rows, slots, mask[:, None, None, :]))
         for i in range(self.num_decodes, len(self.seq_lens)):
             if self.seq_lens[i] == self.query_lens[i]:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
@@ -84,18 +96,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q)
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    nd = meta.num_decodes
-    if nd:
-        assert meta._decode_slots is not None and meta._decode_mask is not None
-        index = meta._decode_slots.reshape(-1)
-        ctx = meta._decode_slots.shape[1]
-        keys = flat_k.index_select(0, index).view(nd, ctx, *flat_k.shape[1:]).transpose(1, 2)
-        values = flat_v.index_select(0, index).view(nd, ctx, *flat_v.shape[1:]).transpose(1, 2)
-        out[:nd] = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), keys, values, attn_mask=meta._decode_mask, scale=scale,
-            enable_gqa=True).squeeze(2)
-    start = nd
-    for i, slots in enumerate(meta._prefill_slots, start=nd):
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    for group in meta._decode_groups:
+        n, ctx = group.slots.shape
+        index = group.slots.reshape(-1)
+        keys = flat_k.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        values = flat_v.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        # The query heads sharing a KV head become that head's query rows: one small attention
+        # per KV head instead of repeating keys and values for every query head.
+        query = q.index_select(0, group.rows).view(n, num_kv_heads, -1, head_dim)
+        res = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask,
+                                             scale=scale)
+        out.index_copy_(0, group.rows, res.reshape(n, num_heads, head_dim))
+    start = meta.num_decodes
+    for i, slots in enumerate(meta._prefill_slots, start=meta.num_decodes):
         n = meta.query_lens[i]
         query = q[start: start + n].transpose(0, 1).unsqueeze(0)
         if slots is None:
