@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 import pytest
 
@@ -50,11 +52,24 @@ def test_abort_and_abandoned_iterators_free_blocks(async_engine):
 
     async def abandon() -> int:
         seen = 0
-        async for _ in async_engine.generate("Tell me a long story.", params):
-            seen += 1
-            if seen == 3:
-                break  # closing the iterator aborts the request
+        async with contextlib.aclosing(async_engine.generate("Tell me a long story.",
+                                                             params)) as stream:
+            async for _ in stream:
+                seen += 1
+                if seen == 3:
+                    break  # closing the iterator aborts the request
         return seen
+
+    async def cancel() -> None:
+        async def consume() -> None:
+            async for _ in async_engine.generate("A story that never ends:", params):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     async def abort_by_id() -> str | None:
         final = None
@@ -65,9 +80,9 @@ def test_abort_and_abandoned_iterators_free_blocks(async_engine):
         return final.outputs[0].finish_reason
 
     async def main():
-        return await asyncio.gather(abandon(), abort_by_id())
+        return await asyncio.gather(abandon(), abort_by_id(), cancel())
 
-    seen, reason = asyncio.run(main())
+    seen, reason, _ = asyncio.run(main())
     assert seen == 3 and reason == "abort"
 
     async def settle():
@@ -115,4 +130,26 @@ def test_duplicate_request_id_is_rejected(async_engine):
 
     final = asyncio.run(main())
     assert final.finished and len(final.outputs[0].token_ids) == 30
+    assert async_engine.core.block_manager.num_used_blocks == 0
+
+
+def test_a_closed_event_loop_does_not_kill_the_engine(async_engine):
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def leave_early():
+        stream = async_engine.generate("Abandoned:", params)
+        await stream.__anext__()  # the loop closes with the request still running
+
+    asyncio.run(leave_early())
+
+    async def after():
+        return [o async for o in async_engine.generate("Hi", SamplingParams(max_tokens=3))]
+
+    outputs = asyncio.run(after())
+    assert outputs[-1].finished
+    for _ in range(100):
+        if not async_engine.core.requests:
+            break
+        time.sleep(0.05)
+    assert not async_engine.core.requests
     assert async_engine.core.block_manager.num_used_blocks == 0

@@ -63,6 +63,9 @@ class AsyncEngine:
         """Yields the request's output after every step that advances it, the last one finished.
 
         Raises ``ValueError`` (naming the field) before yielding anything if the request is bad.
+        Cancelling the consuming task aborts the request at once; a caller that stops iterating
+        early should close the iterator (``contextlib.aclosing``), since Python finalizes an
+        abandoned async generator only when it is garbage-collected.
         """
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
@@ -106,7 +109,11 @@ class AsyncEngine:
         sink, loop = self._sinks[request_id]
         if isinstance(item, BaseException) or item.finished:
             del self._sinks[request_id]
-        loop.call_soon_threadsafe(sink.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self._sinks.pop(request_id, None)
+            self.core.abort(request_id)
 
     def _apply(self, command: _Add | _Abort | _Stop) -> bool:
         if isinstance(command, _Stop):
