@@ -28,10 +28,12 @@ generate: setup
 
 test: setup-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy backend kernels
 	$(BIN)/python -m pytest -q
 
 lint: setup-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy backend kernels
 
 bench: setup-dev
 	$(BIN)/python -m bench.throughput

@@ -41,6 +41,7 @@ def _check_batches(llm: LLM, prompt_ids, reference, batch_size: int) -> None:
     assert_all_blocks_free(llm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 7, 32])
 def test_smollm_matches_transformers(smollm, prompt_ids, reference, batch_size):
     llm = LLM(loaded=smollm, kv_cache_bytes=256 * 2**20)
@@ -61,6 +62,7 @@ def test_smollm_preemption_under_small_cache(smollm, prompt_ids, reference):
     assert llm.stats().num_preemptions > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [
     (4, 2, 64),   # grouped-query attention, head size 64
     (4, 1, 128),  # multi-query, head size 128

@@ -9,6 +9,8 @@ renders as it would after the prompt.
 
 from __future__ import annotations
 
+from typing import cast
+
 from transformers import PreTrainedTokenizerBase
 
 _CONTEXT_TOKENS = 5
@@ -28,7 +30,8 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def _decode(self, tokens: list[int]) -> str:
-        return self._tokenizer.decode(tokens, skip_special_tokens=self._skip_special)
+        # A flat id list decodes to one string.
+        return cast(str, self._tokenizer.decode(tokens, skip_special_tokens=self._skip_special))
 
     def append(self, token_id: int) -> str:
         """Adds a token; returns the text it completes (possibly empty), also added to ``text``."""
