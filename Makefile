@@ -24,7 +24,7 @@ setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
 generate: setup
-	$(BIN)/python -m backend generate "$(PROMPT)"
+	$(BIN)/python -m backend generate --chat "$(PROMPT)"
 
 test: setup-dev
 	$(BIN)/ruff check .
