@@ -19,16 +19,18 @@ import torch
 import torch.nn.functional as F
 
 NULL_BLOCK = 0
-# Decodes are attended in groups of similar context length: padding each group only to its own
-# longest context keeps the gathered K/V small (this path is bound by memory traffic).
+# Decodes are attended in groups of consecutive rows; callers sort decodes by context length so
+# that each group is padded only to its own longest context, which keeps the gathered K/V small
+# (this path is bound by memory traffic).
 DECODE_GROUP_SIZE = 16
 
 
 @dataclass
 class DecodeGroup:
-    """Decodes attended together: their rows in the batch, context slots and padding mask."""
+    """Decodes attended together: rows ``start:end`` of the batch, context slots, padding mask."""
 
-    rows: torch.Tensor  # [n] int64
+    start: int
+    end: int
     slots: torch.Tensor  # [n, max_context] int64, padded with slots of the null block
     mask: torch.Tensor  # [n, 1, 1, max_context] bool, True where a key is real
 
@@ -39,7 +41,8 @@ class AttentionMetadata:
 
     ``query_lens[i]`` new tokens of sequence ``i`` are attended over its first ``seq_lens[i]``
     tokens (cached context plus the new ones). The first ``num_decodes`` sequences have one query
-    token each. Tensors live on the model's device.
+    token each; sorting those by ``seq_lens`` makes decode attention cheaper. Tensors live on the
+    model's device.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
@@ -54,15 +57,13 @@ class AttentionMetadata:
 
     def __post_init__(self) -> None:
         device = self.block_tables.device
-        by_length = sorted(range(self.num_decodes), key=self.seq_lens.__getitem__)
         for start in range(0, self.num_decodes, DECODE_GROUP_SIZE):
-            members = by_length[start: start + DECODE_GROUP_SIZE]
-            rows = torch.tensor(members, device=device)
-            lens = torch.tensor([self.seq_lens[i] for i in members], device=device)
-            slots = _context_slots(self.block_tables[rows], int(lens.max()), self.block_size)
+            end = min(start + DECODE_GROUP_SIZE, self.num_decodes)
+            lens = torch.tensor(self.seq_lens[start:end], device=device)
+            slots = _context_slots(self.block_tables[start:end], int(lens.max()), self.block_size)
             mask = torch.arange(slots.shape[1], device=device)[None, :] < lens[:, None]
             slots = slots.masked_fill(~mask, NULL_BLOCK * self.block_size)
-            self._decode_groups.append(DecodeGroup(rows, slots, mask[:, None, None, :]))
+            self._decode_groups.append(DecodeGroup(start, end, slots, mask[:, None, None, :]))
         for i in range(self.num_decodes, len(self.seq_lens)):
             if self.seq_lens[i] == self.query_lens[i]:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
@@ -105,10 +106,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         values = flat_v.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
         # The query heads sharing a KV head become that head's query rows: one small attention
         # per KV head instead of repeating keys and values for every query head.
-        query = q.index_select(0, group.rows).view(n, num_kv_heads, -1, head_dim)
+        query = q[group.start: group.end].reshape(n, num_kv_heads, -1, head_dim)
         res = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask,
                                              scale=scale)
-        out.index_copy_(0, group.rows, res.reshape(n, num_heads, head_dim))
+        out[group.start: group.end] = res.reshape(n, num_heads, head_dim)
     start = meta.num_decodes
     for i, slots in enumerate(meta._prefill_slots, start=meta.num_decodes):
         n = meta.query_lens[i]

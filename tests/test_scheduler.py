@@ -271,9 +271,9 @@ def test_decodes_come_first():
     late = make_seq(10)
     sched.add(late)
     out = sim.step()
-    # Running order is long_prompt, decoder; both decode now, then the new prefill.
+    # Both decode now, the shorter context first; then the new prefill.
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [
-        (long_prompt, 1), (decoder, 1), (late, 10)]
+        (decoder, 1), (long_prompt, 1), (late, 10)]
     # A one-token prefill chunk counts as a decode and is listed before a longer chunk.
     sched2 = make_scheduler(budget=20)
     sim2 = _Sim(sched2)

@@ -26,7 +26,8 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """One step's batch: decodes (one new token) first, then prefill chunks."""
+    """One step's batch: decodes (one new token) first, shortest context first (the attention
+    groups decodes of similar length), then prefill chunks."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
@@ -45,6 +46,12 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prefilled_tokens: int = 0  # prompt (and recomputed) tokens run through the model
     num_decoded_tokens: int = 0
+
+
+def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
+    """Decodes first, shortest context first; prefill chunks after, in their order (stable)."""
+    is_decode = item.num_new_tokens == 1
+    return not is_decode, item.seq.num_computed_tokens if is_decode else 0
 
 
 class Scheduler:
@@ -101,7 +108,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        out.scheduled.sort(key=_batch_order)
         for s in out.scheduled:
             if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:
                 self.stats.num_decoded_tokens += 1
