@@ -18,6 +18,9 @@ $(VENV)/.setup: requirements.txt | $(BIN)/python
 
 $(VENV)/.setup-dev: requirements-dev.txt $(VENV)/.setup
 	$(BIN)/pip install -q -r requirements-dev.txt
+	# Real Triton 2.51 (tritonserver + Python backend) as the protocol reference of
+	# tests/triton_ref.py. --no-deps: its declared tritonclient~=2.50 would replace our 2.41.0.
+	$(BIN)/pip install -q --no-deps nvidia-pytriton==0.7.0
 	touch $@
 
 setup: $(VENV)/.setup
