@@ -1,0 +1,94 @@
+"""Our protos: generated code is current, and the wire matches the tritonclient's descriptors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+GENERATED = ROOT / "backend" / "server" / "_proto"
+
+# Our descriptors are dumped in a separate process: they and tritonclient's register the same
+# file names in protobuf's default pool, which refuses a second, different definition.
+_DUMP = """
+import json
+from google.protobuf import descriptor_pb2
+from backend.server._proto import grpc_service_pb2, model_config_pb2
+out = {}
+for module in (grpc_service_pb2, model_config_pb2):
+    proto = descriptor_pb2.FileDescriptorProto()
+    module.DESCRIPTOR.CopyToProto(proto)
+    out[proto.name] = proto.SerializeToString().hex()
+print(json.dumps(out))
+"""
+
+
+def _fields(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, tuple]:
+    """Every (message.field) → (number, type, label, type name), every service method."""
+    found: dict[str, tuple] = {}
+
+    def walk(prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
+        for f in message.field:
+            found[f"{prefix}{message.name}.{f.name}"] = (f.number, f.type, f.label,
+                                                        f.type_name)
+        for nested in message.nested_type:
+            walk(f"{prefix}{message.name}.", nested)
+        for enum in message.enum_type:
+            for v in enum.value:
+                found[f"{prefix}{message.name}.{enum.name}.{v.name}"] = (v.number,)
+
+    for message in proto.message_type:
+        walk("", message)
+    for enum in proto.enum_type:
+        for v in enum.value:
+            found[f"{enum.name}.{v.name}"] = (v.number,)
+    for service in proto.service:
+        for m in service.method:
+            found[f"{service.name}/{m.name}"] = (m.input_type, m.output_type,
+                                                 m.client_streaming, m.server_streaming)
+    return found
+
+
+def test_regeneration_gives_the_committed_files(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), str(tmp_path)],
+                   check=True, cwd=ROOT, capture_output=True)
+    generated = sorted(p.name for p in tmp_path.iterdir())
+    committed = sorted(p.name for p in GENERATED.iterdir() if p.is_file())
+    assert generated == committed
+    for name in generated:
+        assert (tmp_path / name).read_text() == (GENERATED / name).read_text(), name
+
+
+def test_wire_matches_tritonclient() -> None:
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    dumped = json.loads(subprocess.run([sys.executable, "-c", _DUMP], check=True, cwd=ROOT,
+                                       capture_output=True, text=True).stdout)
+    for module in (service_pb2, model_config_pb2):
+        theirs = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(theirs)
+        ours = descriptor_pb2.FileDescriptorProto.FromString(bytes.fromhex(dumped[theirs.name]))
+        assert ours.package == theirs.package == "inference"
+        mine, reference = _fields(ours), _fields(theirs)
+        # Every name and number tritonclient knows is ours too (we add newer fields only).
+        missing = {k: v for k, v in reference.items() if mine.get(k) != v}
+        assert not missing, missing
+    assert list(_fields(ours)) != []
+
+
+def test_service_methods_in_triton_order() -> None:
+    dumped = json.loads(subprocess.run([sys.executable, "-c", _DUMP], check=True, cwd=ROOT,
+                                       capture_output=True, text=True).stdout)
+    ours = descriptor_pb2.FileDescriptorProto.FromString(
+        bytes.fromhex(dumped["grpc_service.proto"]))
+    methods = [m.name for m in ours.service[0].method]
+    assert ours.service[0].name == "GRPCInferenceService"
+    assert methods[:9] == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
+                           "ModelMetadata", "ModelInfer", "ModelStreamInfer", "ModelConfig",
+                           "ModelStatistics"]
+    assert methods[-2:] == ["TraceSetting", "LogSettings"]
+    assert len(methods) == 20
