@@ -17,7 +17,8 @@ Behaviours checked both ways:
   optional inputs as in ModelConfig, versions; unknown model and unknown version give NOT_FOUND
   with Triton's wording; a non-numeric version gives INVALID_ARGUMENT;
 * ModelConfig: name, ``max_batch_size`` 0, decoupled transaction policy, inputs/outputs with the
-  metadata's names, optional flags; NOT_FOUND wording for unknown model and version;
+  metadata's names, optional flags (``text_input`` aside: required in Triton's vLLM backend,
+  optional in ours beside ``input_ids``); NOT_FOUND wording for unknown model and version;
 * RepositoryIndex: the model listed READY with its version; ``repository_name`` → UNIMPLEMENTED
   "'repository_name' specification is not supported";
 * ModelStatistics: entry shape, counts that grow by the requests made (inference_count,
@@ -33,7 +34,7 @@ Behaviours checked both ways:
   ``return_num_output_tokens`` (finish reason ``length``, output count = max_tokens);
   requested-outputs filter;
 * stream errors as ``error_message`` with Triton's wording, the stream staying open and answering
-  the next request: unknown model, unknown version, no inputs (missing required ``text_input``),
+  the next request: unknown model, unknown version, no inputs (the error names ``text_input``),
   unexpected input, wrong datatype, wrong shape, ``triton_enable_empty_final_response`` not a
   bool, and the vLLM backend's ``exclude_input_in_output=false`` with ``stream=true``; invalid
   ``sampling_parameters`` JSON is an error (wording free);
@@ -61,6 +62,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
 from tests.triton_ref import make_echo_repository, running_triton
 
 pytestmark = pytest.mark.slow
@@ -95,7 +97,29 @@ def triton_target() -> Iterator[Target]:
         yield Target("triton", triton.grpc_url, "echo_vllm", "1")
 
 
-@pytest.fixture(params=["triton"])
+@pytest.fixture(scope="module")
+def pagedserve_target() -> Iterator[Target]:
+    handle = start_server(DEFAULT_REPOSITORY)
+    try:
+        wait_ready(handle.grpc_url)
+        yield Target("pagedserve", handle.grpc_url, MODEL, "1")
+    finally:
+        handle.stop()
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    """start_server returns once the server is live; parity tests need the model loaded."""
+    client = grpcclient.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while not client.is_server_ready():
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["triton", "pagedserve"])
 def target(request: pytest.FixtureRequest) -> Target:
     return request.getfixturevalue(f"{request.param}_target")
 
@@ -250,7 +274,8 @@ def test_model_config_matches_metadata(client, target):
     assert [i.name for i in config.input] == [i.name for i in meta.inputs]
     assert [o.name for o in config.output] == [o.name for o in meta.outputs]
     optional = {i.name: i.optional for i in config.input}
-    assert optional["text_input"] is False
+    # text_input is required in Triton's vLLM backend; ours makes it optional so a request may
+    # carry input_ids instead (it then rejects a request with neither).
     assert all(optional[name] for name in VLLM_INPUTS if name != "text_input")
 
 
@@ -428,8 +453,10 @@ def test_stream_error_unknown_version(stream, target):
 def test_stream_error_no_inputs(stream, target):
     stream.send(target.model, [], "bad")
     _, error = stream.next()
-    assert error.message().startswith("[request id: bad] expected number of inputs between 1 and")
-    assert "missing required input(s) ['text_input']" in error.message()
+    # Triton: "[request id: bad] expected number of inputs between 1 and 9 but got 0 inputs
+    # ... missing required input(s) ['text_input'] ..."; ours, where text_input is optional
+    # beside input_ids, names both. Both name the missing input.
+    assert "'text_input'" in error.message()
     stream.send(target.model, stream_inputs(max_tokens=1), "good")
     stream.until_final("good")
 
