@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Write a haiku about paged attention.
 
-.PHONY: setup setup-dev generate test lint bench
+.PHONY: setup setup-dev generate test lint bench serve protos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,3 +40,11 @@ lint: setup-dev
 
 bench: setup-dev
 	$(BIN)/python -m bench.throughput
+
+# The Triton-compatible gRPC server over model_repository/ (ports 8001 gRPC, 8000 HTTP, 8002 metrics).
+serve: setup
+	$(BIN)/python -m backend serve $(SERVE_ARGS)
+
+# Regenerate backend/server/_proto from protos/*.proto (the result is committed).
+protos: setup
+	$(BIN)/python protos/generate.py

@@ -1,4 +1,4 @@
-"""Command line: ``python -m backend generate "prompt"``."""
+"""Command line: ``python -m backend generate "prompt"`` and ``python -m backend serve``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="wrap the prompt as a user message in the model's chat template")
     gen.add_argument("--kv-cache-mb", type=int, default=512)
     gen.set_defaults(run=_generate)
+    srv = commands.add_parser("serve", help="serve a model repository over Triton's gRPC protocol")
+    from backend.server.cli import add_arguments
+    from backend.server.cli import run as serve_run
+
+    add_arguments(srv)
+    srv.set_defaults(run=serve_run)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

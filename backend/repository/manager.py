@@ -1,0 +1,273 @@
+"""Model lifecycle over a repository folder: load, unload, poll, and look-ups by name/version.
+
+Each served version owns one ``AsyncEngine`` (its own weights and KV cache). Loading runs in a
+worker thread so the server keeps answering while weights load. States and reasons follow
+Triton's ``RepositoryIndex``: ``READY``, ``UNAVAILABLE`` (with the load error or ``unloaded``),
+``LOADING``, ``UNLOADING``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from backend.config import EngineConfig
+from backend.engine.async_engine import AsyncEngine
+from backend.repository.engine_args import engine_config
+from backend.repository.errors import RepositoryError
+from backend.repository.model_config import load_config
+from backend.repository.versions import available_versions, select_versions
+from backend.server._proto import model_config_pb2 as mc
+from backend.server.statistics import ModelStats
+
+log = logging.getLogger(__name__)
+
+CONTROL_MODES = ("none", "explicit", "poll")
+
+
+@dataclass
+class ModelVersion:
+    """One loaded, servable version of a model."""
+
+    name: str
+    version: int
+    config: mc.ModelConfig
+    engine: AsyncEngine
+    # A private copy of the engine's tokenizer for the event loop (decoding logprob tokens):
+    # the engine's own tokenizer belongs to its core thread.
+    tokenizer: Any
+    stats: ModelStats = field(default_factory=ModelStats)
+
+    @property
+    def decoupled(self) -> bool:
+        return self.config.model_transaction_policy.decoupled
+
+
+@dataclass
+class _VersionState:
+    state: str
+    reason: str = ""
+    model: ModelVersion | None = None
+
+
+@dataclass
+class _ModelState:
+    versions: dict[int, _VersionState] = field(default_factory=dict)
+    config: mc.ModelConfig | None = None
+    signature: tuple[Any, ...] = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+EngineFactory = Callable[[EngineConfig], tuple[AsyncEngine, Any]]
+
+
+def build_engine(config: EngineConfig) -> tuple[AsyncEngine, Any]:
+    """Loads the weights and starts an engine; returns it with a tokenizer copy for the loop."""
+    from backend.engine.core import EngineCore
+
+    core = EngineCore(config)
+    tokenizer = copy.deepcopy(core.tokenizer)  # before the core thread starts using its own
+    return AsyncEngine(core), tokenizer
+
+
+def _signature(model_dir: Path) -> tuple[Any, ...]:
+    """What poll mode watches: the config file and the version folders' files."""
+    parts: list[Any] = []
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            parts.append((str(path.relative_to(model_dir)), stat.st_mtime_ns, stat.st_size))
+    return tuple(parts)
+
+
+class ModelRepository:
+    """The models of one repository folder and their lifecycle under a control mode."""
+
+    def __init__(self, root: Path, control_mode: str = "none",
+                 startup_models: list[str] | None = None,
+                 engine_factory: EngineFactory = build_engine) -> None:
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {CONTROL_MODES}, "
+                             f"got {control_mode!r}")
+        self.root = root
+        self.control_mode = control_mode
+        self.startup_models = startup_models or []
+        self._factory = engine_factory
+        self._models: dict[str, _ModelState] = {}
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        """Every model folder of the repository, loaded or not."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith("."))
+
+    async def start(self) -> None:
+        """Loads the startup models of the control mode (failures leave them UNAVAILABLE)."""
+        if self.control_mode == "explicit":
+            names = self.model_names() if "*" in self.startup_models else self.startup_models
+        else:
+            names = self.model_names()
+        for name in names:
+            try:
+                await self.load(name)
+            except RepositoryError as e:
+                log.error("failed to load '%s': %s", name, e.message)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self, name: str, config_override: str | None = None) -> None:
+        """(Re)loads every version the policy selects; the old versions serve until then."""
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"failed to load '{name}', failed to poll from model "
+                                  "repository")
+        state = self._models.setdefault(name, _ModelState())
+        async with state.lock:
+            try:
+                config = load_config(model_dir, config_override)
+                versions = select_versions(config.version_policy, available_versions(model_dir))
+                if not versions:
+                    raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"at least one version must be available under the "
+                                          f"version policy of model '{name}'")
+                settings = {v: engine_config(config, model_dir / str(v)) for v in versions}
+            except RepositoryError as e:
+                if not any(s.state == "READY" for s in state.versions.values()):
+                    state.versions = {0: _VersionState("UNAVAILABLE", e.message)}
+                raise
+            loaded: dict[int, _VersionState] = {}
+            for version in versions:
+                log.info("loading: %s:%d", name, version)
+                old = state.versions.get(version)
+                if old is None or old.model is None:
+                    state.versions[version] = _VersionState("LOADING")
+                try:
+                    engine, tokenizer = await asyncio.to_thread(self._factory, settings[version])
+                except Exception as e:
+                    for done in loaded.values():  # all or nothing: keep the old set serving
+                        if done.model is not None:
+                            await asyncio.to_thread(done.model.engine.shutdown)
+                    message = f"failed to load '{name}' version {version}: {e}"
+                    if old is None or old.model is None:
+                        state.versions[version] = _VersionState("UNAVAILABLE", message)
+                    raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT, message) from e
+                loaded[version] = _VersionState(
+                    "READY", "", ModelVersion(name, version, config, engine, tokenizer))
+                log.info("successfully loaded '%s' version %d", name, version)
+            previous = state.versions
+            state.versions = loaded
+            state.config = config
+            state.signature = _signature(model_dir)
+            for old_state in previous.values():
+                if old_state.model is not None:
+                    await asyncio.to_thread(old_state.model.engine.shutdown)
+
+    async def unload(self, name: str) -> None:
+        """Unloads every version; requests still running on them end with an error."""
+        state = self._models.get(name)
+        if state is None:
+            if name not in self.model_names():
+                raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"failed to unload '{name}', no version is available")
+            return
+        async with state.lock:
+            old = state.versions
+            state.versions = {v: _VersionState("UNLOADING") for v in old}
+            for version_state in old.values():
+                if version_state.model is not None:
+                    await asyncio.to_thread(version_state.model.engine.shutdown)
+            state.versions = {v: _VersionState("UNAVAILABLE", "unloaded") for v in old}
+            log.info("successfully unloaded '%s'", name)
+
+    async def poll_once(self) -> None:
+        """Poll mode: loads new models, reloads changed ones, unloads removed ones."""
+        names = set(self.model_names())
+        for name in sorted(names):
+            state = self._models.get(name)
+            if state is None or state.signature != _signature(self.root / name):
+                try:
+                    await self.load(name)
+                except RepositoryError as e:
+                    log.error("poll: failed to load '%s': %s", name, e.message)
+        for name in sorted(set(self._models) - names):
+            await self.unload(name)
+            del self._models[name]
+
+    async def shutdown(self) -> None:
+        """Stops every engine."""
+        for name in list(self._models):
+            await self.unload(name)
+
+    # ---- look-ups --------------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """``(name, version, state, reason)`` rows as RepositoryIndex reports them."""
+        rows: list[tuple[str, str, str, str]] = []
+        for name in sorted(set(self.model_names()) | set(self._models)):
+            state = self._models.get(name)
+            if state is None:
+                if not ready_only:
+                    rows.append((name, "", "", ""))
+                continue
+            for version, vs in sorted(state.versions.items()):
+                if ready_only and vs.state != "READY":
+                    continue
+                rows.append((name, str(version) if version else "", vs.state, vs.reason))
+        return rows
+
+    def ready_versions(self, name: str) -> list[ModelVersion]:
+        state = self._models.get(name)
+        if state is None:
+            return []
+        return [vs.model for _, vs in sorted(state.versions.items())
+                if vs.state == "READY" and vs.model is not None]
+
+    def all_ready(self) -> list[ModelVersion]:
+        return [m for name in sorted(self._models) for m in self.ready_versions(name)]
+
+    def is_ready(self) -> bool:
+        """Server readiness: every model that was asked to load is READY (strict readiness)."""
+        return all(all(vs.state == "READY" for vs in s.versions.values()) or
+                   all(vs.reason == "unloaded" for vs in s.versions.values())
+                   for s in self._models.values())
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The ready version asked for (latest ready when ``version`` is empty or -1)."""
+        state = self._models.get(name)
+        if state is None:
+            raise RepositoryError(grpc.StatusCode.NOT_FOUND,
+                                  f"Request for unknown model: '{name}' is not found")
+        if version in ("", "-1"):
+            ready = self.ready_versions(name)
+            if not ready:
+                raise RepositoryError(grpc.StatusCode.UNAVAILABLE,
+                                      f"Request for unknown model: '{name}' has no available "
+                                      "versions")
+            return ready[-1]
+        try:
+            number = int(version)
+        except ValueError:
+            raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"failed to parse model version '{version}' for model "
+                                  f"'{name}'") from None
+        vs = state.versions.get(number)
+        if vs is None:
+            raise RepositoryError(grpc.StatusCode.NOT_FOUND,
+                                  f"Request for unknown model: '{name}' version {number} is "
+                                  "not found")
+        if vs.state != "READY" or vs.model is None:
+            raise RepositoryError(grpc.StatusCode.UNAVAILABLE,
+                                  f"Request for unknown model: '{name}' version {number} is "
+                                  "not at ready state")
+        return vs.model

@@ -1,0 +1,109 @@
+"""``config.pbtxt`` → ``ModelConfig``: parse, apply a load-time override, fill vLLM defaults.
+
+The defaults mirror the ``auto_complete_config`` of Triton's vLLM backend (decoupled,
+``max_batch_size: 0``, its input and output tensors) plus pagedserve's token-id tensors, so a
+repository written for that backend loads unchanged and a bare ``backend: "vllm"`` config works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format, text_format
+
+from backend.repository.errors import RepositoryError
+from backend.server._proto import model_config_pb2 as mc
+
+# Backends whose configs this server executes with its own engine.
+SUPPORTED_BACKENDS = ("vllm", "pagedserve")
+
+_INPUTS: list[tuple[str, int, list[int], bool]] = [
+    ("text_input", mc.TYPE_STRING, [1], False),
+    ("stream", mc.TYPE_BOOL, [1], True),
+    ("sampling_parameters", mc.TYPE_STRING, [1], True),
+    ("exclude_input_in_output", mc.TYPE_BOOL, [1], True),
+    ("return_finish_reason", mc.TYPE_BOOL, [1], True),
+    ("return_cumulative_logprob", mc.TYPE_BOOL, [1], True),
+    ("return_logprobs", mc.TYPE_BOOL, [1], True),
+    ("return_num_input_tokens", mc.TYPE_BOOL, [1], True),
+    ("return_num_output_tokens", mc.TYPE_BOOL, [1], True),
+    ("input_ids", mc.TYPE_INT64, [-1], True),  # pagedserve: token ids in, for clients that tokenize
+]
+_OUTPUTS: list[tuple[str, int, list[int]]] = [
+    ("text_output", mc.TYPE_STRING, [-1]),
+    ("finish_reason", mc.TYPE_STRING, [-1]),
+    ("cumulative_logprob", mc.TYPE_FP32, [-1]),
+    ("logprobs", mc.TYPE_STRING, [-1]),
+    ("num_input_tokens", mc.TYPE_UINT32, [1]),
+    ("num_output_tokens", mc.TYPE_UINT32, [-1]),
+    ("output_ids", mc.TYPE_INT64, [-1]),  # pagedserve: the generated token ids
+]
+
+
+def parse_config(text: str, source: str = "config.pbtxt") -> mc.ModelConfig:
+    """Parses text-format ``ModelConfig``; errors name ``source``."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"failed to parse {source}: {e}") from None
+    return config
+
+
+def parse_override(json_text: str) -> mc.ModelConfig:
+    """Parses the JSON ``config`` parameter of RepositoryModelLoad (replaces the file's config)."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(json_text, config)
+    except json_format.ParseError as e:
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"failed to parse the 'config' parameter as a ModelConfig: {e}"
+                              ) from None
+    return config
+
+
+def load_config(model_dir: Path, override: str | None = None) -> mc.ModelConfig:
+    """The completed config of the model in ``model_dir`` (``override`` JSON wins if given)."""
+    if override is not None:
+        config = parse_override(override)
+    else:
+        path = model_dir / "config.pbtxt"
+        config = parse_config(path.read_text(), str(path)) if path.is_file() else mc.ModelConfig()
+    return complete_config(config, model_dir.name)
+
+
+def complete_config(config: mc.ModelConfig, name: str) -> mc.ModelConfig:
+    """Validates ``config`` for model ``name`` and fills what the vLLM backend would."""
+    if config.name and config.name != name:
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"unexpected 'name' '{config.name}' in model configuration, "
+                              f"expecting '{name}'")
+    config.name = name
+    backend = config.backend or config.platform
+    if not backend:
+        config.backend = "vllm"
+    elif backend not in SUPPORTED_BACKENDS:
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"unsupported backend '{backend}' for model '{name}': pagedserve "
+                              f"serves {', '.join(repr(b) for b in SUPPORTED_BACKENDS)}")
+    if config.max_batch_size != 0:
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"model '{name}': max_batch_size must be 0 (the engine batches "
+                              "continuously on its own)")
+    if not config.HasField("model_transaction_policy"):
+        config.model_transaction_policy.decoupled = True
+    have_inputs = {i.name for i in config.input}
+    for in_name, dtype, dims, optional in _INPUTS:
+        if in_name not in have_inputs:
+            config.input.add(name=in_name, data_type=dtype, dims=dims, optional=optional)
+    have_outputs = {o.name for o in config.output}
+    for out_name, dtype, dims in _OUTPUTS:
+        if out_name not in have_outputs:
+            config.output.add(name=out_name, data_type=dtype, dims=dims)
+    if not config.instance_group:
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_MODEL)
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    return config

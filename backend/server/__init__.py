@@ -1,0 +1,1 @@
+"""The Triton-compatible gRPC server (KServe v2 ``inference.GRPCInferenceService``)."""

@@ -1,0 +1,125 @@
+"""The server process: repository, gRPC service, HTTP endpoints, signals, shutdown.
+
+SIGTERM/SIGINT: readiness turns false and new requests are refused; streams with requests in
+flight may finish within the grace period, idle streams close at once; then engines stop and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from backend.repository import ModelRepository
+from backend.server._proto import grpc_service_pb2 as pb
+from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
+from backend.server._proto import health_pb2 as hpb
+from backend.server._proto import health_pb2_grpc as hpb_grpc
+from backend.server.health import HealthService
+from backend.server.http_endpoint import HttpEndpoint
+from backend.server.service import InferenceService
+from backend.server.state import SERVER_NAME, SERVER_VERSION, ServerState
+from backend.server.streaming import DRAIN
+
+log = logging.getLogger("pagedserve")
+
+
+@dataclass
+class ServeOptions:
+    model_repository: Path
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    http_port: int = 8000  # 0 disables
+    metrics_port: int = 8002  # 0 disables; may equal http_port
+    model_control_mode: str = "none"
+    load_models: tuple[str, ...] = ()
+    poll_secs: float = 15.0
+    grace_period: float = 30.0
+    max_message_bytes: int = 2**31 - 1  # tritonclient's own limit (INT32_MAX)
+
+
+def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    def line(r: tuple[str, ...]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule])
+
+
+async def serve(options: ServeOptions) -> int:
+    """Runs the server until SIGTERM/SIGINT; returns the exit status."""
+    state = ServerState()
+    repository = ModelRepository(options.model_repository, options.model_control_mode,
+                                 list(options.load_models))
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", options.max_message_bytes),
+        ("grpc.max_receive_message_length", options.max_message_bytes),
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, state),
+                                                       server)
+    hpb_grpc.add_HealthServicer_to_server(HealthService(repository, state), server)
+    reflection.enable_server_reflection([
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        hpb.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME], server)
+    grpc_port = server.add_insecure_port(f"{options.host}:{options.grpc_port}")
+    if grpc_port == 0:
+        log.error("failed to bind the gRPC port %d", options.grpc_port)
+        return 1
+
+    log.info("%s %s: model repository %s, control mode %s", SERVER_NAME, SERVER_VERSION,
+             options.model_repository, options.model_control_mode)
+    await repository.start()
+    rows = [(n, v or "-", s or "UNLOADED", r) for n, v, s, r in repository.index()]
+    log.info("\n%s", _table(rows, ("Model", "Version", "Status", "Reason")) if rows else
+             "no models in the repository")
+
+    endpoints: list[tuple[str, HttpEndpoint]] = []
+    for kind, port in (("HTTPService", options.http_port), ("Metrics Service",
+                                                             options.metrics_port)):
+        if port and all(e.port != port for _, e in endpoints):
+            endpoint = HttpEndpoint(options.host, port, repository, state)
+            endpoint.start()
+            endpoints.append((kind, endpoint))
+    await server.start()
+    log.info("Started GRPCInferenceService at %s:%d", options.host, grpc_port)
+    for kind, endpoint in endpoints:
+        log.info("Started %s at %s:%d", kind, options.host, endpoint.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    poller = None
+    if options.model_control_mode == "poll":
+        poller = asyncio.create_task(_poll(repository, options.poll_secs))
+    await stop.wait()
+
+    log.info("Signal received: draining (grace period %.0f s)", options.grace_period)
+    state.draining = True
+    for queue in list(state.streams):
+        queue.put_nowait(DRAIN)
+    if poller is not None:
+        poller.cancel()
+    await server.stop(options.grace_period)
+    for _, endpoint in endpoints:
+        endpoint.stop()
+    await repository.shutdown()
+    log.info("Server stopped")
+    return 0
+
+
+async def _poll(repository: ModelRepository, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await repository.poll_once()
+        except Exception:  # polling must never take the server down
+            log.exception("repository poll failed")

@@ -1,0 +1,49 @@
+"""Server-wide state the RPCs share: liveness, draining, trace and log settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+SERVER_NAME = "pagedserve"
+SERVER_VERSION = "0.1.0"
+# What Triton's core reports, less what pagedserve does not implement (classification,
+# sequence batching, shared memory).
+EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "schedule_policy",
+              "model_configuration", "binary_tensor_data", "parameters", "statistics",
+              "trace", "logging"]
+
+
+def _default_trace() -> dict[str, list[str]]:
+    return {"trace_file": [], "trace_level": ["OFF"], "trace_rate": ["1000"],
+            "trace_count": ["-1"], "log_frequency": ["0"], "trace_mode": ["triton"]}
+
+
+@dataclass
+class ServerState:
+    """Mutable server-wide settings; touched from the event loop only."""
+
+    live: bool = True
+    draining: bool = False
+    trace: dict[str, list[str]] = field(default_factory=_default_trace)
+    model_trace: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    log: dict[str, bool | int | str] = field(default_factory=lambda: {
+        "log_file": "", "log_info": True, "log_warning": True, "log_error": True,
+        "log_verbose_level": 0, "log_format": "default"})
+    # One queue per open stream, so draining can wake idle streams up to close them.
+    streams: set[asyncio.Queue[object]] = field(default_factory=set)
+
+    def apply_log_levels(self) -> None:
+        """Maps Triton's log switches onto Python logging levels."""
+        if int(self.log["log_verbose_level"]) > 0:
+            level = logging.DEBUG
+        elif self.log["log_info"]:
+            level = logging.INFO
+        elif self.log["log_warning"]:
+            level = logging.WARNING
+        elif self.log["log_error"]:
+            level = logging.ERROR
+        else:
+            level = logging.CRITICAL
+        logging.getLogger().setLevel(level)

@@ -1,0 +1,129 @@
+"""``ModelStreamInfer``: many requests in flight on one bidirectional stream.
+
+A reader task takes requests off the stream and starts one task per request; every task puts
+its responses on the stream's queue, which the handler writes out one at a time (gRPC allows
+one write in flight). Decoupled models' responses interleave across requests (clients match
+them by ``id``); a non-decoupled model's responses keep request order, as Triton's do. A failed
+request answers with ``error_message`` and the stream stays open. When the stream ends (the
+client cancels or disconnects), every request still running on it is cancelled, which aborts
+it in the engine and returns its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import grpc
+
+from backend.repository import ModelRepository, RepositoryError
+from backend.server._proto import grpc_service_pb2 as pb
+from backend.server.inference import Inference, InferError
+from backend.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+_READER_DONE = object()
+_TASK_DONE = object()
+DRAIN = object()  # put on a stream's queue when the server starts draining
+
+
+def _error(request: pb.ModelInferRequest, message: str, version: str = "",
+           started: bool = False) -> pb.ModelStreamInferResponse:
+    """Triton's error shapes: id only before the request ran; id, model and final after."""
+    response = pb.ModelStreamInferResponse(error_message=message)
+    response.infer_response.id = request.id
+    if started:
+        response.infer_response.model_name = request.model_name
+        response.infer_response.model_version = version
+        response.infer_response.parameters["triton_final_response"].bool_param = True
+    return response
+
+
+class StreamHandler:
+    """Serves one ``ModelStreamInfer`` call."""
+
+    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+        self.repository = repository
+        self.state = state
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._ordered_tail: asyncio.Future[None] | None = None
+
+    async def _run(self, request: pb.ModelInferRequest) -> None:
+        previous: asyncio.Future[None] | None = None
+        mine: asyncio.Future[None] | None = None
+        version = request.model_version
+        try:
+            model = self.repository.get(request.model_name, request.model_version)
+            version = str(model.version)
+            if not model.decoupled:
+                previous, mine = self._ordered_tail, asyncio.get_running_loop().create_future()
+                self._ordered_tail = mine
+            inference = Inference(model, request)
+            generate, empty_final = inference.prepare()
+            async for response in inference.responses(generate, True, empty_final):
+                if previous is not None:
+                    await previous
+                    previous = None
+                self.queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+        except RepositoryError as e:
+            self.queue.put_nowait(_error(request, e.message))
+        except InferError as e:
+            if previous is not None:
+                await previous
+            self.queue.put_nowait(_error(request, e.message, version, e.started))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must fail the request, never the stream
+            log.exception("request %r failed", request.id)
+            self.queue.put_nowait(_error(request, f"internal error: {e}", version, True))
+        finally:
+            if mine is not None and not mine.done():
+                mine.set_result(None)
+
+    def _start(self, request: pb.ModelInferRequest) -> None:
+        if self.state.draining:
+            self.queue.put_nowait(_error(request, "Server is shutting down: not accepting new "
+                                                  "requests"))
+            return
+        task = asyncio.create_task(self._run(request))
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            self.queue.put_nowait(_TASK_DONE)
+        task.add_done_callback(done)
+
+    async def _read(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+        try:
+            async for request in requests:
+                self._start(request)
+        finally:
+            self.queue.put_nowait(_READER_DONE)
+
+    async def serve(self, requests: AsyncIterator[pb.ModelInferRequest],
+                    context: grpc.aio.ServicerContext
+                    ) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
+        """Yields the stream's responses until the client is done and every request answered."""
+        self.state.streams.add(self.queue)
+        reader = asyncio.create_task(self._read(requests))
+        reader_done = False
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, pb.ModelStreamInferResponse):
+                    yield item
+                    continue
+                if item is _READER_DONE:
+                    reader_done = True
+                if (reader_done or self.state.draining) and not self.tasks:
+                    return
+        finally:
+            self.state.streams.discard(self.queue)
+            reader.cancel()
+            for task in list(self.tasks):
+                task.cancel()
+            if self.tasks:  # let the aborts reach the engine before the handler is gone
+                await asyncio.gather(*self.tasks, return_exceptions=True)

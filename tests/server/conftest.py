@@ -1,0 +1,166 @@
+"""The server under test, run as a subprocess on free loopback ports.
+
+``start_server(repo_dir, *extra_args)`` is the reusable helper (the parity tests start real
+Triton the same way); the session-scoped ``server`` fixture serves the repo's own
+``model_repository/``. Tests talk to it only through the official ``tritonclient``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REPOSITORY = ROOT / "model_repository"
+MODEL = "smollm2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerHandle:
+    """A running ``python -m backend serve``; ``stop()`` sends SIGTERM and returns the status."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    log_path: Path
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` samples by ``name{labels}``."""
+        _, text = self.http_get("/metrics")
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                samples[key] = float(value)
+        return samples
+
+    def stop(self, timeout: float = 60) -> int:
+        if not self._stopped:
+            self._stopped = True
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180) -> ServerHandle:
+    """Starts the server on free loopback ports and waits until it is live."""
+    grpc_port, http_port = free_port(), free_port()
+    log_path = Path(tempfile.mkstemp(prefix="pagedserve-", suffix=".log")[1])
+    command = [sys.executable, "-m", "backend", "serve", "--model-repository", str(repo_dir),
+               "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+               "--http-port", str(http_port), "--metrics-port", str(http_port), *extra_args]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    handle = ServerHandle(process, grpc_port, http_port, log_path)
+    client = grpcclient.InferenceServerClient(handle.grpc_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{handle.log()}")
+        try:
+            if client.is_server_live() and "Started GRPCInferenceService" in handle.log():
+                client.close()
+                return handle
+        except Exception:
+            pass
+        time.sleep(0.2)
+    handle.stop()
+    raise RuntimeError(f"server did not start in {timeout} s:\n{handle.log()}")
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerHandle]:
+    """The default repository (the embedded model as ``smollm2``), one per test session."""
+    handle = start_server(DEFAULT_REPOSITORY)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def client(server: ServerHandle) -> Iterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+# ---- request building ----------------------------------------------------------------------
+
+
+def tensor(name: str, value: Any, datatype: str) -> grpcclient.InferInput:
+    array = np.array(value if isinstance(value, list) else [value],
+                     dtype=np.object_ if datatype == "BYTES" else None)
+    if datatype == "BYTES":
+        array = np.array([v if isinstance(v, bytes) else str(v).encode() for v in array],
+                         dtype=np.object_)
+    item = grpcclient.InferInput(name, list(array.shape), datatype)
+    item.set_data_from_numpy(array)
+    return item
+
+
+def llm_inputs(prompt: str | bytes | None, max_tokens: int = 8, stream: bool = True,
+               params: dict[str, Any] | None = None, **flags: Any) -> list[Any]:
+    """Inputs of a vLLM-backend request: greedy ``max_tokens`` unless ``params`` says else."""
+    inputs = []
+    if prompt is not None:
+        inputs.append(tensor("text_input", prompt, "BYTES"))
+    inputs.append(tensor("stream", stream, "BOOL"))
+    sampling = {"temperature": 0, "max_tokens": max_tokens, **(params or {})}
+    inputs.append(tensor("sampling_parameters", json.dumps(sampling), "BYTES"))
+    for name, value in flags.items():
+        inputs.append(tensor(name, value, "BOOL"))
+    return inputs
+
+
+def is_final(result: Any) -> bool:
+    return bool(result.get_response().parameters["triton_final_response"].bool_param)
+
+
+def text_of(result: Any) -> str:
+    out = result.as_numpy("text_output")
+    return "" if out is None else "".join(x.decode() for x in out.reshape(-1))
