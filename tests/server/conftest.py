@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import triton_to_np_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = ROOT / "model_repository"
@@ -133,8 +134,8 @@ def client(server: ServerHandle) -> Iterator[grpcclient.InferenceServerClient]:
 
 
 def tensor(name: str, value: Any, datatype: str) -> grpcclient.InferInput:
-    array = np.array(value if isinstance(value, list) else [value],
-                     dtype=np.object_ if datatype == "BYTES" else None)
+    values = value if isinstance(value, list) else [value]
+    array = np.array(values, dtype=triton_to_np_dtype(datatype))
     if datatype == "BYTES":
         array = np.array([v if isinstance(v, bytes) else str(v).encode() for v in array],
                          dtype=np.object_)
