@@ -1,0 +1,332 @@
+"""Serving overhead: the same streaming workload through gRPC and through the engine's Python API.
+
+What is measured, in one run, on one workload (64 requests by default, greedy, every request
+generating exactly ``max_tokens`` tokens with EOS ignored, all submitted at once):
+
+* **gRPC**: our server (``python -m backend serve``, the default ``model_repository/``) in a
+  subprocess on loopback, driven by ``clients/load.py`` (``tritonclient.grpc.aio``, requests
+  dealt over 16 ModelStreamInfer streams).
+* **direct**: the same engine settings (read from the same repository by the server's own
+  ``backend.repository`` code) in a worker process (``bench/serve_direct.py``), the requests
+  driven through ``AsyncEngine.generate`` concurrently.
+
+Figures: output tokens/s of each (tokens over the wall time from the first submission to the
+last final output), their ratio gRPC/direct (target >= 0.95), time to first token (submission to
+the first output carrying text) p50/p95 of each and the **TTFT overhead p50** = gRPC p50 -
+direct p50 (target < 5 ms). The load generator shares the machine with the server: its CPU time
+is part of the gRPC figure, as it would be for any client on the same host.
+
+The machine is small and shared: a competing process skews everything. Each phase records how
+much CPU other processes took (``/proc/stat``, less the processes of the phase) and
+the run warns above 10% of the machine. ``--rounds N`` alternates the two phases N times and
+reports the median of each.
+
+Usage (from the repository root)::
+
+    python -m bench.serve [--quick] [--rounds N] [--requests 64] [--max-tokens 64] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tritonclient.grpc as grpcclient
+
+from bench.throughput import _proc_stat_cpu, git_state
+from clients.load import LoadRequest, make_requests, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "serve.json"
+REPOSITORY = ROOT / "model_repository"
+MODEL = "smollm2"
+TARGET_RATIO = 0.95
+TARGET_TTFT_OVERHEAD_S = 0.005
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_requests: int
+    max_tokens: int
+    streams: int
+
+
+FULL = Workload(num_requests=64, max_tokens=64, streams=16)
+QUICK = Workload(num_requests=8, max_tokens=8, streams=4)
+WARMUP = Workload(num_requests=4, max_tokens=4, streams=2)
+
+
+# ----------------------------------------------------------------------------------- contention
+
+
+def _pid_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from ``/proc/<pid>/stat``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Contention:
+    """CPU taken by processes other than this one and ``pids`` over an interval."""
+
+    def __init__(self, pids: tuple[int, ...]) -> None:
+        self.pids = pids
+        self._wall = time.perf_counter()
+        self._ours = time.process_time() + sum(map(_pid_cpu_s, pids))
+        self._stat = _proc_stat_cpu()
+
+    def stop(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self._wall
+        ours = time.process_time() + sum(map(_pid_cpu_s, self.pids)) - self._ours
+        stat = _proc_stat_cpu()
+        if self._stat is None or stat is None:
+            return {"wall_s": wall, "ours_cpu_s": ours, "others_fraction_of_machine": None}
+        others = max(0.0, stat[0] - self._stat[0] - ours)
+        return {"wall_s": wall, "ours_cpu_s": ours, "others_cpu_s": others,
+                "steal_s": stat[1] - self._stat[1],
+                "others_fraction_of_machine": others / (wall * (os.cpu_count() or 1))}
+
+
+# ------------------------------------------------------------------------------------- phases
+
+
+@dataclass
+class PhaseResult:
+    """One timed run of the workload through one path."""
+
+    path: str
+    wall_s: float
+    output_tokens: int
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    latency_p50_s: float
+    contention: dict[str, float | None]
+
+
+class Server:
+    """``python -m backend serve`` on a free loopback port (HTTP and metrics off)."""
+
+    def __init__(self, repository: Path) -> None:
+        with socket.socket() as sock:  # a loopback port free right now
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"127.0.0.1:{self.port}"
+        # The server's log, kept for a post-mortem when it fails to start.
+        self.log = tempfile.NamedTemporaryFile(prefix="serve-bench-", suffix=".log",  # noqa: SIM115
+                                               delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", "serve", "--model-repository", str(repository),
+             "--host", "127.0.0.1", "--grpc-port", str(self.port), "--http-port", "0",
+             "--metrics-port", "0"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        client = grpcclient.InferenceServerClient(self.url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({self.proc.returncode}); see "
+                                       f"{self.log.name}")
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.2)
+        finally:
+            client.close()
+        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return int(self.proc.returncode)
+
+
+async def grpc_phase(server: Server, requests: list[LoadRequest], streams: int) -> PhaseResult:
+    monitor = Contention((server.proc.pid,))
+    report = await run_load(server.url, MODEL, requests, streams=streams)
+    return PhaseResult("grpc", report.wall_s, report.output_tokens, report.tokens_per_s,
+                       report.ttft_p50_s, report.ttft_p95_s, report.latency_p50_s,
+                       monitor.stop())
+
+
+class DirectWorker:
+    """``bench/serve_direct.py`` in a subprocess: the engine driven through its Python API.
+
+    A separate process because ``tritonclient`` and ``backend.repository`` cannot be imported
+    into one (both register a different ``model_config.proto`` with protobuf)."""
+
+    def __init__(self, repository: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.serve_direct", "--repository", str(repository),
+             "--model", MODEL], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"direct worker exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        assert self._read() == {"ready": True}
+
+    def run(self, requests: list[LoadRequest], tag: str) -> PhaseResult:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"tag": tag, "requests": [asdict(r) for r in requests]})
+                              + "\n")
+        self.proc.stdin.flush()
+        return PhaseResult(**self._read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small workload ({QUICK.num_requests} requests of "
+                             f"{QUICK.max_tokens} tokens): checks the script works")
+    parser.add_argument("--requests", type=int, help="requests in the workload (default 64)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per request (default 64)")
+    parser.add_argument("--streams", type=int, help="gRPC streams (default 16)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the two phases this many times; medians are reported")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"where to write the JSON result (default: {DEFAULT_OUT})")
+    return parser.parse_args(argv)
+
+
+def _median(phases: list[PhaseResult], key: str) -> float:
+    return float(statistics.median(getattr(p, key) for p in phases))
+
+
+async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    requests = make_requests(workload.num_requests, workload.max_tokens)
+    warmup = make_requests(WARMUP.num_requests, WARMUP.max_tokens)
+    server = Server(REPOSITORY)
+    direct = DirectWorker(REPOSITORY)
+    try:
+        server.wait_ready()
+        direct.wait_ready()
+        # Warm both paths (first-call allocations, lazy imports) outside the timed sections.
+        await run_load(server.url, MODEL, warmup, streams=WARMUP.streams)
+        direct.run(warmup, "warmup")
+        grpc_runs: list[PhaseResult] = []
+        direct_runs: list[PhaseResult] = []
+        for i in range(args.rounds):
+            # Alternate which path goes first so a drift in machine speed hits both alike.
+            order = ("grpc", "direct") if i % 2 == 0 else ("direct", "grpc")
+            for path in order:
+                if path == "grpc":
+                    last = await grpc_phase(server, requests, workload.streams)
+                    grpc_runs.append(last)
+                else:
+                    last = direct.run(requests, f"r{i}")
+                    direct_runs.append(last)
+                print(f"round {i + 1} {path:6s} {last.tokens_per_s:8.1f} tok/s  TTFT p50 "
+                      f"{last.ttft_p50_s * 1e3:7.1f} ms  wall {last.wall_s:6.2f} s", flush=True)
+    finally:
+        direct.stop()
+        exit_code = server.stop()
+
+    grpc_tps, direct_tps = _median(grpc_runs, "tokens_per_s"), _median(direct_runs,
+                                                                       "tokens_per_s")
+    grpc_ttft, direct_ttft = _median(grpc_runs, "ttft_p50_s"), _median(direct_runs, "ttft_p50_s")
+    return {
+        "benchmark": "serve",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "quick": args.quick,
+        "workload": asdict(workload),
+        "rounds": args.rounds,
+        "grpc": [asdict(p) for p in grpc_runs],
+        "direct": [asdict(p) for p in direct_runs],
+        "grpc_tokens_per_s": grpc_tps,
+        "direct_tokens_per_s": direct_tps,
+        "ratio_grpc_over_direct": grpc_tps / direct_tps,
+        "grpc_ttft_p50_s": grpc_ttft,
+        "direct_ttft_p50_s": direct_ttft,
+        "ttft_overhead_p50_s": grpc_ttft - direct_ttft,
+        "targets": {"ratio_min": TARGET_RATIO, "ttft_overhead_p50_max_s": TARGET_TTFT_OVERHEAD_S},
+        "server_exit_code": exit_code,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "loadavg_at_end": os.getloadavg()},
+        "git": git_state(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    workload = Workload(args.requests or base.num_requests, args.max_tokens or base.max_tokens,
+                        args.streams or base.streams)
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    print(f"workload: {workload.num_requests} streaming requests x {workload.max_tokens} tokens, "
+          f"gRPC over {workload.streams} streams; {args.rounds} round(s)", flush=True)
+    result = asyncio.run(run(args, workload))
+
+    ratio, overhead = result["ratio_grpc_over_direct"], result["ttft_overhead_p50_s"]
+    print()
+    print("=" * 72)
+    print(f"gRPC      {result['grpc_tokens_per_s']:9.1f} output tok/s   TTFT p50 "
+          f"{result['grpc_ttft_p50_s'] * 1e3:7.1f} ms")
+    print(f"direct    {result['direct_tokens_per_s']:9.1f} output tok/s   TTFT p50 "
+          f"{result['direct_ttft_p50_s'] * 1e3:7.1f} ms")
+    print(f"ratio     {ratio:9.3f}  gRPC / direct (target >= {TARGET_RATIO})  "
+          f"{'OK' if ratio >= TARGET_RATIO else 'BELOW TARGET'}")
+    print(f"TTFT overhead p50 {overhead * 1e3:6.2f} ms (target < "
+          f"{TARGET_TTFT_OVERHEAD_S * 1e3:.0f} ms)  "
+          f"{'OK' if overhead < TARGET_TTFT_OVERHEAD_S else 'ABOVE TARGET'}")
+    fractions = [p["contention"]["others_fraction_of_machine"]
+                 for p in result["grpc"] + result["direct"]]
+    known = [f for f in fractions if f is not None]
+    if known:
+        print(f"others    {max(known):9.1%}  most CPU other processes took during a phase")
+    if any(f > 0.1 for f in known):
+        print("warning: the CPU was shared with other work; figures are skewed", file=sys.stderr)
+    print("=" * 72)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The engine-direct side of ``bench/serve.py``: a worker process driving ``AsyncEngine``.
+
+It runs in its own process because ``tritonclient`` and our generated protos both register a
+``model_config.proto`` in protobuf's default descriptor pool, and the two differ: one process
+cannot import both ``tritonclient.grpc`` and ``backend.repository``.
+
+Protocol (JSON lines): the worker builds the engine with exactly the settings the server reads
+for ``<repository>/<model>/1`` and prints ``{"ready": true}``; then for each line
+``{"tag": str, "requests": [{"request_id", "prompt", "max_tokens"}, ...]}`` on stdin it runs all
+requests concurrently through ``AsyncEngine.generate`` (greedy, EOS ignored) and prints one
+result line; an empty line or EOF ends it.
+
+    python -m bench.serve_direct --repository model_repository --model smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend import SamplingParams
+from backend.engine.async_engine import AsyncEngine
+from backend.engine.core import EngineCore
+from backend.repository.engine_args import engine_config
+from backend.repository.model_config import load_config
+from bench.throughput import ContentionMonitor
+
+
+def build_engine(repository: Path, model: str) -> AsyncEngine:
+    """An engine with the settings the server reads for ``model`` version 1."""
+    config = load_config(repository / model)
+    return AsyncEngine(EngineCore(engine_config(config, repository / model / "1")))
+
+
+async def run_workload(engine: AsyncEngine, tag: str,
+                       requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """All requests at once; per request the submission, first-text and final times."""
+
+    async def one(req: dict[str, Any]) -> tuple[float, float | None, float, int]:
+        params = SamplingParams(temperature=0, max_tokens=req["max_tokens"], ignore_eos=True)
+        sent, first, tokens = time.perf_counter(), None, 0
+        async for out in engine.generate(req["prompt"], params,
+                                         request_id=f"{tag}-{req['request_id']}"):
+            # The first output carrying text is what a streaming client would see first.
+            if first is None and out.delta_texts and out.delta_texts[0]:
+                first = time.perf_counter()
+            tokens += sum(len(ids) for ids in out.delta_token_ids)
+        return sent, first, time.perf_counter(), tokens
+
+    monitor = ContentionMonitor()
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(r) for r in requests))
+    wall = max(done for _, _, done, _ in results) - start
+    contention = monitor.stop()
+    ttfts = [first - sent for sent, first, _, _ in results if first is not None]
+    latencies = [done - sent for sent, _, done, _ in results]
+    tokens = sum(n for *_, n in results)
+    return {"path": "direct", "wall_s": wall, "output_tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "ttft_p50_s": float(np.percentile(ttfts, 50)),
+            "ttft_p95_s": float(np.percentile(ttfts, 95)),
+            "latency_p50_s": float(np.percentile(latencies, 50)),
+            "contention": {"wall_s": contention.wall_s, "ours_cpu_s": contention.own_cpu_s,
+                           "others_cpu_s": contention.others_cpu_s,
+                           "steal_s": contention.steal_s,
+                           "others_fraction_of_machine": contention.others_fraction_of_machine}}
+
+
+async def serve_commands(engine: AsyncEngine) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line.strip():
+            return
+        command = json.loads(line)
+        result = await run_workload(engine, command["tag"], command["requests"])
+        print(json.dumps(result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    args = parser.parse_args(argv)
+    engine = build_engine(args.repository, args.model)
+    try:
+        print(json.dumps({"ready": True}), flush=True)
+        asyncio.run(serve_commands(engine))
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

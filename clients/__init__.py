@@ -1,0 +1,1 @@
+"""Clients of the Triton gRPC protocol (see README.md); importable as ``clients.*``."""
