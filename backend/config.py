@@ -14,7 +14,9 @@ class EngineConfig:
     """Knobs of the scheduler, the KV cache and the model runner.
 
     The KV cache is sized by ``kv_cache_bytes`` when given, else by ``kv_cache_memory_fraction``
-    of the memory free on the device after the weights are loaded.
+    of the memory free on the device after the weights are loaded. With
+    ``enable_prefix_caching`` full blocks of finished and running requests are reused by later
+    requests with the same prefix.
     """
 
     model: str | None = None
@@ -27,6 +29,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort", None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    score: float | None = None  # beam search: cumulative_logprob / length ** length_penalty
 
     @property
     def finished(self) -> bool:

@@ -15,6 +15,13 @@ class SamplingParams:
     Field names and meanings follow vLLM's ``SamplingParams``. ``temperature=0`` is greedy
     decoding. ``logprobs=N`` returns the N most likely tokens of the model's raw distribution
     at every position (plus the sampled one). Invalid values raise ``ValueError`` naming the field.
+
+    ``beam_width > 1`` switches to beam search, with the semantics of ``transformers``'
+    ``generate(num_beams=beam_width, do_sample=False, length_penalty=..., early_stopping=...)``:
+    beams are ranked by the cumulative log-probability of the model's raw distribution (sampling
+    knobs do not apply: ``temperature`` and ``seed`` are ignored), a finished beam scores
+    ``cumulative_logprob / generated_length ** length_penalty``, and the best ``n`` finished beams
+    are returned. ``early_stopping`` is ``True``, ``False`` or ``"never"``, as in ``transformers``.
     """
 
     n: int = 1
@@ -34,6 +41,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,12 +74,12 @@ class SamplingParams:
             if value != value or value in (float("inf"), float("-inf")):
                 fail(name, "must be finite")
 
-        for name in ("n", "top_k", "min_tokens"):
+        for name in ("n", "top_k", "min_tokens", "beam_width"):
             check_int(name)
         for name in ("seed", "max_tokens", "logprobs"):
             check_int(name, optional=True)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
+                     "presence_penalty", "frequency_penalty", "length_penalty"):
             check_number(name)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -105,9 +115,36 @@ class SamplingParams:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                    for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of non-negative integers")
-        if self.n > 1 and self.is_greedy:
+        if self.beam_width < 1:
+            fail("beam_width", "must be at least 1")
+        if self.early_stopping not in (True, False, "never"):
+            fail("early_stopping", 'must be true, false or "never"')
+        if self.use_beam_search:
+            self._validate_beam_search(fail)
+        elif self.n > 1 and self.is_greedy:
             # n identical greedy copies are almost surely a mistake; vLLM rejects them too.
             fail("n", "must be 1 for greedy sampling (temperature=0)")
+
+    def _validate_beam_search(self, fail: Any) -> None:
+        if self.n > self.beam_width:
+            fail("n", f"must not exceed beam_width ({self.beam_width}) in beam search")
+        # Beam search ranks raw log-probabilities; knobs that reshape or sample them do not apply.
+        unsupported = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                       "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None}
+        for name, default in unsupported.items():
+            if getattr(self, name) != default:
+                fail(name, "is not supported with beam search (beam_width > 1)")
+        if self.stop:
+            fail("stop", "is not supported with beam search (beam_width > 1)")
+
+    @property
+    def use_beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences the request runs at once: its beams, or its ``n`` samples."""
+        return self.beam_width if self.use_beam_search else self.n
 
     @property
     def is_greedy(self) -> bool:

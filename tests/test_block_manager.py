@@ -1,4 +1,10 @@
-"""BlockManager: a stateful hypothesis model of allocate / append / free, plus unit tests."""
+"""BlockManager: a stateful hypothesis model of sequences that allocate, append, fork (with
+copy-on-write), hit the prefix cache, get evicted, preempted and aborted; plus unit tests.
+
+The machine simulates the KV cache's *contents*: each block holds the token ids written to its
+slots, copies are performed as the model runner would, and after every step each sequence must
+read exactly its own tokens back from its blocks. That is the property sharing must never break.
+"""
 
 from __future__ import annotations
 
@@ -13,114 +19,258 @@ from hypothesis.stateful import (
     rule,
 )
 
-from backend.engine.block_manager import BlockManager
+from backend.engine.block_manager import BlockManager, BlockTable, block_key
 from kernels.attention import NULL_BLOCK
 
-NUM_TABLES = 4
+MAX_SEQS = 5
+TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # few symbols: many shared prefixes
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class _Seq:
+    def __init__(self, tokens: list[int], table: BlockTable) -> None:
+        self.tokens = tokens
+        self.table = table
+        self.computed = 0  # tokens whose K/V are in the cache
+        self.preempted = False
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Several block tables grow and shrink; a plain model tracks how many tokens each holds."""
+    @initialize(num_blocks=st.integers(min_value=2, max_value=20),
+                block_size=st.sampled_from([1, 2, 4]), caching=st.booleans())
+    def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
+        self.bm = BlockManager(num_blocks, block_size, caching)
+        self.seqs: list[_Seq] = []
+        self.content: dict[int, list[int | None]] = {}  # block -> token id in each slot
 
-    @initialize(num_blocks=st.integers(min_value=2, max_value=24),
-                block_size=st.sampled_from([1, 2, 4, 16]))
-    def setup(self, num_blocks: int, block_size: int) -> None:
-        self.bm = BlockManager(num_blocks, block_size)
-        self.tables: list[list[int]] = [[] for _ in range(NUM_TABLES)]
-        self.tokens = [0] * NUM_TABLES  # tokens each table has been grown to hold
+    # ---- what the scheduler and the runner do ------------------------------------------------
 
-    def _snapshot(self) -> tuple:
-        return ([list(t) for t in self.tables], list(self.bm.ref_counts), self.bm.num_free_blocks,
-                self.bm.num_used_blocks)
+    def _compute(self, seq: _Seq) -> bool:
+        """Allocates for the uncomputed tokens, performs copies, writes them, commits."""
+        bm = self.bm
+        free_before = bm.num_free_blocks
+        refs_before = list(bm.ref_counts)
+        shared = sum(1 for i in range(seq.computed // bm.block_size, len(seq.table))
+                     if bm.ref_counts[seq.table.blocks[i]] > 1)
+        needed = bm.blocks_needed(seq.table, len(seq.tokens)) + shared
+        if not bm.allocate(seq.table, len(seq.tokens), seq.computed):
+            assert needed > free_before
+            assert bm.ref_counts == refs_before, "a failed allocate must change nothing"
+            return False
+        assert bm.num_free_blocks == free_before - needed
+        for src, dst in bm.take_copies():
+            assert bm.ref_counts[dst] == 1 and bm.ref_counts[src] >= 1
+            self.content[dst] = list(self.content[src])
+        for pos in range(seq.computed, len(seq.tokens)):
+            block = seq.table.blocks[pos // bm.block_size]
+            # Writing into a block another sequence references would corrupt it.
+            assert bm.ref_counts[block] == 1, f"write into shared block {block}"
+            slots = self.content.setdefault(block, [None] * bm.block_size)
+            slots[pos % bm.block_size] = seq.tokens[pos]
+        seq.computed = len(seq.tokens)
+        bm.commit(seq.table, seq.tokens, seq.computed)
+        return True
 
-    def _grow(self, i: int, num_tokens: int) -> None:
-        table = self.tables[i]
-        needed = self.bm.blocks_needed(table, num_tokens)
-        assert needed == max(0, _ceil_div(num_tokens, self.bm.block_size) - len(table))
-        free_before = self.bm.num_free_blocks
-        before = self._snapshot()
-        ok = self.bm.allocate(table, num_tokens)
-        assert ok == (needed <= free_before)
-        if ok:
-            assert len(table) == len(before[0][i]) + needed
-            assert table[: len(before[0][i])] == before[0][i], "existing blocks must stay put"
-            assert self.bm.num_free_blocks == free_before - needed
-            assert len(table) * self.bm.block_size >= num_tokens
-            self.tokens[i] = max(self.tokens[i], num_tokens)
+    def _admit(self, seq: _Seq) -> None:
+        seq.table = self.bm.match_prefix(seq.tokens)
+        seq.computed = len(seq.table) * self.bm.block_size
+        assert seq.computed < len(seq.tokens) or not seq.tokens
+        if self._compute(seq):
+            seq.preempted = False
         else:
-            assert self._snapshot() == before, "a failed allocate must change nothing"
+            self._preempt(seq)
 
-    @rule(i=st.integers(0, NUM_TABLES - 1), num_tokens=st.integers(0, 100))
-    def allocate(self, i: int, num_tokens: int) -> None:
-        self._grow(i, num_tokens)
+    def _preempt(self, seq: _Seq) -> None:
+        self.bm.free(seq.table)
+        seq.computed = 0
+        seq.preempted = True
 
-    @rule(i=st.integers(0, NUM_TABLES - 1), extra=st.integers(0, 40))
-    def allocate_more(self, i: int, extra: int) -> None:
-        self._grow(i, self.tokens[i] + extra)
+    # ---- rules --------------------------------------------------------------------------------
 
-    @rule(i=st.integers(0, NUM_TABLES - 1))
-    def append(self, i: int) -> None:
-        self._grow(i, self.tokens[i] + 1)
+    @precondition(lambda self: len(self.seqs) < MAX_SEQS)
+    @rule(tokens=TOKENS)
+    def new_sequence(self, tokens: list[int]) -> None:
+        seq = _Seq(list(tokens), BlockTable())
+        self.seqs.append(seq)
+        self._admit(seq)
 
-    @rule(i=st.integers(0, NUM_TABLES - 1))
-    def free(self, i: int) -> None:
-        held = list(self.tables[i])
-        free_before = self.bm.num_free_blocks
-        self.bm.free(self.tables[i])
-        assert self.tables[i] == []
-        self.tokens[i] = 0
-        assert self.bm.num_free_blocks == free_before + len(held)
-        assert all(self.bm.ref_counts[b] == 0 for b in held)
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), tokens=TOKENS)
+    def extend(self, data: st.DataObject, tokens: list[int]) -> None:
+        """Appends decoded tokens (or a longer request reusing an earlier one's prefix)."""
+        seq = data.draw(st.sampled_from(self.seqs))
+        seq.tokens += tokens[:3]
+        if seq.preempted:
+            self._admit(seq)
+        elif not self._compute(seq):
+            self._preempt(seq)
 
-    @precondition(lambda self: any(self.tables))
+    @precondition(lambda self: self.seqs and len(self.seqs) < MAX_SEQS)
     @rule(data=st.data())
-    def free_all_then_reuse(self, data) -> None:
-        for i in range(NUM_TABLES):
-            self.free(i)
-        assert self.bm.num_free_blocks == self.bm.num_usable_blocks
-        # Every usable block can be handed out again, to a single table.
-        everything = self.bm.num_usable_blocks * self.bm.block_size
-        i = data.draw(st.integers(0, NUM_TABLES - 1))
-        self._grow(i, everything)
-        assert sorted(self.tables[i]) == [
-            b for b in range(self.bm.num_blocks) if b != NULL_BLOCK]
-        assert not self.bm.allocate(self.tables[(i + 1) % NUM_TABLES], 1)
+    def fork(self, data: st.DataObject) -> None:
+        parent = data.draw(st.sampled_from([s for s in self.seqs if not s.preempted] or [None]))
+        if parent is None:
+            return
+        child = _Seq(list(parent.tokens), self.bm.fork(parent.table))
+        child.computed = parent.computed
+        self.seqs.append(child)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def preempt(self, data: st.DataObject) -> None:
+        self._preempt(data.draw(st.sampled_from(self.seqs)))
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def finish_or_abort(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(self.seqs))
+        self.bm.free(seq.table)
+        self.seqs.remove(seq)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def readmit(self, data: st.DataObject) -> None:
+        waiting = [s for s in self.seqs if s.preempted]
+        if waiting:
+            self._admit(data.draw(st.sampled_from(waiting)))
+
+    # ---- invariants ---------------------------------------------------------------------------
 
     @invariant()
-    def blocks_are_consistent(self) -> None:
-        held = [b for t in self.tables for b in t]
-        assert len(held) == len(set(held)), "a block is in two tables or twice in one"
-        assert NULL_BLOCK not in held
-        assert all(0 <= b < self.bm.num_blocks for b in held)
-        held_set = set(held)
-        for b, count in enumerate(self.bm.ref_counts):
-            assert count == (1 if b in held_set else 0), f"block {b} has ref count {count}"
-        assert self.bm.num_free_blocks + self.bm.num_used_blocks == self.bm.num_usable_blocks
-        assert self.bm.num_used_blocks == len(held)
-        assert self.bm.num_usable_blocks == self.bm.num_blocks - 1
+    def reference_counts_are_exact(self) -> None:
+        bm = self.bm
+        expected = [0] * bm.num_blocks
+        for seq in self.seqs:
+            assert len(seq.table.blocks) == len(set(seq.table.blocks))
+            for block in seq.table.blocks:
+                expected[block] += 1
+        assert bm.ref_counts == expected
+        assert expected[NULL_BLOCK] == 0
+        free = set(bm._free) | set(bm._evictable)
+        assert len(free) == bm.num_free_blocks, "a block is free twice"
+        assert NULL_BLOCK not in free
+        for block in range(bm.num_blocks):
+            if block != NULL_BLOCK:
+                assert (block in free) == (expected[block] == 0), f"block {block}"
+        assert bm.num_free_blocks + bm.num_used_blocks == bm.num_usable_blocks
+        assert bm.num_shared_blocks == sum(1 for c in expected if c > 1)
 
     @invariant()
-    def tables_are_minimal(self) -> None:
-        # Tables hold exactly enough blocks for the tokens they were grown to.
-        for table, tokens in zip(self.tables, self.tokens):
-            assert len(table) == _ceil_div(tokens, self.bm.block_size)
+    def every_sequence_reads_its_own_tokens(self) -> None:
+        bs = self.bm.block_size
+        for seq in self.seqs:
+            if seq.preempted:
+                assert not seq.table.blocks
+                continue
+            assert len(seq.table) == _ceil_div(seq.computed, bs)
+            for pos in range(seq.computed):
+                block = seq.table.blocks[pos // bs]
+                assert self.content[block][pos % bs] == seq.tokens[pos]
+
+    @invariant()
+    def cached_blocks_hold_their_prefix(self) -> None:
+        bm = self.bm
+        for key, block in bm._cached.items():
+            tokens = bm._tokens_of[block]
+            assert len(tokens) == bm.block_size
+            assert self.content[block] == list(tokens)
+            assert bm._key_of[block] == key
+        if not bm.enable_prefix_caching:
+            assert not bm._cached
 
     def teardown(self) -> None:
         if not hasattr(self, "bm"):
             return
-        for table in self.tables:
-            self.bm.free(table)
+        for seq in self.seqs:
+            self.bm.free(seq.table)
         assert self.bm.num_free_blocks == self.bm.num_usable_blocks
         assert all(c == 0 for c in self.bm.ref_counts)
 
 
-BlockManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+BlockManagerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40,
                                                  deadline=None)
 TestBlockManager = BlockManagerMachine.TestCase
+
+
+# ---- prefix cache, fork and copy-on-write ------------------------------------------------------
+
+
+def _run(bm: BlockManager, tokens: list[int]) -> BlockTable:
+    table = bm.match_prefix(tokens)
+    assert bm.allocate(table, len(tokens), len(table) * bm.block_size)
+    bm.commit(table, tokens, len(tokens))
+    return table
+
+
+def test_prefix_hit_takes_the_cached_blocks():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = _run(bm, list(range(10)))  # blocks: [0-3] [4-7] [8,9]
+    b = bm.match_prefix([*range(9), 99])
+    assert b.blocks == a.blocks[:2]
+    assert bm.stats.prefix_hit_tokens == 8
+    assert all(bm.ref_counts[blk] == 2 for blk in b.blocks)
+    assert b.keys == a.keys[:2]
+
+
+def test_last_token_is_never_served_from_cache():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = _run(bm, list(range(8)))
+    bm.free(a)
+    assert len(bm.match_prefix(list(range(8)))) == 1  # 7 tokens may come from the cache
+    assert len(bm.match_prefix(list(range(9)))) == 2
+
+
+def test_different_parent_means_no_hit():
+    bm = BlockManager(num_blocks=16, block_size=2)
+    _run(bm, [1, 2, 3, 4, 5])
+    assert bm.match_prefix([9, 9, 3, 4, 5]).blocks == []  # same second block, other prefix
+    assert block_key(b"", [1, 2]) != block_key(b"", [2, 1])
+
+
+def test_finished_blocks_stay_cached_until_evicted_leaf_first():
+    bm = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks
+    a = _run(bm, [1, 2, 3, 4, 5, 6, 7])  # 4 blocks, 3 full and cached
+    bm.free(a)
+    assert bm.num_free_blocks == 4 and bm.num_cached_blocks == 3
+    b = BlockTable()
+    assert bm.allocate(b, 2, 0)  # takes the uncached partial block first
+    assert bm.num_cached_blocks == 3
+    assert bm.allocate(b, 4, 2)  # now evicts: the leaf [5, 6] goes before its parents
+    assert len(bm.match_prefix([1, 2, 3, 4, 5, 6, 0])) == 2
+    assert bm.stats.evictions == 1
+
+
+def test_fork_then_append_copies_the_shared_partial_block():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    parent = _run(bm, [1, 2, 3, 4, 5, 6])  # second block holds 2 of 4 tokens
+    child = bm.fork(parent)
+    assert bm.num_shared_blocks == 2
+    assert bm.allocate(child, 7, 6)  # child writes position 6, in the shared block
+    assert bm.take_copies() == [(parent.blocks[1], child.blocks[1])]
+    assert child.blocks[0] == parent.blocks[0]  # the full block stays shared
+    assert bm.ref_counts[parent.blocks[1]] == 1
+    assert bm.allocate(parent, 7, 6)  # the parent now owns its block alone: no copy
+    assert bm.take_copies() == []
+    assert bm.stats.cow_copies == 1
+
+
+def test_copy_into_a_freed_block_is_dropped():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    parent = _run(bm, [1, 2, 3, 4, 5, 6])
+    child = bm.fork(parent)
+    assert bm.allocate(child, 7, 6)
+    bm.free(child)  # preempted in the same step
+    assert bm.take_copies() == []
+
+
+def test_caching_off_never_hits():
+    bm = BlockManager(num_blocks=16, block_size=2, enable_prefix_caching=False)
+    bm.free(_run(bm, [1, 2, 3, 4, 5]))
+    assert bm.match_prefix([1, 2, 3, 4, 5]).blocks == []
+    assert bm.num_cached_blocks == 0
 
 
 # ---- plain unit tests --------------------------------------------------------------------------
@@ -132,14 +282,14 @@ TestBlockManager = BlockManagerMachine.TestCase
 ])
 def test_blocks_needed(table_len, num_tokens, expected):
     bm = BlockManager(num_blocks=64, block_size=16)
-    assert bm.blocks_needed(list(range(1, table_len + 1)), num_tokens) == expected
+    assert bm.blocks_needed(BlockTable(list(range(1, table_len + 1))), num_tokens) == expected
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 8, 16])
 def test_blocks_needed_matches_ceil_div(block_size):
     bm = BlockManager(num_blocks=4, block_size=block_size)
     for tokens in range(0, 5 * block_size + 1):
-        assert bm.blocks_needed([], tokens) == _ceil_div(tokens, block_size)
+        assert bm.blocks_needed(BlockTable(), tokens) == _ceil_div(tokens, block_size)
 
 
 def test_initial_state():
@@ -158,62 +308,62 @@ def test_needs_at_least_two_blocks():
 
 def test_null_block_never_handed_out():
     bm = BlockManager(num_blocks=5, block_size=1)
-    table: list[int] = []
-    assert bm.allocate(table, 4)
-    assert sorted(table) == [b for b in range(5) if b != NULL_BLOCK]
+    table = BlockTable()
+    assert bm.allocate(table, 4, 0)
+    assert sorted(table.blocks) == [b for b in range(5) if b != NULL_BLOCK]
     assert bm.ref_counts[NULL_BLOCK] == 0
     assert bm.num_free_blocks == 0
 
 
 def test_allocate_returns_false_when_out_of_blocks():
     bm = BlockManager(num_blocks=5, block_size=4)  # 4 usable blocks, 16 tokens
-    a: list[int] = []
-    b: list[int] = []
-    assert bm.allocate(a, 12)  # 3 blocks
+    a = BlockTable()
+    b = BlockTable()
+    assert bm.allocate(a, 12, 0)  # 3 blocks
     assert len(a) == 3
     refs = list(bm.ref_counts)
-    assert not bm.allocate(b, 8)  # needs 2, only 1 free: all or nothing
-    assert b == []
+    assert not bm.allocate(b, 8, 0)  # needs 2, only 1 free: all or nothing
+    assert b.blocks == []
     assert bm.ref_counts == refs
     assert bm.num_free_blocks == 1
-    assert bm.allocate(b, 4)
+    assert bm.allocate(b, 4, 0)
     assert len(b) == 1
-    assert not bm.allocate(a, 13)
+    assert not bm.allocate(a, 13, 0)
     assert len(a) == 3
     bm.free(a)
-    assert bm.allocate(b, 16)
+    assert bm.allocate(b, 16, 0)
     assert len(b) == 4
     assert bm.num_free_blocks == 0
 
 
 def test_allocate_within_existing_blocks_needs_nothing():
     bm = BlockManager(num_blocks=3, block_size=4)
-    table: list[int] = []
-    assert bm.allocate(table, 5)
+    table = BlockTable()
+    assert bm.allocate(table, 5, 0)
     assert bm.num_free_blocks == 0
     for tokens in range(0, 9):  # shrinking or staying within capacity is free
-        assert bm.allocate(table, tokens)
+        assert bm.allocate(table, tokens, 0)
     assert len(table) == 2
-    assert not bm.allocate(table, 9)
+    assert not bm.allocate(table, 9, 0)
 
 
 def test_freed_blocks_are_reused():
     bm = BlockManager(num_blocks=4, block_size=2)
-    a: list[int] = []
-    assert bm.allocate(a, 6)
-    first = set(a)
+    a = BlockTable()
+    assert bm.allocate(a, 6, 0)
+    first = set(a.blocks)
     bm.free(a)
-    assert a == []
-    b: list[int] = []
-    assert bm.allocate(b, 6)
-    assert set(b) == first
+    assert a.blocks == []
+    b = BlockTable()
+    assert bm.allocate(b, 6, 0)
+    assert set(b.blocks) == first
 
 
 def test_freeing_twice_is_detected():
     bm = BlockManager(num_blocks=4, block_size=2)
-    table: list[int] = []
-    assert bm.allocate(table, 4)
-    stale = list(table)
+    table = BlockTable()
+    assert bm.allocate(table, 4, 0)
+    stale = BlockTable(list(table.blocks))
     bm.free(table)
     with pytest.raises(AssertionError, match="freed more often"):
         bm.free(stale)
@@ -221,7 +371,7 @@ def test_freeing_twice_is_detected():
 
 def test_free_empty_table_is_noop():
     bm = BlockManager(num_blocks=4, block_size=2)
-    table: list[int] = []
+    table = BlockTable()
     bm.free(table)
     assert bm.num_free_blocks == 3
     assert bm.ref_counts == [0] * 4
@@ -233,12 +383,12 @@ def test_allocate_until_full(sizes, block_size):
     bm = BlockManager(num_blocks=10, block_size=block_size)
     tables = []
     for size in sizes:
-        table: list[int] = []
+        table = BlockTable()
         need = _ceil_div(size, block_size)
         free = bm.num_free_blocks
-        assert bm.allocate(table, size) == (need <= free)
+        assert bm.allocate(table, size, 0) == (need <= free)
         tables.append(table)
-    held = [b for t in tables for b in t]
+    held = [b for t in tables for b in t.blocks]
     assert len(held) == len(set(held)) == bm.num_used_blocks
     for table in tables:
         bm.free(table)

@@ -169,9 +169,9 @@ def test_from_dict_builds_params():
 
 def test_from_dict_rejects_unknown_keys_naming_them():
     with pytest.raises(ValueError) as info:
-        SamplingParams.from_dict({"temperature": 0.5, "beam_width": 4, "best_of": 2})
+        SamplingParams.from_dict({"temperature": 0.5, "use_beam_search": True, "best_of": 2})
     message = str(info.value)
-    assert "beam_width" in message
+    assert "use_beam_search" in message
     assert "best_of" in message
     assert "temperature" not in message
 
@@ -198,3 +198,29 @@ def test_bools_rejected_for_number_fields(field):
 def test_error_message_shows_bad_value():
     with pytest.raises(ValueError, match=r"top_p.*1\.5"):
         SamplingParams(top_p=1.5)
+
+
+def test_beam_search_params():
+    params = SamplingParams.from_dict({"beam_width": 4, "n": 2, "length_penalty": 0.5,
+                                       "early_stopping": "never", "max_tokens": 8})
+    assert params.use_beam_search and params.num_seqs == 4
+    assert SamplingParams(n=3, temperature=1.0).num_seqs == 3
+    # Beam search is deterministic: greedy temperature and n > 1 go together there.
+    assert SamplingParams(beam_width=2, n=2, temperature=0).num_seqs == 2
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"beam_width": 0}, "beam_width"),
+    ({"beam_width": 2.5}, "beam_width"),
+    ({"beam_width": 2, "n": 3}, "n"),
+    ({"beam_width": 2, "top_p": 0.5}, "top_p"),
+    ({"beam_width": 2, "top_k": 5}, "top_k"),
+    ({"beam_width": 2, "repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"beam_width": 2, "logprobs": 1}, "logprobs"),
+    ({"beam_width": 2, "stop": ["x"]}, "stop"),
+    ({"early_stopping": "sometimes"}, "early_stopping"),
+    ({"length_penalty": float("nan")}, "length_penalty"),
+])
+def test_bad_beam_search_params_name_the_field(values, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} "):
+        SamplingParams.from_dict(values)

@@ -46,10 +46,20 @@ def make_seq(prompt_len: int, name: str | None = None) -> Sequence:
 
 
 def make_scheduler(num_blocks: int = 1000, block_size: int = 4, budget: int = 64,
-                   max_num_seqs: int = 16, chunked: bool = True) -> Scheduler:
+                   max_num_seqs: int = 16, chunked: bool = True, caching: bool = True
+                   ) -> Scheduler:
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget,
-                          max_num_seqs=max_num_seqs, enable_chunked_prefill=chunked)
-    return Scheduler(config, BlockManager(num_blocks, block_size))
+                          max_num_seqs=max_num_seqs, enable_chunked_prefill=chunked,
+                          enable_prefix_caching=caching)
+    return Scheduler(config, BlockManager(num_blocks, block_size, caching))
+
+
+def waiting_seqs(sched: Scheduler) -> list[Sequence]:
+    return [s for r in sched.waiting for s in r.live_seqs]
+
+
+def running_seqs(sched: Scheduler) -> list[Sequence]:
+    return [s for r in sched.running for s in r.live_seqs]
 
 
 def check_invariants(sched: Scheduler, out: SchedulerOutput) -> None:
@@ -60,7 +70,7 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput) -> None:
     assert len(out.scheduled) <= cfg.max_num_seqs
     scheduled = [s.seq for s in out.scheduled]
     assert len(scheduled) == len(set(map(id, scheduled))), "a sequence scheduled twice"
-    running_ids = {id(s) for s in sched.running}
+    running_ids = {id(s) for s in running_seqs(sched)}
     for item in out.scheduled:
         seq = item.seq
         assert id(seq) in running_ids
@@ -68,18 +78,18 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput) -> None:
         assert 1 <= item.num_new_tokens <= seq.num_uncomputed_tokens
         # Blocks for every token that will be in the cache after this step.
         assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens + item.num_new_tokens
-    for seq in sched.waiting:
+    for seq in waiting_seqs(sched):
         assert seq.status is SequenceStatus.WAITING
-        assert seq.block_table == []
+        assert seq.block_table.blocks == []
         assert seq.num_computed_tokens == 0
     for seq in out.preempted:
-        assert seq in sched.waiting
+        assert seq in waiting_seqs(sched)
         assert id(seq) not in {id(s) for s in scheduled}
     # Decodes (one new token) come before any multi-token prefill chunk.
     ones = [s.num_new_tokens == 1 for s in out.scheduled]
     assert ones == sorted(ones, reverse=True)
     # Block accounting: exactly the running sequences hold blocks.
-    held = [b for s in sched.running for b in s.block_table]
+    held = [b for s in running_seqs(sched) for b in s.block_table.blocks]
     assert len(held) == len(set(held))
     assert NULL_BLOCK not in held
     assert bm.num_used_blocks == len(held)
@@ -93,7 +103,7 @@ class _Sim:
 
     def step(self) -> SchedulerOutput:
         sched = self.sched
-        waiting_before = list(sched.waiting)
+        waiting_before = waiting_seqs(sched)
         out = sched.schedule()
         check_invariants(sched, out)
         newly = [s for s in waiting_before if s.status is SequenceStatus.RUNNING]
@@ -104,8 +114,7 @@ class _Sim:
         for seq in newly:
             if seq not in self.admitted:
                 self.admitted.append(seq)
-        for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+        sched.commit(out)
         for item in out.scheduled:
             seq = item.seq
             assert seq.num_computed_tokens <= seq.num_tokens
@@ -115,7 +124,7 @@ class _Sim:
         return out
 
     def finish_done(self, max_output: int) -> None:
-        for seq in list(self.sched.running):
+        for seq in running_seqs(self.sched):
             if seq.num_output_tokens >= max_output:
                 self.sched.finish(seq)
 
@@ -127,7 +136,7 @@ def test_token_budget_and_seq_cap_respected_over_a_run():
     sched = make_scheduler(budget=40, max_num_seqs=3)
     seqs = [make_seq(n) for n in (5, 30, 70, 2, 41, 12, 9, 100)]
     for s in seqs:
-        sched.add(s)
+        sched.add(s.request)
     sim = _Sim(sched)
     for _ in range(500):
         if not sched.has_work:
@@ -151,18 +160,18 @@ def test_max_num_seqs_caps_admission():
     sched = make_scheduler(budget=1000, max_num_seqs=2)
     seqs = [make_seq(3) for _ in range(5)]
     for s in seqs:
-        sched.add(s)
+        sched.add(s.request)
     sim = _Sim(sched)
     out = sim.step()
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(seqs[0], 3), (seqs[1], 3)]
-    assert list(sched.waiting) == seqs[2:]
+    assert waiting_seqs(sched) == seqs[2:]
     assert all(s.status is SequenceStatus.WAITING for s in seqs[2:])
     out = sim.step()  # still full: only the two decodes
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(seqs[0], 1), (seqs[1], 1)]
     sched.finish(seqs[0])
     out = sim.step()
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(seqs[1], 1), (seqs[2], 3)]
-    assert list(sched.waiting) == seqs[3:]
+    assert waiting_seqs(sched) == seqs[3:]
 
 
 def test_fcfs_blocked_head_blocks_later_requests():
@@ -170,21 +179,21 @@ def test_fcfs_blocked_head_blocks_later_requests():
     sched = make_scheduler(num_blocks=11, block_size=4, budget=1000)  # 10 usable blocks
     first, big, small = make_seq(24), make_seq(20), make_seq(2)  # 6, 5 and 1 blocks
     for s in (first, big, small):
-        sched.add(s)
+        sched.add(s.request)
     out = sched.schedule()
     assert [s.seq for s in out.scheduled] == [first]
-    assert list(sched.waiting) == [big, small]
-    assert small.block_table == []
+    assert waiting_seqs(sched) == [big, small]
+    assert small.block_table.blocks == []
 
 
 def test_fcfs_blocked_head_without_chunking():
     sched = make_scheduler(budget=10, chunked=False)
     a, b, c = make_seq(6), make_seq(8), make_seq(3)
     for s in (a, b, c):
-        sched.add(s)
+        sched.add(s.request)
     out = sched.schedule()
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 6)]
-    assert list(sched.waiting) == [b, c]  # c (3 tokens) would fit but must wait behind b
+    assert waiting_seqs(sched) == [b, c]  # c (3 tokens) would fit but must wait behind b
 
 
 # ---- chunked prefill -----------------------------------------------------------------------
@@ -193,7 +202,7 @@ def test_fcfs_blocked_head_without_chunking():
 def test_chunked_prefill_splits_long_prompt():
     sched = make_scheduler(budget=32)
     seq = make_seq(100)
-    sched.add(seq)
+    sched.add(seq.request)
     sim = _Sim(sched)
     chunks = [sim.step().scheduled[0].num_new_tokens for _ in range(4)]
     assert chunks == [32, 32, 32, 4]
@@ -208,11 +217,11 @@ def test_chunked_prefill_splits_long_prompt():
 def test_chunked_prefill_shares_budget_with_decodes():
     sched = make_scheduler(budget=16)
     a = make_seq(4)
-    sched.add(a)
+    sched.add(a.request)
     sim = _Sim(sched)
     sim.step()  # a prefilled, one token sampled
     b = make_seq(40)
-    sched.add(b)
+    sched.add(b.request)
     out = sim.step()
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 15)]
     out = sim.step()
@@ -226,12 +235,12 @@ def test_chunked_prefill_shares_budget_with_decodes():
 def test_without_chunked_prefill_prompt_waits_for_budget():
     sched = make_scheduler(budget=32, chunked=False)
     a, b = make_seq(20), make_seq(20)
-    sched.add(a)
-    sched.add(b)
+    sched.add(a.request)
+    sched.add(b.request)
     sim = _Sim(sched)
     out = sim.step()
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 20)]
-    assert list(sched.waiting) == [b]
+    assert waiting_seqs(sched) == [b]
     assert b.num_computed_tokens == 0
     out = sim.step()  # a decodes one token, 31 left: b fits whole
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 20)]
@@ -240,8 +249,8 @@ def test_without_chunked_prefill_prompt_waits_for_budget():
 def test_without_chunked_prefill_prompt_never_split():
     sched = make_scheduler(budget=32, chunked=False)
     a, b = make_seq(10), make_seq(32)
-    sched.add(a)
-    sched.add(b)
+    sched.add(a.request)
+    sched.add(b.request)
     sim = _Sim(sched)
     for _ in range(5):
         out = sim.step()
@@ -260,16 +269,16 @@ def test_without_chunked_prefill_prompt_never_split():
 def test_decodes_come_first():
     sched = make_scheduler(budget=64)
     long_prompt = make_seq(100)  # running, still prefilling in chunks
-    sched.add(long_prompt)
+    sched.add(long_prompt.request)
     sim = _Sim(sched)
     sim.step()
     assert long_prompt.num_computed_tokens == 64
     decoder = make_seq(3)
-    sched.add(decoder)
+    sched.add(decoder.request)
     out = sim.step()  # long_prompt finishes its prompt with 36, decoder admitted with 3
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(long_prompt, 36), (decoder, 3)]
     late = make_seq(10)
-    sched.add(late)
+    sched.add(late.request)
     out = sim.step()
     # Both decode now, the shorter context first; then the new prefill.
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [
@@ -278,14 +287,14 @@ def test_decodes_come_first():
     sched2 = make_scheduler(budget=20)
     sim2 = _Sim(sched2)
     early = make_seq(2)
-    sched2.add(early)
+    sched2.add(early.request)
     sim2.step()
     big = make_seq(50)
-    sched2.add(big)
+    sched2.add(big.request)
     sim2.step()  # early decodes, big gets 19
     sched2.finish(early)
     after = make_seq(1)
-    sched2.add(after)
+    sched2.add(after.request)
     out = sim2.step()  # big continues with 20; after is not admitted (budget used up)
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(big, 20)]
     out = sim2.step()  # big 11 more, after admitted with its single prompt token
@@ -296,14 +305,14 @@ def test_decode_listed_before_earlier_multi_token_sequence():
     sched = make_scheduler(budget=64)
     a, b, c = make_seq(3), make_seq(3), make_seq(3)
     for s in (a, b, c):
-        sched.add(s)
+        sched.add(s.request)
     sim = _Sim(sched)
     sim.step()
     # a (oldest, first in running) has several uncomputed tokens, as after accepting more
     # than one token at once; b and c have one each.
     a.token_ids.extend([5, 6, 7])
     out = sim.step()
-    assert sched.running == [a, b, c]
+    assert running_seqs(sched) == [a, b, c]
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(b, 1), (c, 1), (a, 4)]
 
 
@@ -315,30 +324,30 @@ def test_newest_running_sequence_is_preempted():
     sched = make_scheduler(num_blocks=7, block_size=4, budget=100)
     a, b, c = make_seq(8), make_seq(8), make_seq(8)
     for s in (a, b, c):
-        sched.add(s)
+        sched.add(s.request)
     sim = _Sim(sched)
     out = sim.step()
     assert [s.seq for s in out.scheduled] == [a, b, c]
     assert sched.block_manager.num_free_blocks == 0
-    c_blocks = list(c.block_table)
+    c_blocks = list(c.block_table.blocks)
     # Each now has 9 tokens and needs a third block for its decode: a's request preempts c.
     out = sim.step()
     assert out.preempted == [c]
-    assert c.block_table == []
+    assert c.block_table.blocks == []
     assert c.num_computed_tokens == 0
     assert c.num_preemptions == 1
     assert c.status is SequenceStatus.WAITING
-    assert list(sched.waiting) == [c]
-    assert sched.running == [a, b]
-    assert all(sched.block_manager.ref_counts[blk] == 0 or blk in a.block_table
-               or blk in b.block_table for blk in c_blocks)
+    assert waiting_seqs(sched) == [c]
+    assert running_seqs(sched) == [a, b]
+    assert all(sched.block_manager.ref_counts[blk] == 0 or blk in a.block_table.blocks
+               or blk in b.block_table.blocks for blk in c_blocks)
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 1)]
     assert len(a.block_table) == len(b.block_table) == 3
     assert sched.stats.num_preemptions == 1
     # The older ones keep decoding; c waits at the front (nothing frees up until one ends).
     out = sim.step()
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 1)]
-    assert list(sched.waiting) == [c]
+    assert waiting_seqs(sched) == [c]
     # When a finishes, c comes back and recomputes prompt plus its output so far.
     sched.finish(a)
     out = sim.step()
@@ -350,14 +359,14 @@ def test_preempted_goes_to_front_of_waiting():
     sched = make_scheduler(num_blocks=5, block_size=4, budget=100, max_num_seqs=2)
     a, b, c = make_seq(8), make_seq(8), make_seq(4)
     for s in (a, b, c):
-        sched.add(s)
+        sched.add(s.request)
     sim = _Sim(sched)
     sim.step()  # a, b admitted (4 blocks, pool full); c waits on the seq cap
-    assert list(sched.waiting) == [c]
+    assert waiting_seqs(sched) == [c]
     out = sim.step()  # a needs a block: b (newest) is preempted, ahead of c
     assert out.preempted == [b]
-    assert list(sched.waiting) == [b, c]
-    assert sched.running == [a]
+    assert waiting_seqs(sched) == [b, c]
+    assert running_seqs(sched) == [a]
 
 
 def test_several_preemptions_keep_arrival_order():
@@ -365,7 +374,7 @@ def test_several_preemptions_keep_arrival_order():
     sched = make_scheduler(num_blocks=5, block_size=4, budget=100)
     seqs = [make_seq(2) for _ in range(4)]
     for s in seqs:
-        sched.add(s)
+        sched.add(s.request)
     sim = _Sim(sched)
     sim.step()
     # Give the oldest a longer history so it needs two more blocks at once; the others'
@@ -374,8 +383,8 @@ def test_several_preemptions_keep_arrival_order():
     a.token_ids.extend([9] * 6)  # 9 tokens, 2 computed: needs 3 blocks
     out = sim.step()
     assert out.preempted == [seqs[3], seqs[2]]
-    assert list(sched.waiting) == [seqs[2], seqs[3]]
-    assert sched.running == seqs[:2]
+    assert waiting_seqs(sched) == [seqs[2], seqs[3]]
+    assert running_seqs(sched) == seqs[:2]
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(seqs[1], 1), (a, 7)]
     assert sched.stats.num_preemptions == 2
 
@@ -384,15 +393,15 @@ def test_sequence_preempts_itself_when_alone_is_too_much():
     # The last running sequence cannot grow: it preempts itself and nothing is admitted.
     sched = make_scheduler(num_blocks=3, block_size=2, budget=100)  # 2 usable blocks
     a, b = make_seq(2), make_seq(2)
-    sched.add(a)
-    sched.add(b)
+    sched.add(a.request)
+    sched.add(b.request)
     sim = _Sim(sched)
     sim.step()
     b.token_ids.extend([9, 9])  # b needs 2 blocks now, a holds the other
     out = sim.step()
     assert out.preempted == [b]
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1)]
-    assert list(sched.waiting) == [b]
+    assert waiting_seqs(sched) == [b]
 
 
 # ---- finish ----------------------------------------------------------------------------------
@@ -401,18 +410,18 @@ def test_sequence_preempts_itself_when_alone_is_too_much():
 def test_finish_running_frees_blocks():
     sched = make_scheduler()
     a, b = make_seq(10), make_seq(10)
-    sched.add(a)
-    sched.add(b)
+    sched.add(a.request)
+    sched.add(b.request)
     sched.schedule()
     bm = sched.block_manager
     used = bm.num_used_blocks
-    a_blocks = list(a.block_table)
+    a_blocks = list(a.block_table.blocks)
     assert a_blocks
     sched.finish(a)
     assert a.status is SequenceStatus.FINISHED
     assert a.is_finished
-    assert a.block_table == []
-    assert sched.running == [b]
+    assert a.block_table.blocks == []
+    assert running_seqs(sched) == [b]
     assert bm.num_used_blocks == used - len(a_blocks)
     assert all(bm.ref_counts[blk] == 0 for blk in a_blocks)
     sched.finish(b)
@@ -424,11 +433,11 @@ def test_finish_waiting_removes_it():
     sched = make_scheduler(max_num_seqs=1)
     a, b, c = make_seq(4), make_seq(4), make_seq(4)
     for s in (a, b, c):
-        sched.add(s)
+        sched.add(s.request)
     sched.schedule()
     sched.finish(b)
     assert b.status is SequenceStatus.FINISHED
-    assert list(sched.waiting) == [c]
+    assert waiting_seqs(sched) == [c]
     sched.finish(a)
     out = sched.schedule()
     assert [s.seq for s in out.scheduled] == [c]
@@ -437,7 +446,7 @@ def test_finish_waiting_removes_it():
 def test_finish_partially_prefilled_sequence_frees_blocks():
     sched = make_scheduler(budget=8)
     seq = make_seq(30)
-    sched.add(seq)
+    sched.add(seq.request)
     _Sim(sched).step()
     assert seq.block_table and seq.num_computed_tokens == 8
     sched.finish(seq)
@@ -480,7 +489,7 @@ def test_random_workload(prompts, outputs, num_blocks, block_size, budget, max_n
     pending = list(seqs)
     for step in range(3000):
         if pending and (arrive_every == 0 or step % arrive_every == 0):
-            sched.add(pending.pop(0))
+            sched.add(pending.pop(0).request)
         if not sched.has_work and not pending:
             break
         sim.step()
@@ -502,10 +511,10 @@ def test_random_workload(prompts, outputs, num_blocks, block_size, budget, max_n
 def test_unchunked_recompute_longer_than_budget_is_readmitted():
     # make_request only checks the *prompt* against max_num_batched_tokens; prompt plus
     # output can outgrow it, and a preempted sequence must recompute all of it in one step.
-    sched = make_scheduler(num_blocks=11, block_size=1, budget=8, chunked=False)
+    sched = make_scheduler(num_blocks=11, block_size=1, budget=8, chunked=False, caching=False)
     a, b = make_seq(1), make_seq(7)
-    sched.add(a)
-    sched.add(b)
+    sched.add(a.request)
+    sched.add(b.request)
     sim = _Sim(sched)
     sim.step()  # 8 tokens: both admitted
     sim.step()  # a: 2 tokens, b: 8 tokens -> 10 blocks, the pool is full

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from backend.config import EngineConfig
+from backend.engine.beam_search import BeamSearch
 from backend.engine.block_manager import BlockManager
 from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.engine.scheduler import Scheduler
@@ -35,8 +36,14 @@ class EngineStats:
     num_prefilled_tokens: int
     num_decoded_tokens: int
     num_steps: int
-    num_running: int
+    num_running: int  # requests
     num_waiting: int
+    num_blocks_shared: int  # blocks referenced by more than one sequence
+    num_blocks_cached: int  # blocks findable in the prefix cache (in use or free)
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_cow_copies: int
+    num_evictions: int
 
 
 class EngineCore:
@@ -51,7 +58,8 @@ class EngineCore:
         self.model = LlamaModel(loaded.config, loaded.weights, self.config.torch_dtype,
                                 self.config.device)
         num_blocks = num_kv_blocks(self.model, self.config)
-        self.block_manager = BlockManager(num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
         self.max_model_len = min(self.config.max_model_len or self.model.max_positions,
                                  self.model.max_positions,
                                  self.block_manager.num_usable_blocks * self.config.block_size)
@@ -64,6 +72,8 @@ class EngineCore:
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self._steps = 0
+        # Beam-search logits kept until every live beam of the request has its row.
+        self._beam_logits: dict[Request, dict[Sequence, torch.Tensor]] = {}
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -98,39 +108,72 @@ class EngineCore:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens long, more than "
                              f"max_num_batched_tokens ({self.config.max_num_batched_tokens}) "
                              "with chunked prefill disabled")
+        if params.num_seqs > self.config.max_num_seqs:
+            field = "beam_width" if params.use_beam_search else "n"
+            raise ValueError(f"SamplingParams.{field} is {params.num_seqs}, more than "
+                             f"max_num_seqs ({self.config.max_num_seqs})")
+        if params.num_seqs > 1:
+            # All of a request's sequences must fit the cache together, or it could never run.
+            longest = min(len(prompt_token_ids) + (params.max_tokens or self.max_model_len),
+                          self.max_model_len)
+            needed = params.num_seqs * -(-longest // self.config.block_size)
+            if needed > self.block_manager.num_usable_blocks:
+                raise ValueError(
+                    f"max_tokens: {params.num_seqs} sequences of up to {longest} tokens need up "
+                    f"to {needed} KV blocks, more than the cache's "
+                    f"{self.block_manager.num_usable_blocks}; lower max_tokens")
         return Request(request_id, prompt, prompt_token_ids, params, next(self._arrivals),
                        self.max_model_len)
 
     def add_request(self, request: Request) -> None:
-        """Queues a request made by ``make_request``."""
+        """Queues a request made by ``make_request``; it starts as one sequence."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         params = request.params
-        for index in range(params.n):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=self.config.device)
-                generator.manual_seed(params.seed + index)
-            seq = Sequence(
-                seq_id=next(self._seq_ids), request=request, index=index,
-                token_ids=list(request.prompt_token_ids),
-                num_prompt_tokens=len(request.prompt_token_ids),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                                   params.skip_special_tokens),
-                generator=generator)
-            request.seqs.append(seq)
-            self.scheduler.add(seq)
+        if params.use_beam_search:
+            end_tokens = set(params.stop_token_ids)
+            if self.eos_token_id is not None and not params.ignore_eos:
+                end_tokens.add(self.eos_token_id)
+            max_new = self.max_model_len - len(request.prompt_token_ids)
+            if params.max_tokens is not None:
+                max_new = min(max_new, params.max_tokens)
+            request.beam_search = BeamSearch(params.beam_width, params.length_penalty,
+                                             params.early_stopping, end_tokens,
+                                             params.min_tokens, max_new)
+        seq = self._new_sequence(request, 0, list(request.prompt_token_ids))
+        request.seqs.append(seq)
+        self.scheduler.add(request)
         self.requests[request.request_id] = request
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        generator = None
+        if params.seed is not None and not params.use_beam_search:
+            generator = torch.Generator(device=self.config.device)
+            generator.manual_seed(params.seed + index)
+        return Sequence(
+            seq_id=next(self._seq_ids), request=request, index=index, token_ids=token_ids,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                               params.skip_special_tokens),
+            generator=generator)
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        child = self._new_sequence(parent.request, index, list(parent.token_ids))
+        child.cumulative_logprob = parent.cumulative_logprob
+        self.scheduler.fork(parent, child)
+        parent.request.seqs.append(child)
+        return child
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Ends a request now, returning its blocks; ``None`` if it is not (or no longer) here."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        for seq in request.seqs:
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+        self._beam_logits.pop(request, None)
+        for seq in request.live_seqs:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
         return self._output(request, {})
 
     # ---- the step --------------------------------------------------------------------------
@@ -142,33 +185,99 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that advanced."""
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:  # recomputed later, logits included
+            self._beam_logits.get(seq.request, {}).pop(seq, None)
         if batch.is_empty:
             return []
         self._steps += 1
         step_logits = self.runner.execute(batch)
-        for item in batch.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-        seqs = step_logits.seqs
-        if not seqs:
-            return []
-        rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
-                            self.eos_token_id) for s in seqs]
-        sampled = self.sampler(step_logits.logits, rows)
+        self.scheduler.commit(batch)
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for row, seq in enumerate(step_logits.seqs):
+            request = seq.request
+            if request.beam_search is not None:
+                self._beam_logits.setdefault(request, {})[seq] = step_logits.logits[row]
+                continue
+            group = [seq]
+            if request.params.n > 1 and not request.forked:
+                # The prompt is computed once; its samples share its blocks from here on.
+                request.forked = True
+                group += [self._fork(seq, i) for i in range(1, request.params.n)]
+            seqs += group
+            rows += [row] * len(group)
         deltas: dict[Request, dict[Sequence, int]] = {}
-        for seq, token, logprob, top in zip(seqs, sampled.token_ids, sampled.logprobs,
-                                            sampled.top_logprobs):
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if top is not None:
-                seq.logprobs.append(top)
-            self._check_stop(seq, token)
-            deltas.setdefault(seq.request, {})[seq] = token
+        if seqs:
+            sampled = self.sampler(step_logits.logits[rows], [
+                SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
+                            self.eos_token_id) for s in seqs])
+            for seq, token, logprob, top in zip(seqs, sampled.token_ids, sampled.logprobs,
+                                                sampled.top_logprobs):
+                seq.token_ids.append(token)
+                seq.cumulative_logprob += logprob
+                if top is not None:
+                    seq.logprobs.append(top)
+                self._check_stop(seq, token)
+                deltas.setdefault(seq.request, {})[seq] = token
         outputs = []
+        for request in [r for r, got in self._beam_logits.items()
+                        if len(got) == len(r.live_seqs)]:
+            self._beam_step(request)
+            if request.is_finished:
+                outputs.append(self._beam_output(request))
         for request, new_tokens in deltas.items():
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
             outputs.append(self._output(request, new_tokens))
         return outputs
+
+    def _beam_step(self, request: Request) -> None:
+        """Advances a beam search whose live beams all have their next logits."""
+        search = request.beam_search
+        assert search is not None
+        got = self._beam_logits.pop(request)
+        beams = request.live_seqs
+        log_probs = torch.log_softmax(torch.stack([got[b] for b in beams]).float(), dim=-1)
+        continuations = search.step(log_probs, [b.output_token_ids for b in beams])
+        request.forked = True
+        if search.done:
+            for beam in request.live_seqs:
+                self.scheduler.finish(beam)
+            request.seqs.clear()
+            self.requests.pop(request.request_id, None)
+            return
+        # Children of a beam share its blocks; a beam without children is dropped at once.
+        taken: set[Sequence] = set()
+        next_beams: list[tuple[Sequence, int]] = []
+        for c in continuations:
+            parent = beams[c.parent]
+            if parent in taken:
+                next_beams.append((self._fork(parent, len(request.seqs)), c.token))
+            else:
+                taken.add(parent)
+                next_beams.append((parent, c.token))
+        for beam in beams:
+            if beam not in taken:
+                self.scheduler.finish(beam)
+        for (beam, token), score in zip(next_beams, search.running_scores.tolist()):
+            beam.token_ids.append(token)
+            beam.cumulative_logprob = score
+        request.seqs = [beam for beam, _ in next_beams]
+
+    def _beam_output(self, request: Request) -> RequestOutput:
+        search = request.beam_search
+        assert search is not None
+        skip = request.params.skip_special_tokens
+        completions = [
+            CompletionOutput(index=i, text=str(self.tokenizer.decode(b.output_token_ids,
+                                                                     skip_special_tokens=skip)),
+                             token_ids=b.output_token_ids,
+                             cumulative_logprob=b.cumulative_logprob,
+                             finish_reason=b.finish_reason, score=b.score)
+            for i, b in enumerate(search.best(request.params.n))]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             completions, True, [c.text for c in completions],
+                             [c.token_ids for c in completions])
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -226,9 +335,14 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats
+        bm = self.block_manager
         return EngineStats(
             num_blocks_total=self.block_manager.num_usable_blocks,
             num_blocks_used=self.block_manager.num_used_blocks,
             num_preemptions=s.num_preemptions, num_prefilled_tokens=s.num_prefilled_tokens,
             num_decoded_tokens=s.num_decoded_tokens, num_steps=self._steps,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocks_shared=bm.num_shared_blocks, num_blocks_cached=bm.num_cached_blocks,
+            prefix_cache_queried_tokens=bm.stats.prefix_queried_tokens,
+            prefix_cache_hit_tokens=bm.stats.prefix_hit_tokens,
+            num_cow_copies=bm.stats.cow_copies, num_evictions=bm.stats.evictions)

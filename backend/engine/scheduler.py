@@ -1,11 +1,15 @@
 """Iteration-level scheduling: which tokens of which sequences run in the next step.
 
 Every step fills one batch under a token budget (``max_num_batched_tokens``) and a sequence cap
-(``max_num_seqs``). Running sequences go first, in arrival order: each asks for all the tokens it
-has not computed yet (one for a decode, the rest of a prompt for a prefill), cut to the budget
-left (chunked prefill). Waiting sequences then join first come, first served while budget, cap
-and free blocks allow. When a running sequence cannot get a block, the newest running sequence is
-preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed.
+(``max_num_seqs``). The unit of queueing and preemption is the request, with all its sequences
+(its ``n`` samples or its beams, which share blocks and must advance together). Running
+requests go first, in arrival order: each sequence asks for all the tokens it has not computed
+yet (one for a decode, the rest of a prompt for a prefill), cut to the budget left (chunked
+prefill). Waiting requests then join first come, first served while budget, cap and free blocks
+allow; a joining sequence first takes its longest cached prefix from the block manager. When a
+running sequence cannot get a block, the newest running request is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed (mostly from the prefix
+cache).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 from backend.config import EngineConfig
 from backend.engine.block_manager import BlockManager
-from backend.engine.sequence import Sequence, SequenceStatus
+from backend.engine.sequence import Request, Sequence, SequenceStatus
 
 
 @dataclass
@@ -27,10 +31,12 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     """One step's batch: decodes (one new token) first, shortest context first (the attention
-    groups decodes of similar length), then prefill chunks."""
+    groups decodes of similar length), then prefill chunks; and the block copies
+    (copy-on-write) to make before the step's attention."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -55,60 +61,55 @@ def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
 
 
 class Scheduler:
-    """Owns the waiting and running queues and the block manager."""
+    """Owns the waiting and running queues (of requests) and the block manager."""
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
         self.stats = SchedulerStats()
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len(r.live_seqs) for r in self.running)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
         i = 0
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not bm.allocate(seq.block_table, seq.num_computed_tokens + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
-                i += 1
-                continue
-            break
-        # Admitting new work right after preempting would only thrash the cache.
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            # Without chunked prefill a sequence waits for a step with room for all of it,
-            # unless it could never fit whole (a preempted one that outgrew the budget).
-            if (n < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill
-                    and seq.num_uncomputed_tokens <= self.config.max_num_batched_tokens):
+            request = self.running[i]
+            taken = self._schedule_running(request, budget, out)
+            if taken is None:  # the request itself was preempted
                 break
-            if not bm.allocate(seq.block_table, seq.num_computed_tokens + n):
+            budget -= taken
+            i += 1
+        # Admitting new work right after preempting would only thrash the cache.
+        width = sum(r.params.num_seqs for r in self.running)
+        while self.waiting and budget > 0 and not out.preempted:
+            request = self.waiting[0]
+            if width + request.params.num_seqs > self.config.max_num_seqs:
+                break
+            admitted = self._admit(request, budget)
+            if admitted is None:
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            self.running.append(request)
+            width += request.params.num_seqs
+            for seq in request.live_seqs:
+                seq.status = SequenceStatus.RUNNING
+            out.scheduled.extend(admitted)
+            budget -= sum(s.num_new_tokens for s in admitted)
         out.scheduled.sort(key=_batch_order)
+        out.block_copies = self.block_manager.take_copies()
         for s in out.scheduled:
             if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:
                 self.stats.num_decoded_tokens += 1
@@ -116,19 +117,87 @@ class Scheduler:
                 self.stats.num_prefilled_tokens += s.num_new_tokens
         return out
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq.block_table)
-        seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+    def _schedule_running(self, request: Request, budget: int, out: SchedulerOutput
+                          ) -> int | None:
+        """Schedules what the request's sequences can run; the tokens taken, or ``None`` if
+        making room preempted the request itself."""
+        bm = self.block_manager
+        taken = 0
+        for seq in request.live_seqs:
+            self._take_cached_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget - taken)
+            if n == 0:  # done for this step (a beam waiting for its siblings), or no budget
+                continue
+            while not bm.allocate(seq.block_table, seq.num_computed_tokens + n,
+                                  seq.num_computed_tokens):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is request:
+                    return None
+            out.scheduled.append(ScheduledSeq(seq, n))
+            taken += n
+        return taken
+
+    def _admit(self, request: Request, budget: int) -> list[ScheduledSeq] | None:
+        """Allocates for a waiting request's sequences, all or nothing."""
+        bm = self.block_manager
+        admitted: list[ScheduledSeq] = []
+        for seq in request.live_seqs:
+            self._take_cached_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            # Without chunked prefill a sequence waits for a step with room for all of it,
+            # unless it could never fit whole (a preempted one that outgrew the budget).
+            too_big = (n < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill
+                       and seq.num_uncomputed_tokens <= self.config.max_num_batched_tokens)
+            if too_big or not bm.allocate(seq.block_table, seq.num_computed_tokens + n,
+                                          seq.num_computed_tokens):
+                for s in request.live_seqs:
+                    bm.free(s.block_table)
+                    s.num_computed_tokens = 0
+                return None
+            if n:
+                admitted.append(ScheduledSeq(seq, n))
+                budget -= n
+        return admitted
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        if seq.num_computed_tokens == 0 and not seq.block_table.blocks:
+            seq.block_table = self.block_manager.match_prefix(seq.token_ids)
+            seq.num_computed_tokens = len(seq.block_table) * self.block_manager.block_size
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        victims = set(request.live_seqs)
+        out.scheduled = [s for s in out.scheduled if s.seq not in victims]
+        for seq in request.live_seqs:
+            self.block_manager.free(seq.block_table)
+            seq.num_computed_tokens = 0
+            seq.num_preemptions += 1
+            seq.status = SequenceStatus.WAITING
+            out.preempted.append(seq)
+        self.waiting.appendleft(request)
         self.stats.num_preemptions += 1
 
+    def commit(self, batch: SchedulerOutput) -> None:
+        """Records that the batch ran: its tokens are in the cache (and the prefix cache)."""
+        for item in batch.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Makes ``child`` (a copy of ``parent``'s tokens) share the parent's blocks."""
+        child.block_table = self.block_manager.fork(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = parent.status
+
     def finish(self, seq: Sequence) -> None:
-        """Takes a finished or aborted sequence out of its queue and frees its blocks."""
-        if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+        """Ends a finished, aborted or dropped sequence and frees its blocks; a request whose
+        sequences have all ended leaves its queue."""
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq.block_table)
+        request = seq.request
+        if not request.live_seqs:
+            if request in self.running:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend.engine.beam_search import BeamSearch
+from backend.engine.block_manager import BlockTable
 from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.outputs import TokenLogprobs
 from backend.sampling_params import SamplingParams
@@ -37,7 +39,7 @@ class Sequence:
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_table: BlockTable = field(default_factory=BlockTable)
     cumulative_logprob: float = 0.0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
@@ -72,7 +74,12 @@ class Sequence:
 
 @dataclass(eq=False)
 class Request:
-    """A user request: its prompt, parameters and the ``n`` sequences generated for it."""
+    """A user request: its prompt, parameters and the sequences generated for it.
+
+    A request starts with one sequence. Its prompt is computed once; then it forks into its
+    ``n`` samples or ``beam_width`` beams, which share the prompt's blocks. ``beam_search`` holds
+    a beam-search request's state; its dropped beams leave ``seqs``.
+    """
 
     request_id: str
     prompt: str | None
@@ -81,7 +88,13 @@ class Request:
     arrival: int
     max_model_len: int
     seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    beam_search: BeamSearch | None = None
 
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]

@@ -60,7 +60,19 @@ class ModelRunner:
             v[NULL_BLOCK].zero_()
             self.caches.append((k, v))
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copies K/V of whole blocks, src → dst, in every layer (copy-on-write)."""
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.model.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.model.device)
+        for k, v in self.caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
     def execute(self, batch: SchedulerOutput) -> StepLogits:
+        """Runs the batch (after its block copies) and returns the logits of sampling rows."""
+        self.copy_blocks(batch.block_copies)
         device = self.model.device
         bs = self.block_size
         input_ids: list[int] = []
@@ -79,7 +91,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             query_lens.append(n)
             seq_lens.append(end)
-            tables.append(seq.block_table)
+            tables.append(seq.block_table.blocks)
             if n == 1 and num_decodes == len(query_lens) - 1:
                 num_decodes += 1
             if end == seq.num_tokens:
