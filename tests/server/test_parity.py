@@ -22,7 +22,9 @@ Behaviours checked both ways:
 * RepositoryIndex: the model listed READY with its version; ``repository_name`` → UNIMPLEMENTED
   "'repository_name' specification is not supported";
 * ModelStatistics: entry shape, counts that grow by the requests made (inference_count,
-  execution_count, success/queue counts and durations, last_inference); INVALID_ARGUMENT wording
+  execution_count, success/queue/compute_input/compute_infer/compute_output counts, durations,
+  last_inference); compute counts equal in every snapshot taken while requests run (what
+  perf_analyzer needs); INVALID_ARGUMENT wording
   for unknown model and version;
 * ModelInfer on a decoupled model → UNIMPLEMENTED "ModelInfer RPC doesn't support models with
   decoupled transaction policy"; ModelInfer on an unknown model → NOT_FOUND;
@@ -46,6 +48,7 @@ Behaviours checked both ways:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import tempfile
@@ -330,9 +333,35 @@ def test_statistics_count_requests(client, target, stream):
     assert s1.success.count - s0.success.count == 2
     assert s1.queue.count - s0.queue.count == 2
     assert s1.success.ns > s0.success.ns
+    # perf_analyzer aborts ("Server side statistics compute counts must be the same") unless a
+    # request's compute_input, compute_infer and compute_output are counted together.
+    for name in ("compute_input", "compute_infer", "compute_output"):
+        assert getattr(s1, name).count - getattr(s0, name).count == 2, name
     assert after.last_inference >= int(time.time() * 1000) - 120_000
     every = client.get_inference_statistics().model_stats
     assert (target.model, target.version) in {(m.name, m.version) for m in every}
+
+
+def test_statistics_compute_counts_agree_while_requests_run(client, target, stream):
+    """Triton records a request's statistics all at once when it is released, so any snapshot
+    (perf_analyzer takes them mid-run) has equal compute_input/infer/output counts."""
+    ids = [f"c{i}" for i in range(4)]
+    for rid in ids:
+        stream.send(target.model, stream_inputs(max_tokens=16), rid)
+    finals: set[str] = set()
+    snapshots = 0
+    while finals != set(ids):
+        stats = _stats(client, target.model).inference_stats
+        snapshots += 1
+        counts = {stats.compute_input.count, stats.compute_infer.count,
+                  stats.compute_output.count}
+        assert len(counts) == 1, f"snapshot {snapshots}: {stats}"
+        with contextlib.suppress(queue.Empty):
+            while True:
+                result, error = stream.events.get(timeout=0.01)
+                assert error is None
+                if is_final(result.get_response()):
+                    finals.add(result.get_response().id)
 
 
 def test_statistics_of_unknown_model_or_version(client, target):
