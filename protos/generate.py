@@ -34,12 +34,22 @@ def generate(out_dir: Path) -> list[Path]:
         for src in sorted([*Path(tmp).glob("*.py"), *Path(tmp).glob("*.pyi")]):
             text = re.sub(r"^import (\w+_pb2)( as |$)", r"from . import \1\2", src.read_text(),
                           flags=re.M)
+            # A private descriptor pool: tritonclient registers the same file and message names
+            # (package "inference") in the default pool, and both must work in one process.
+            text = text.replace("_descriptor_pool.Default().AddSerializedFile(",
+                                "_POOL.AddSerializedFile(")
+            marker = "# @@protoc_insertion_point(imports)"
+            text = text.replace(marker, marker + "\nfrom ._pool import POOL as _POOL")
             dst = out_dir / src.name
             dst.write_text(HEADER + text)
             written.append(dst)
     init = out_dir / "__init__.py"
     init.write_text(HEADER + '"""Python modules generated from protos/*.proto."""\n')
-    return [init, *written]
+    pool = out_dir / "_pool.py"
+    pool.write_text(HEADER + '"""The descriptor pool of these modules (private)."""\n\n'
+                    "from google.protobuf import descriptor_pool\n\n"
+                    "POOL = descriptor_pool.DescriptorPool()\n")
+    return [init, pool, *written]
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from backend.server._proto import grpc_service_pb2 as pb
 from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
 from backend.server._proto import health_pb2 as hpb
 from backend.server._proto import health_pb2_grpc as hpb_grpc
+from backend.server._proto._pool import POOL
 from backend.server.health import HealthService
 from backend.server.http_endpoint import HttpEndpoint
 from backend.server.service import InferenceService
@@ -68,7 +69,7 @@ async def serve(options: ServeOptions) -> int:
     reflection.enable_server_reflection([
         pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         hpb.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME], server)
+        reflection.SERVICE_NAME], server, pool=POOL)
     grpc_port = server.add_insecure_port(f"{options.host}:{options.grpc_port}")
     if grpc_port == 0:
         log.error("failed to bind the gRPC port %d", options.grpc_port)

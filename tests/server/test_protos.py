@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,17 @@ from google.protobuf import descriptor_pb2
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ROOT / "backend" / "server" / "_proto"
 
-# Our descriptors are dumped in a separate process: they and tritonclient's register the same
-# file names in protobuf's default pool, which refuses a second, different definition.
-_DUMP = """
-import json
-from google.protobuf import descriptor_pb2
-from backend.server._proto import grpc_service_pb2, model_config_pb2
-out = {}
-for module in (grpc_service_pb2, model_config_pb2):
-    proto = descriptor_pb2.FileDescriptorProto()
-    module.DESCRIPTOR.CopyToProto(proto)
-    out[proto.name] = proto.SerializeToString().hex()
-print(json.dumps(out))
-"""
+
+def _ours() -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """Our file descriptors (they live in a private pool, so tritonclient's can coexist)."""
+    from backend.server._proto import grpc_service_pb2, model_config_pb2
+
+    out = {}
+    for module in (grpc_service_pb2, model_config_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        out[proto.name] = proto
+    return out
 
 
 def _fields(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, tuple]:
@@ -66,12 +63,11 @@ def test_regeneration_gives_the_committed_files(tmp_path: Path) -> None:
 def test_wire_matches_tritonclient() -> None:
     from tritonclient.grpc import model_config_pb2, service_pb2
 
-    dumped = json.loads(subprocess.run([sys.executable, "-c", _DUMP], check=True, cwd=ROOT,
-                                       capture_output=True, text=True).stdout)
+    dumped = _ours()
     for module in (service_pb2, model_config_pb2):
         theirs = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(theirs)
-        ours = descriptor_pb2.FileDescriptorProto.FromString(bytes.fromhex(dumped[theirs.name]))
+        ours = dumped[theirs.name]
         assert ours.package == theirs.package == "inference"
         mine, reference = _fields(ours), _fields(theirs)
         # Every name and number tritonclient knows is ours too (we add newer fields only).
@@ -81,10 +77,7 @@ def test_wire_matches_tritonclient() -> None:
 
 
 def test_service_methods_in_triton_order() -> None:
-    dumped = json.loads(subprocess.run([sys.executable, "-c", _DUMP], check=True, cwd=ROOT,
-                                       capture_output=True, text=True).stdout)
-    ours = descriptor_pb2.FileDescriptorProto.FromString(
-        bytes.fromhex(dumped["grpc_service.proto"]))
+    ours = _ours()["grpc_service.proto"]
     methods = [m.name for m in ours.service[0].method]
     assert ours.service[0].name == "GRPCInferenceService"
     assert methods[:9] == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata",

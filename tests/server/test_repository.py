@@ -1,0 +1,177 @@
+"""The model repository without engines: configs, versions, engine settings, control modes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from backend.config import EngineConfig
+from backend.repository import ModelRepository, RepositoryError
+from backend.repository.engine_args import engine_config
+from backend.repository.model_config import load_config, parse_config
+from backend.repository.versions import available_versions, select_versions
+from backend.server._proto import model_config_pb2 as mc
+from tests.server.conftest import DEFAULT_REPOSITORY
+
+
+class _StubEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.stopped = False
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def _stub_factory(config: EngineConfig) -> tuple[Any, Any]:
+    if config.seed == 666:
+        raise RuntimeError("weights not found")
+    return _StubEngine(config), None
+
+
+def _model(root: Path, name: str, versions: list[int], config: str = 'backend: "vllm"',
+           model_json: dict[str, Any] | None = None) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(config)
+    for v in versions:
+        (folder / str(v)).mkdir(exist_ok=True)
+        (folder / str(v) / "model.json").write_text(json.dumps(model_json or {}))
+    return folder
+
+
+def test_versions_and_policies(tmp_path: Path) -> None:
+    folder = _model(tmp_path, "m", [1, 2, 10])
+    (folder / "03").mkdir()
+    (folder / "latest").mkdir()
+    assert available_versions(folder) == [1, 2, 10]
+    policy = mc.ModelVersionPolicy()
+    assert select_versions(policy, [1, 2, 10]) == [10]
+    policy.latest.num_versions = 2
+    assert select_versions(policy, [1, 2, 10]) == [2, 10]
+    policy.all.SetInParent()
+    assert select_versions(policy, [1, 2, 10]) == [1, 2, 10]
+    policy.specific.versions.extend([1, 7])
+    assert select_versions(policy, [1, 2, 10]) == [1]
+
+
+def test_default_repository_config_is_complete() -> None:
+    config = load_config(DEFAULT_REPOSITORY / "smollm2")
+    assert config.name == "smollm2" and config.backend == "vllm"
+    assert config.model_transaction_policy.decoupled
+    names = [i.name for i in config.input]
+    assert names[:2] == ["text_input", "stream"] and "input_ids" in names
+    assert len(names) == len(set(names))
+    settings = engine_config(config, DEFAULT_REPOSITORY / "smollm2" / "1")
+    assert settings.model is None and settings.max_model_len == 2048
+    assert settings.kv_cache_bytes == 512 * 2**20
+
+
+def test_bare_vllm_config_gets_the_backend_tensors() -> None:
+    config = load_config(Path("/nonexistent/bare"), override='{"backend": "vllm"}')
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
+    assert {o.name for o in config.output} >= {"text_output", "finish_reason", "output_ids"}
+    assert config.version_policy.latest.num_versions == 1
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('name: "other"', "expecting 'bare'"),
+    ('backend: "onnxruntime"', "unsupported backend"),
+    ("max_batch_size: 8", "max_batch_size must be 0"),
+    ("not a config {", "failed to parse"),
+])
+def test_bad_configs(tmp_path: Path, text: str, message: str) -> None:
+    folder = _model(tmp_path, "bare", [1], config=text)
+    with pytest.raises(RepositoryError) as e:
+        load_config(folder)
+    assert message in e.value.message
+
+
+def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
+    config = parse_config('name: "m" parameters { key: "block_size" value { string_value: "32" } }'
+                          ' parameters { key: "max_num_seqs" value { string_value: "4" } }'
+                          ' parameters { key: "REPORT_CUSTOM_METRICS"'
+                          '              value { string_value: "true" } }')
+    folder = _model(tmp_path, "m", [1], model_json={
+        "model": "default", "max_num_seqs": 8, "gpu_memory_utilization": 0.5, "dtype": "auto",
+        "enable_chunked_prefill": "false", "tensor_parallel_size": 1, "enforce_eager": True})
+    settings = engine_config(config, folder / "1")
+    assert settings.block_size == 32  # from parameters (strings cast)
+    assert settings.max_num_seqs == 8  # model.json wins
+    assert settings.kv_cache_memory_fraction == 0.5
+    assert settings.enable_chunked_prefill is False
+    assert settings.dtype == "float32"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported"),
+    ({"dtype": "int8"}, "'dtype' must be one of"),
+    ({"block_size": "big"}, "'block_size' must be of type int"),
+    ({"block_size": 12}, "block_size must be a positive power of two"),
+])
+def test_bad_engine_settings(tmp_path: Path, values: dict[str, Any], message: str) -> None:
+    folder = _model(tmp_path, "m", [1], model_json=values)
+    with pytest.raises(RepositoryError) as e:
+        engine_config(load_config(folder), folder / "1")
+    assert message in e.value.message
+
+
+def test_lookups_load_unload_and_index(tmp_path: Path) -> None:
+    _model(tmp_path, "a", [1, 2])
+    _model(tmp_path, "bad", [1], model_json={"seed": 666})
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, "explicit", ["a"], engine_factory=_stub_factory)
+        await repo.start()
+        assert repo.index() == [("a", "2", "READY", ""), ("bad", "", "", "")]
+        assert repo.get("a").version == 2 and repo.get("a", "2").version == 2
+        for name, version, code in (("zzz", "", grpc.StatusCode.NOT_FOUND),
+                                    ("a", "1", grpc.StatusCode.NOT_FOUND),
+                                    ("a", "one", grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(RepositoryError) as e:
+                repo.get(name, version)
+            assert e.value.code == code
+        with pytest.raises(RepositoryError):
+            await repo.load("bad")
+        assert repo.index()[1][2:] == ("UNAVAILABLE",
+                                      "failed to load 'bad' version 1: weights not found")
+        old = repo.get("a")
+        await repo.load("a")  # reload: new engines, the old ones stopped
+        assert repo.get("a") is not old and old.engine.stopped
+        await repo.unload("a")
+        assert repo.index(ready_only=True) == []
+        with pytest.raises(RepositoryError) as e:
+            repo.get("a")
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(main())
+
+
+def test_poll_mode_follows_the_folder(tmp_path: Path) -> None:
+    _model(tmp_path, "a", [1])
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, "poll", engine_factory=_stub_factory)
+        await repo.start()
+        assert [r[:3] for r in repo.index()] == [("a", "1", "READY")]
+        first = repo.get("a")
+        _model(tmp_path, "b", [1])
+        (tmp_path / "a" / "2").mkdir()
+        stamp = (tmp_path / "a" / "config.pbtxt")
+        os.utime(stamp, ns=(stamp.stat().st_mtime_ns + 10**9,) * 2)
+        await repo.poll_once()
+        assert [r[:3] for r in repo.index()] == [("a", "2", "READY"), ("b", "1", "READY")]
+        assert first.engine.stopped
+        for child in sorted((tmp_path / "b").rglob("*"), reverse=True):
+            child.unlink() if child.is_file() else child.rmdir()
+        (tmp_path / "b").rmdir()
+        await repo.poll_once()
+        assert [r[0] for r in repo.index()] == ["a"]
+
+    asyncio.run(main())
