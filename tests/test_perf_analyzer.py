@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
-from tests.server.test_parity import wait_ready
-from tests.triton_ref import make_echo_repository, running_triton
+from tests.triton_ref import make_echo_repository, running_triton, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "perf_analyzer.sh"

@@ -297,6 +297,24 @@ class TritonServer:
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
 
 
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    """Waits until the gRPC server at ``url`` (Triton or ours) reports ready: all models loaded."""
+    client = grpcclient.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # not listening yet
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
 @contextmanager
 def running_triton(repo: Path, extra_args: Sequence[str] = ()) -> Iterator[TritonServer]:
     """``tritonserver`` serving ``repo`` for the duration of the block."""

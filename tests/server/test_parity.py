@@ -66,7 +66,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
-from tests.triton_ref import make_echo_repository, running_triton
+from tests.triton_ref import make_echo_repository, running_triton, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -108,18 +108,6 @@ def pagedserve_target() -> Iterator[Target]:
         yield Target("pagedserve", handle.grpc_url, MODEL, "1")
     finally:
         handle.stop()
-
-
-def wait_ready(url: str, timeout: float = 120.0) -> None:
-    """start_server returns once the server is live; parity tests need the model loaded."""
-    client = grpcclient.InferenceServerClient(url)
-    deadline = time.monotonic() + timeout
-    try:
-        while not client.is_server_ready():
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
-    finally:
-        client.close()
 
 
 @pytest.fixture(params=["triton", "pagedserve"])
