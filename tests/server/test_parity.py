@@ -27,7 +27,8 @@ Behaviours checked both ways:
   perf_analyzer needs); INVALID_ARGUMENT wording
   for unknown model and version;
 * ModelInfer on a decoupled model → UNIMPLEMENTED "ModelInfer RPC doesn't support models with
-  decoupled transaction policy"; ModelInfer on an unknown model → NOT_FOUND;
+  decoupled transaction policy" (after the version lookup, before input validation); ModelInfer
+  on an unknown model → NOT_FOUND;
 * ModelStreamInfer: ``id``, ``model_name``, ``model_version`` echoed on every response;
   ``triton_final_response`` on every response, exactly one true and it is the last; with
   ``triton_enable_empty_final_response`` the request still ends with one final response and
@@ -372,6 +373,11 @@ def test_model_infer_on_decoupled_model_is_unimplemented(client, target):
                              "policy")
     err = error_of(lambda: client.infer("no_such_model", stream_inputs()))
     assert (err.status(), err.message()) == ("StatusCode.NOT_FOUND", unknown("no_such_model"))
+    # The version lookup comes first, input validation after the decoupled check.
+    err = error_of(lambda: client.infer(target.model, stream_inputs(), model_version="77"))
+    assert (err.status(), err.message()) == ("StatusCode.NOT_FOUND", unknown(target.model, "77"))
+    err = error_of(lambda: client.infer(target.model, [tensor("bogus", True, "BOOL")]))
+    assert err.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_reserved_parameters_are_refused(stream, target):
