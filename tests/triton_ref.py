@@ -268,8 +268,9 @@ class TritonServer:
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"tritonserver exited ({self.proc.returncode}):\n"
-                                       + self.log())
+                    log = self.log()
+                    self.stop()
+                    raise RuntimeError(f"tritonserver exited ({self.proc.returncode}):\n" + log)
                 try:
                     if client.is_server_ready():
                         return
@@ -278,15 +279,16 @@ class TritonServer:
                 time.sleep(0.2)
         finally:
             client.close()
+        log = self.log()
         self.stop()
-        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n" + self.log())
+        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n" + log)
 
     def log(self) -> str:
         """The server's output so far (the last 8000 characters)."""
         return self.log_path.read_text(errors="replace")[-8000:]
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 15 s; removes the private backends folder."""
+        """SIGTERM, then SIGKILL after 15 s; removes the private folder (backends and log)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -294,7 +296,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def wait_ready(url: str, timeout: float = 120.0) -> None:
