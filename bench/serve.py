@@ -175,10 +175,8 @@ async def grpc_phase(server: Server, requests: list[LoadRequest], streams: int) 
 
 
 class DirectWorker:
-    """``bench/serve_direct.py`` in a subprocess: the engine driven through its Python API.
-
-    A separate process because ``tritonclient`` and ``backend.repository`` cannot be imported
-    into one (both register a different ``model_config.proto`` with protobuf)."""
+    """``bench/serve_direct.py`` in a subprocess: the engine driven through its Python API, in
+    a process of its own like the server's, so the phases differ only by the gRPC hop."""
 
     def __init__(self, repository: Path) -> None:
         self.proc = subprocess.Popen(

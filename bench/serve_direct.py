@@ -1,8 +1,8 @@
 """The engine-direct side of ``bench/serve.py``: a worker process driving ``AsyncEngine``.
 
-It runs in its own process because ``tritonclient`` and our generated protos both register a
-``model_config.proto`` in protobuf's default descriptor pool, and the two differ: one process
-cannot import both ``tritonclient.grpc`` and ``backend.repository``.
+It runs in its own process, as the server does, so that neither path shares an interpreter (its
+GIL, its allocator) with the other path's engine or with the gRPC load generator: the two
+phases differ only by the gRPC hop.
 
 Protocol (JSON lines): the worker builds the engine with exactly the settings the server reads
 for ``<repository>/<model>/1`` and prints ``{"ready": true}``; then for each line
