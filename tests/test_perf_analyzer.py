@@ -53,7 +53,9 @@ def test_perf_analyzer_streams_and_reports(served, tmp_path):
     run = subprocess.run(
         ["bash", str(SCRIPT), "-u", url, "-m", model, "-c", "1", "-d", str(short_input(tmp_path)),
          "-f", str(out), "--", "--measurement-mode", "count_windows",
-         "--measurement-request-count", "4", "-r", "3"],
+         # The machine is shared and noisy: what is tested is that perf_analyzer drives the
+         # server and reports, not that latency is stable, so any variation is accepted.
+         "--measurement-request-count", "6", "-r", "3", "-s", "10000"],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Throughput:" in run.stdout and "p50 latency" in run.stdout
