@@ -208,6 +208,26 @@ class BlockManager:
         self.stats.prefix_hit_tokens += len(table.blocks) * bs
         return table
 
+    def pending_keys(self, table: BlockTable, token_ids: list[int]) -> list[bytes]:
+        """Keys of the full blocks of ``token_ids`` past the table's committed ones: the blocks
+        a prefill is about to fill."""
+        keys: list[bytes] = []
+        parent = table.keys[-1] if table.keys else _ROOT_KEY
+        bs = self.block_size
+        for i in range(len(table.keys), len(token_ids) // bs):
+            parent = block_key(parent, token_ids[i * bs: (i + 1) * bs])
+            keys.append(parent)
+        return keys
+
+    def next_key(self, table: BlockTable, token_ids: list[int]) -> bytes | None:
+        """The key of the first block after the table's cached prefix, if it could be cached."""
+        bs = self.block_size
+        start = len(table.keys) * bs
+        if start + bs >= len(token_ids):
+            return None
+        return block_key(table.keys[-1] if table.keys else _ROOT_KEY,
+                         token_ids[start: start + bs])
+
     def commit(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
         """Records the keys of blocks filled up to ``num_computed`` and caches them.
 

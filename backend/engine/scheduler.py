@@ -6,7 +6,9 @@ Every step fills one batch under a token budget (``max_num_batched_tokens``) and
 requests go first, in arrival order: each sequence asks for all the tokens it has not computed
 yet (one for a decode, the rest of a prompt for a prefill), cut to the budget left (chunked
 prefill). Waiting requests then join first come, first served while budget, cap and free blocks
-allow; a joining sequence first takes its longest cached prefix from the block manager. When a
+allow; a joining sequence first takes its longest cached prefix from the block manager, and a
+request whose next prefix block is being computed by another request right now waits one step
+to find it cached instead of computing it again (vLLM would compute it twice). When a
 running sequence cannot get a block, the newest running request is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed (mostly from the prefix
 cache).
@@ -94,13 +96,18 @@ class Scheduler:
             i += 1
         # Admitting new work right after preempting would only thrash the cache.
         width = sum(r.params.num_seqs for r in self.running)
+        in_flight: set[bytes] | None = None
         while self.waiting and budget > 0 and not out.preempted:
             request = self.waiting[0]
             if width + request.params.num_seqs > self.config.max_num_seqs:
                 break
-            admitted = self._admit(request, budget)
+            if in_flight is None and self.block_manager.enable_prefix_caching:
+                in_flight = {key for r in self.running for key in self._pending_keys(r)}
+            admitted = self._admit(request, budget, in_flight)
             if admitted is None:
                 break
+            if in_flight is not None:
+                in_flight.update(self._pending_keys(request))
             self.waiting.popleft()
             self.running.append(request)
             width += request.params.num_seqs
@@ -138,12 +145,25 @@ class Scheduler:
             taken += n
         return taken
 
-    def _admit(self, request: Request, budget: int) -> list[ScheduledSeq] | None:
-        """Allocates for a waiting request's sequences, all or nothing."""
+    def _pending_keys(self, request: Request) -> list[bytes]:
+        """Prefix keys of the blocks the request's prefills are about to fill."""
+        bs = self.block_manager.block_size
+        return [key for seq in request.live_seqs if seq.num_uncomputed_tokens >= bs
+                for key in self.block_manager.pending_keys(seq.block_table, seq.token_ids)]
+
+    def _admit(self, request: Request, budget: int, in_flight: set[bytes] | None
+               ) -> list[ScheduledSeq] | None:
+        """Allocates for a waiting request's sequences, all or nothing; ``None`` when it must
+        wait (no room, or its prefix is being computed by another request)."""
         bm = self.block_manager
         admitted: list[ScheduledSeq] = []
         for seq in request.live_seqs:
             self._take_cached_prefix(seq)
+            if in_flight and bm.next_key(seq.block_table, seq.token_ids) in in_flight:
+                for s in request.live_seqs:
+                    bm.free(s.block_table)
+                    s.num_computed_tokens = 0
+                return None
             n = min(seq.num_uncomputed_tokens, budget)
             # Without chunked prefill a sequence waits for a step with room for all of it,
             # unless it could never fit whole (a preempted one that outgrew the budget).
