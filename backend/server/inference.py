@@ -54,19 +54,20 @@ class Inference:
         self.request = request
         self.version = str(model.version)
         self._t0 = time.monotonic_ns()
+        self._input_ns = 0
         self._output_ns = 0
 
     def prepare(self) -> tuple[GenerateRequest, bool]:
         """Validates the request; returns it and whether an empty final response was asked."""
         try:
+            empty_final = enable_empty_final(self.request)
             arrays = read_inputs(self.request, self.model.config)
             requested = frozenset(o.name for o in self.request.outputs)
             generate = parse_request(arrays, request_parameters(self.request), requested)
-            empty_final = enable_empty_final(self.request)
         except TensorError as e:
             self._fail()
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        self.model.stats.add("compute_input", time.monotonic_ns() - self._t0)
+        self._input_ns = time.monotonic_ns() - self._t0
         return generate, empty_final
 
     def _respond(self, arrays: Any, final: bool | None) -> pb.ModelInferResponse:
@@ -76,7 +77,7 @@ class Inference:
         return response
 
     def _fail(self) -> None:
-        self.model.stats.finish(False, time.monotonic_ns() - self._t0)
+        self.model.stats.record(False, time.monotonic_ns() - self._t0)
 
     async def responses(self, generate: GenerateRequest, streaming: bool, empty_final: bool
                         ) -> AsyncIterator[pb.ModelInferResponse]:
@@ -85,7 +86,6 @@ class Inference:
         ``triton_final_response`` is set on every response of a stream; with ``empty_final`` the
         last data response is not final and an output-less final response follows.
         """
-        stats = self.model.stats
         builder = ResponseBuilder(generate, _decoder(self.model.tokenizer))
         deltas = streaming and generate.stream and self.model.decoupled
         submitted = time.monotonic_ns()
@@ -100,7 +100,6 @@ class Inference:
                 async for out in outputs:
                     if first_ns is None:
                         first_ns = time.monotonic_ns()
-                        stats.add("queue", first_ns - submitted)
                     if deltas:
                         final = out.finished and not empty_final
                         yield self._respond(builder.delta(out), final)
@@ -118,9 +117,10 @@ class Inference:
         except RuntimeError as e:  # engine shut down or a failed step
             raise InferError(grpc.StatusCode.INTERNAL, str(e), started=True) from None
         finally:
+            # Everything at once, as Triton records a request when it is released.
             now = time.monotonic_ns()
+            phases = None
             if first_ns is not None:
-                stats.add("compute_infer", now - first_ns)
-            if self._output_ns:
-                stats.add("compute_output", self._output_ns)
-            stats.finish(ok, now - self._t0)
+                phases = {"queue": first_ns - submitted, "compute_input": self._input_ns,
+                          "compute_infer": now - first_ns, "compute_output": self._output_ns}
+            self.model.stats.record(ok, now - self._t0, phases)

@@ -91,13 +91,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any
                               ) -> pb.ModelStatisticsResponse:
         if request.name:
+            # Triton's wording (INVALID_ARGUMENT, unlike the other RPCs' NOT_FOUND).
+            if not self.repository.ready_versions(request.name):
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"requested model '{request.name}' is not available")
             if request.version:
-                models = [await self._model(context, request.name, request.version)]
+                try:
+                    models = [self.repository.get(request.name, request.version)]
+                except RepositoryError as e:
+                    if e.code != grpc.StatusCode.NOT_FOUND:
+                        await _abort(context, e.code, e.message)
+                    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                 "requested model version is not available for model "
+                                 f"'{request.name}'")
             else:
                 models = self.repository.ready_versions(request.name)
-                if not models:
-                    await _abort(context, grpc.StatusCode.NOT_FOUND,
-                                 f"requested model '{request.name}' is not found")
         else:
             models = self.repository.all_ready()
         response = pb.ModelStatisticsResponse()
@@ -250,8 +258,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         log_state = self.state.log
         for key, value in request.settings.items():
             if key not in log_state:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"unknown log setting '{key}'")
+                continue  # Triton ignores unknown keys
             choice = value.WhichOneof("parameter_choice")
             current = log_state[key]
             expected = ("bool_param" if isinstance(current, bool) else

@@ -10,6 +10,11 @@ How an LLM request's life maps onto Triton's phases (perf_analyzer reads these):
 
 Every request counts one inference and one execution (the engine batches continuously, so
 there are no Triton-style batches to count).
+
+As in Triton, a request's statistics are recorded all at once when it ends (``record``), so
+every snapshot has ``queue``, ``compute_input``, ``compute_infer`` and ``compute_output`` counts
+equal: perf_analyzer reads the statistics mid-run and aborts when the compute counts differ. A
+request that never ran (rejected, or cancelled before its first output) counts in ``fail`` only.
 """
 
 from __future__ import annotations
@@ -38,15 +43,17 @@ class ModelStats:
     last_inference_ms: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, phase: str, ns: int, count: int = 1) -> None:
-        with self.lock:
-            d = self.durations[phase]
-            d.count += count
-            d.ns += max(ns, 0)
+    def record(self, ok: bool, total_ns: int, phases: dict[str, int] | None = None) -> None:
+        """Records a finished request (successful or failed) in one step.
 
-    def finish(self, ok: bool, total_ns: int) -> None:
-        """Records a finished request (successful or failed)."""
+        ``phases`` (``queue``/``compute_*`` durations in ns) is given when the request ran; each
+        phase then counts once, zero-length ones too, so their counts always agree.
+        """
         with self.lock:
+            for phase, ns in (phases or {}).items():
+                d = self.durations[phase]
+                d.count += 1
+                d.ns += max(ns, 0)
             d = self.durations["success" if ok else "fail"]
             d.count += 1
             d.ns += max(total_ns, 0)

@@ -170,7 +170,9 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict[str, Any] | No
     stream = bool(_flag(inputs, "stream"))
     exclude = _flag(inputs, "exclude_input_in_output")
     if exclude is False and stream:
-        raise TensorError("When streaming, `exclude_input_in_output` = False is not allowed.")
+        # The vLLM backend raises this inside its generate loop, hence the prefix.
+        raise TensorError("Error generating stream: When streaming, `exclude_input_in_output` "
+                          "= False is not allowed.")
     prepend = (not exclude) if exclude is not None else not stream
     params = sampling_params_from(_sampling_values(inputs, parameters or {}))
     outputs = {"text_output"}

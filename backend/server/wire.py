@@ -102,8 +102,7 @@ def read_inputs(request: pb.ModelInferRequest, config: mc.ModelConfig) -> dict[s
             raise TensorError(f"{prefix}input '{name}' already exists in request")
         spec = expected.get(name)
         if spec is None:
-            raise TensorError(f"{prefix}unexpected inference input '{name}' for model "
-                              f"'{model}'")
+            raise TensorError(f"unexpected inference input '{name}' for model '{model}'")
         want = PROTOCOL_DTYPES.get(spec.data_type, "INVALID")
         allowed = _DTYPE_ALTERNATIVES.get(name, (want,))
         if tensor.datatype not in allowed:
@@ -112,7 +111,7 @@ def read_inputs(request: pb.ModelInferRequest, config: mc.ModelConfig) -> dict[s
         shape = list(tensor.shape)
         if any(s < 0 for s in shape) or not _shape_matches(shape, list(spec.dims)):
             raise TensorError(f"{prefix}unexpected shape for input '{name}' for model "
-                              f"'{model}'. Expected {_dims(spec.dims)}, got {_dims(shape)}")
+                              f"'{model}'. Expected {_dims(spec.dims)}, got {_dims(shape)}. ")
         count = int(np.prod(shape)) if shape else 1
         if uses_raw:
             raw = request.raw_input_contents[index]
@@ -161,8 +160,21 @@ def request_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
     return {k: parameter_value(v) for k, v in request.parameters.items()}
 
 
+# The only ``triton_`` request parameter a client may send.
+ALLOWED_TRITON_PARAMETERS = ("triton_enable_empty_final_response",)
+
+
 def enable_empty_final(request: pb.ModelInferRequest) -> bool:
-    """The ``triton_enable_empty_final_response`` flag; it must be a bool parameter."""
+    """The ``triton_enable_empty_final_response`` flag; it must be a bool parameter.
+
+    Also refuses every other ``triton_`` parameter, as Triton's frontend does before the request
+    reaches the core (so before any input check, and with no request id prefix).
+    """
+    for key in request.parameters:
+        if key.startswith("triton_") and key not in ALLOWED_TRITON_PARAMETERS:
+            raise TensorError("parameter keys starting with 'triton_' are reserved for Triton "
+                              "usage. Only the following keys starting with 'triton_' are "
+                              f"allowed: {', '.join(ALLOWED_TRITON_PARAMETERS)}")
     param = request.parameters.get("triton_enable_empty_final_response")
     if param is None:
         return False

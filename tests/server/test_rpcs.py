@@ -130,9 +130,8 @@ def test_log_settings(client: grpcclient.InferenceServerClient) -> None:
     updated = client.update_log_settings({"log_verbose_level": 1}).settings
     assert updated["log_verbose_level"].uint32_param == 1
     client.update_log_settings({"log_verbose_level": 0})
-    with pytest.raises(InferenceServerException) as e:
-        client.update_log_settings({"no_such_setting": True})
-    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    # Triton ignores unknown keys.
+    assert "no_such_setting" not in client.update_log_settings({"no_such_setting": True}).settings
 
 
 def test_grpc_health_and_reflection(server: ServerHandle) -> None:
