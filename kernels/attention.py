@@ -25,14 +25,26 @@ NULL_BLOCK = 0
 DECODE_GROUP_SIZE = 16
 
 
+# A decode group whose sequences all start with the same cached blocks (a shared prompt, beams,
+# parallel samples) reads those blocks once for the whole group, not once per sequence, when
+# they hold at least this many tokens (cascade attention: two partial softmaxes merged by their
+# log-sum-exp).
+CASCADE_MIN_SHARED_TOKENS = 32
+
+
 @dataclass
 class DecodeGroup:
-    """Decodes attended together: rows ``start:end`` of the batch, context slots, padding mask."""
+    """Decodes attended together: rows ``start:end`` of the batch, context slots, padding mask.
+
+    With ``shared_slots``, the group's common prefix is attended once from those slots and
+    ``slots``/``mask`` cover only each sequence's own remainder.
+    """
 
     start: int
     end: int
     slots: torch.Tensor  # [n, max_context] int64, padded with slots of the null block
     mask: torch.Tensor  # [n, 1, 1, max_context] bool, True where a key is real
+    shared_slots: torch.Tensor | None = None  # [shared_len] int64
 
 
 @dataclass
@@ -57,13 +69,21 @@ class AttentionMetadata:
 
     def __post_init__(self) -> None:
         device = self.block_tables.device
+        bs = self.block_size
         for start in range(0, self.num_decodes, DECODE_GROUP_SIZE):
             end = min(start + DECODE_GROUP_SIZE, self.num_decodes)
+            tables = self.block_tables[start:end]
             lens = torch.tensor(self.seq_lens[start:end], device=device)
-            slots = _context_slots(self.block_tables[start:end], int(lens.max()), self.block_size)
-            mask = torch.arange(slots.shape[1], device=device)[None, :] < lens[:, None]
-            slots = slots.masked_fill(~mask, NULL_BLOCK * self.block_size)
-            self._decode_groups.append(DecodeGroup(start, end, slots, mask[:, None, None, :]))
+            shared = _shared_blocks(tables, (min(self.seq_lens[start:end]) - 1) // bs) * bs
+            if end - start < 2 or shared < CASCADE_MIN_SHARED_TOKENS:
+                shared = 0
+            slots = _context_slots(tables, int(lens.max()), bs)[:, shared:]
+            mask = torch.arange(shared, shared + slots.shape[1], device=device)[None, :] \
+                < lens[:, None]
+            slots = slots.masked_fill(~mask, NULL_BLOCK * bs)
+            shared_slots = _context_slots(tables[:1], shared, bs)[0] if shared else None
+            self._decode_groups.append(
+                DecodeGroup(start, end, slots, mask[:, None, None, :], shared_slots))
         for i in range(self.num_decodes, len(self.seq_lens)):
             if self.seq_lens[i] == self.query_lens[i]:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
@@ -71,6 +91,12 @@ class AttentionMetadata:
             else:
                 self._prefill_slots.append(_context_slots(
                     self.block_tables[i: i + 1], self.seq_lens[i], self.block_size)[0])
+
+
+def _shared_blocks(tables: torch.Tensor, limit: int) -> int:
+    """How many leading blocks all rows of ``tables`` have in common, at most ``limit``."""
+    same = (tables[:, :limit] == tables[:1, :limit]).all(dim=0)
+    return int(same.int().cumprod(0).sum())
 
 
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -85,6 +111,42 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Stores the new tokens' keys and values ``[num_tokens, num_kv_heads, head_dim]``."""
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def _partial_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       mask: torch.Tensor | None, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over part of the keys: the output and its log-sum-exp (fp32)."""
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).to(values.dtype)
+    return torch.matmul(probs, values).float(), lse
+
+
+def _cascade_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Decode attention over a prefix shared by the group plus each sequence's own keys.
+
+    ``query`` ``[n, kv_heads, group, d]``; ``keys``/``values`` ``[n, kv_heads, own, d]``;
+    ``shared_k``/``shared_v`` ``[shared, kv_heads, d]``. The shared keys are read once for all
+    ``n * group`` query rows of a KV head; the two softmaxes merge exactly by their
+    log-sum-exps.
+    """
+    n, kv_heads, group, d = query.shape
+    rows = query.permute(1, 0, 2, 3).reshape(kv_heads, n * group, d)
+    out_shared, lse_shared = _partial_attention(rows, shared_k.transpose(0, 1),
+                                                shared_v.transpose(0, 1), None, scale)
+    out_shared = out_shared.view(kv_heads, n, group, d).permute(1, 0, 2, 3)
+    lse_shared = lse_shared.view(kv_heads, n, group, 1).permute(1, 0, 2, 3)
+    out_own, lse_own = _partial_attention(query, keys, values, mask, scale)
+    top = torch.maximum(lse_shared, lse_own)
+    w_shared = torch.exp(lse_shared - top)
+    w_own = torch.exp(lse_own - top)
+    res = (w_shared * out_shared + w_own * out_own) / (w_shared + w_own)
+    return res.to(query.dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -107,8 +169,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # The query heads sharing a KV head become that head's query rows: one small attention
         # per KV head instead of repeating keys and values for every query head.
         query = q[group.start: group.end].reshape(n, num_kv_heads, -1, head_dim)
-        res = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask,
-                                             scale=scale)
+        if group.shared_slots is None:
+            res = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask,
+                                                 scale=scale)
+        else:
+            res = _cascade_decode(query, keys, values, group.mask,
+                                  flat_k.index_select(0, group.shared_slots),
+                                  flat_v.index_select(0, group.shared_slots), scale)
         out[group.start: group.end] = res.reshape(n, num_heads, head_dim)
     start = meta.num_decodes
     for i, slots in enumerate(meta._prefill_slots, start=meta.num_decodes):
