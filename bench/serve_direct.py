@@ -6,9 +6,9 @@ phases differ only by the gRPC hop.
 
 Protocol (JSON lines): the worker builds the engine with exactly the settings the server reads
 for ``<repository>/<model>/1`` and prints ``{"ready": true}``; then for each line
-``{"tag": str, "requests": [{"request_id", "prompt", "max_tokens"}, ...]}`` on stdin it runs all
-requests concurrently through ``AsyncEngine.generate`` (greedy, EOS ignored) and prints one
-result line; an empty line or EOF ends it.
+``{"tag": str, "requests": [{"request_id", "prompt", "max_tokens"}, ...], "sequential": bool}``
+on stdin it runs all requests concurrently (or one at a time) through ``AsyncEngine.generate``
+(greedy, EOS ignored) and prints one result line; an empty line or EOF ends it.
 
     python -m bench.serve_direct --repository model_repository --model smollm2
 """
@@ -39,9 +39,10 @@ def build_engine(repository: Path, model: str) -> AsyncEngine:
     return AsyncEngine(EngineCore(engine_config(config, repository / model / "1")))
 
 
-async def run_workload(engine: AsyncEngine, tag: str,
-                       requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """All requests at once; per request the submission, first-text and final times."""
+async def run_workload(engine: AsyncEngine, tag: str, requests: list[dict[str, Any]],
+                       sequential: bool = False) -> dict[str, Any]:
+    """All requests at once (or one after another); per request the submission, first-text
+    and final times."""
 
     async def one(req: dict[str, Any]) -> tuple[float, float | None, float, int]:
         params = SamplingParams(temperature=0, max_tokens=req["max_tokens"], ignore_eos=True)
@@ -56,7 +57,10 @@ async def run_workload(engine: AsyncEngine, tag: str,
 
     monitor = ContentionMonitor()
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(r) for r in requests))
+    if sequential:
+        results = [await one(r) for r in requests]
+    else:
+        results = await asyncio.gather(*(one(r) for r in requests))
     wall = max(done for _, _, done, _ in results) - start
     contention = monitor.stop()
     ttfts = [first - sent for sent, first, _, _ in results if first is not None]
@@ -80,7 +84,8 @@ async def serve_commands(engine: AsyncEngine) -> None:
         if not line.strip():
             return
         command = json.loads(line)
-        result = await run_workload(engine, command["tag"], command["requests"])
+        result = await run_workload(engine, command["tag"], command["requests"],
+                                    command.get("sequential", False))
         print(json.dumps(result), flush=True)
 
 

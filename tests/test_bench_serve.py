@@ -28,5 +28,9 @@ def test_serve_quick_writes_its_figures(tmp_path):
         result["grpc_tokens_per_s"] / result["direct_tokens_per_s"])
     assert result["ttft_overhead_p50_s"] == pytest.approx(
         result["grpc_ttft_p50_s"] - result["direct_ttft_p50_s"])
+    sequential = result["sequential_workload"]
+    for key in ("sequential_grpc", "sequential_direct"):
+        assert result[key]["output_tokens"] == (sequential["num_requests"]
+                                                * sequential["max_tokens"]), key
     assert result["server_exit_code"] == 0  # SIGTERM is a clean shutdown
     assert "ratio" in run.stdout and "TTFT overhead p50" in run.stdout
