@@ -13,8 +13,9 @@ generating exactly ``max_tokens`` tokens with EOS ignored, all submitted at once
 Figures: output tokens/s of each (tokens over the wall time from the first submission to the
 last final output), their ratio gRPC/direct (target >= 0.95), time to first token (submission to
 the first output carrying text) p50/p95 of each, and the **TTFT overhead p50** = gRPC p50 -
-direct p50 (target < 5 ms) measured on a second workload run one request at a time (32 requests
-of 4 tokens, on one stream). Under 64 concurrent requests every first token comes out of the
+direct p50 (target < 5 ms) measured on a second workload run one request at a time (64 requests
+of 1 token, on one stream; 2 x ``--rounds`` rounds alternating the paths, p50 over all rounds'
+requests). Under 64 concurrent requests every first token comes out of the
 same ~2 s prefill step, whose length varies by hundreds of milliseconds between identical runs,
 so the concurrent TTFTs (reported too) cannot resolve a few milliseconds of protocol overhead;
 at concurrency 1 the step is a short prefill and the difference is the gRPC hop itself. The load
@@ -45,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ class Workload:
 FULL = Workload(num_requests=64, max_tokens=64, streams=16)
 QUICK = Workload(num_requests=8, max_tokens=8, streams=4)
 WARMUP = Workload(num_requests=4, max_tokens=4, streams=2)
-SEQUENTIAL = Workload(num_requests=32, max_tokens=4, streams=1)
+# One request at a time, one token each: the first token is the whole request.
+SEQUENTIAL = Workload(num_requests=64, max_tokens=1, streams=1)
 
 
 # ----------------------------------------------------------------------------------- contention
@@ -124,6 +126,7 @@ class PhaseResult:
     ttft_p95_s: float
     latency_p50_s: float
     contention: dict[str, float | None]
+    ttfts_s: list[float] = field(default_factory=list)  # per request, in completion order
 
 
 class Server:
@@ -267,14 +270,26 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
                     direct_runs.append(last)
                 print(f"round {i + 1} {path:6s} {last.tokens_per_s:8.1f} tok/s  TTFT p50 "
                       f"{last.ttft_p50_s * 1e3:7.1f} ms  wall {last.wall_s:6.2f} s", flush=True)
+        # One request at a time, alternating paths round by round like the concurrent phases.
         sequential = make_requests(SEQUENTIAL.num_requests, SEQUENTIAL.max_tokens)
-        report = await run_load(server.url, MODEL, sequential, streams=1, concurrency=1)
-        grpc_seq = PhaseResult("grpc", report.wall_s, report.output_tokens,
-                               report.tokens_per_s, report.ttft_p50_s, report.ttft_p95_s,
-                               report.latency_p50_s, {})
-        direct_seq = direct.run(sequential, "seq", sequential=True)
-        print(f"one at a time: TTFT p50 gRPC {grpc_seq.ttft_p50_s * 1e3:.2f} ms, direct "
-              f"{direct_seq.ttft_p50_s * 1e3:.2f} ms", flush=True)
+        grpc_seq: list[PhaseResult] = []
+        direct_seq: list[PhaseResult] = []
+        for i in range(2 * args.rounds):
+            order = ("grpc", "direct") if i % 2 == 0 else ("direct", "grpc")
+            for path in order:
+                if path == "grpc":
+                    report = await run_load(server.url, MODEL, sequential, streams=1,
+                                            concurrency=1)
+                    last = PhaseResult("grpc", report.wall_s, report.output_tokens,
+                                       report.tokens_per_s, report.ttft_p50_s,
+                                       report.ttft_p95_s, report.latency_p50_s, {},
+                                       report.ttfts_s)
+                    grpc_seq.append(last)
+                else:
+                    last = direct.run(sequential, f"seq{i}", sequential=True)
+                    direct_seq.append(last)
+                print(f"round {i + 1} {path:6s} one at a time: TTFT p50 "
+                      f"{last.ttft_p50_s * 1e3:7.2f} ms", flush=True)
     finally:
         direct.stop()
         exit_code = server.stop()
@@ -282,6 +297,10 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
     grpc_tps, direct_tps = _median(grpc_runs, "tokens_per_s"), _median(direct_runs,
                                                                        "tokens_per_s")
     grpc_ttft, direct_ttft = _median(grpc_runs, "ttft_p50_s"), _median(direct_runs, "ttft_p50_s")
+    # The TTFT step time varies by tens of ms; pooling every round's requests (alternating
+    # paths) makes the p50s precise to a few ms.
+    grpc_seq_p50 = statistics.median(t for p in grpc_seq for t in p.ttfts_s)
+    direct_seq_p50 = statistics.median(t for p in direct_seq for t in p.ttfts_s)
     return {
         "benchmark": "serve",
         "timestamp": datetime.now(UTC).isoformat(),
@@ -296,11 +315,11 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
         "concurrent_grpc_ttft_p50_s": grpc_ttft,
         "concurrent_direct_ttft_p50_s": direct_ttft,
         "sequential_workload": asdict(SEQUENTIAL),
-        "sequential_grpc": asdict(grpc_seq),
-        "sequential_direct": asdict(direct_seq),
-        "grpc_ttft_p50_s": grpc_seq.ttft_p50_s,
-        "direct_ttft_p50_s": direct_seq.ttft_p50_s,
-        "ttft_overhead_p50_s": grpc_seq.ttft_p50_s - direct_seq.ttft_p50_s,
+        "sequential_grpc": [asdict(p) for p in grpc_seq],
+        "sequential_direct": [asdict(p) for p in direct_seq],
+        "grpc_ttft_p50_s": grpc_seq_p50,
+        "direct_ttft_p50_s": direct_seq_p50,
+        "ttft_overhead_p50_s": grpc_seq_p50 - direct_seq_p50,
         "targets": {"ratio_min": TARGET_RATIO, "ttft_overhead_p50_max_s": TARGET_TTFT_OVERHEAD_S},
         "server_exit_code": exit_code,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),

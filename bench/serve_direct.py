@@ -71,6 +71,7 @@ async def run_workload(engine: AsyncEngine, tag: str, requests: list[dict[str, A
             "ttft_p50_s": float(np.percentile(ttfts, 50)),
             "ttft_p95_s": float(np.percentile(ttfts, 95)),
             "latency_p50_s": float(np.percentile(latencies, 50)),
+            "ttfts_s": ttfts,
             "contention": {"wall_s": contention.wall_s, "ours_cpu_s": contention.own_cpu_s,
                            "others_cpu_s": contention.others_cpu_s,
                            "steal_s": contention.steal_s,

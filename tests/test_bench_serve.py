@@ -30,7 +30,10 @@ def test_serve_quick_writes_its_figures(tmp_path):
         result["grpc_ttft_p50_s"] - result["direct_ttft_p50_s"])
     sequential = result["sequential_workload"]
     for key in ("sequential_grpc", "sequential_direct"):
-        assert result[key]["output_tokens"] == (sequential["num_requests"]
-                                                * sequential["max_tokens"]), key
+        assert len(result[key]) == 2  # two rounds per --rounds
+        for phase in result[key]:
+            assert phase["output_tokens"] == (sequential["num_requests"]
+                                              * sequential["max_tokens"])
+            assert len(phase["ttfts_s"]) == sequential["num_requests"]
     assert result["server_exit_code"] == 0  # SIGTERM is a clean shutdown
     assert "ratio" in run.stdout and "TTFT overhead p50" in run.stdout
