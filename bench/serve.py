@@ -12,7 +12,7 @@ generating exactly ``max_tokens`` tokens with EOS ignored, all submitted at once
 
 Figures: output tokens/s of each (tokens over the wall time from the first submission to the
 last final output), their ratio gRPC/direct (target >= 0.95), time to first token (submission to
-the first output carrying text) p50/p95 of each, and the **TTFT overhead p50** = gRPC p50 -
+the first response carrying a token) p50/p95 of each, and the **TTFT overhead p50** = gRPC p50 -
 direct p50 (target < 5 ms) measured on a second workload run one request at a time (64 requests
 of 1 token, on one stream; 2 x ``--rounds`` rounds alternating the paths, p50 over all rounds'
 requests). Under 64 concurrent requests every first token comes out of the

@@ -49,8 +49,8 @@ async def run_workload(engine: AsyncEngine, tag: str, requests: list[dict[str, A
         sent, first, tokens = time.perf_counter(), None, 0
         async for out in engine.generate(req["prompt"], params,
                                          request_id=f"{tag}-{req['request_id']}"):
-            # The first output carrying text is what a streaming client would see first.
-            if first is None and out.delta_texts and out.delta_texts[0]:
+            # Time to first token, as the gRPC client measures it.
+            if first is None and any(out.delta_token_ids):
                 first = time.perf_counter()
             tokens += sum(len(ids) for ids in out.delta_token_ids)
         return sent, first, time.perf_counter(), tokens

@@ -154,11 +154,13 @@ class _LoadRun:
             names = {o.name for o in response.outputs}
             if "text_output" in names:
                 text = b"".join(result.as_numpy("text_output").tolist()).decode("utf-8")
-                if text and timing.first_at is None:
-                    timing.first_at = now
                 timing.text.append(text)
             if "num_output_tokens" in names:
-                timing.output_tokens += int(result.as_numpy("num_output_tokens").sum())
+                new_tokens = int(result.as_numpy("num_output_tokens").sum())
+                # Time to first *token*: a token's text may be empty (a special token).
+                if new_tokens and timing.first_at is None:
+                    timing.first_at = now
+                timing.output_tokens += new_tokens
             if response.parameters["triton_final_response"].bool_param:
                 timing.done_at = now
                 self.slots.release()
