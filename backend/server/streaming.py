@@ -49,6 +49,10 @@ class StreamHandler:
         self.state = state
         self.queue: asyncio.Queue[object] = asyncio.Queue()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Requests whose end marker the writer has not consumed yet. The task set empties as
+        # tasks finish, possibly while their last responses still wait in the queue behind an
+        # earlier marker, so only this count may decide that the stream is done.
+        self.unfinished = 0
         self._ordered_tail: asyncio.Future[None] | None = None
 
     async def _run(self, request: pb.ModelInferRequest) -> None:
@@ -90,6 +94,7 @@ class StreamHandler:
             return
         task = asyncio.create_task(self._run(request))
         self.tasks.add(task)
+        self.unfinished += 1
 
         def done(t: asyncio.Task[None]) -> None:
             self.tasks.discard(t)
@@ -118,7 +123,9 @@ class StreamHandler:
                     continue
                 if item is _READER_DONE:
                     reader_done = True
-                if (reader_done or self.state.draining) and not self.tasks:
+                elif item is _TASK_DONE:
+                    self.unfinished -= 1
+                if (reader_done or self.state.draining) and not self.unfinished:
                     return
         finally:
             self.state.streams.discard(self.queue)
