@@ -208,7 +208,11 @@ class EngineCore:
             rows += [row] * len(group)
         deltas: dict[Request, dict[Sequence, int]] = {}
         if seqs:
-            sampled = self.sampler(step_logits.logits[rows], [
+            # Index only when rows repeat (forks) or are skipped (beams): it copies the logits.
+            logits = step_logits.logits
+            if rows != list(range(logits.shape[0])):
+                logits = logits[rows]
+            sampled = self.sampler(logits, [
                 SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
                             self.eos_token_id) for s in seqs])
             for seq, token, logprob, top in zip(seqs, sampled.token_ids, sampled.logprobs,
