@@ -243,7 +243,6 @@ class EngineCore:
         beams = request.live_seqs
         log_probs = torch.log_softmax(torch.stack([got[b] for b in beams]).float(), dim=-1)
         continuations = search.step(log_probs, [b.output_token_ids for b in beams])
-        request.forked = True
         if search.done:
             for beam in request.live_seqs:
                 self.scheduler.finish(beam)

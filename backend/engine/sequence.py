@@ -88,7 +88,7 @@ class Request:
     arrival: int
     max_model_len: int
     seqs: list[Sequence] = field(default_factory=list)
-    forked: bool = False
+    forked: bool = False  # n > 1: the prompt's sequence has forked into its samples
     beam_search: BeamSearch | None = None
 
     @property
