@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.linear import linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,7 +87,7 @@ class LlamaLayer:
                  meta: AttentionMetadata) -> torch.Tensor:
         tokens = h.shape[0]
         x = rms_norm(h, self.input_norm, self.eps)
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = linear(x, self.qkv, self.qkv_bias)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
@@ -96,11 +97,11 @@ class LlamaLayer:
         k = apply_rotary(k, cos, sin)
         write_kv(k, v, cache[0], cache[1], meta.slot_mapping)
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
-        h = h + F.linear(attn.reshape(tokens, q_size), self.o_proj, self.o_bias)
+        h = h + linear(attn.reshape(tokens, q_size), self.o_proj, self.o_bias)
         x = rms_norm(h, self.post_attention_norm, self.eps)
-        gate_up = F.linear(x, self.gate_up, self.gate_up_bias)
+        gate_up = linear(x, self.gate_up, self.gate_up_bias)
         act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
-        return h + F.linear(act, self.down, self.down_bias)
+        return h + linear(act, self.down, self.down_bias)
 
 
 class LlamaModel:
@@ -139,4 +140,4 @@ class LlamaModel:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary scores in fp32 for the given hidden states."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
