@@ -8,7 +8,9 @@ positions read finite values (they are masked out of the softmax anyway).
 
 A step's batch is flattened: the query tokens of all sequences are concatenated, sequences with a
 single query token (decodes) first. This module holds the torch implementation, which runs
-everywhere; Triton kernels plug in behind the same two functions.
+everywhere and is the reference of the kernels behind the same two functions: on CPUs in fp32,
+decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is built (torch ops
+must first gather each context into a copy); Triton kernels plug in the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kernels import cpu
 
 NULL_BLOCK = 0
 # Decodes are attended in groups of consecutive rows; callers sort decodes by context length so
@@ -34,17 +38,21 @@ CASCADE_MIN_SHARED_TOKENS = 32
 
 @dataclass
 class DecodeGroup:
-    """Decodes attended together: rows ``start:end`` of the batch, context slots, padding mask.
+    """Decodes attended together: rows ``start:end`` of the batch.
 
-    With ``shared_slots``, the group's common prefix is attended once from those slots and
-    ``slots``/``mask`` cover only each sequence's own remainder.
+    For the torch path: ``slots`` ``[n, max_context]`` (padded with slots of the null block) and
+    ``mask`` ``[n, 1, 1, max_context]`` (True where a key is real). With ``shared_slots``, the
+    group's common prefix is attended once from those slots and ``slots``/``mask`` cover only
+    each sequence's own remainder. ``in_place`` groups are meant for the CPU kernel, which reads
+    the block tables directly; they carry no slots until a caller needs the torch path.
     """
 
     start: int
     end: int
-    slots: torch.Tensor  # [n, max_context] int64, padded with slots of the null block
-    mask: torch.Tensor  # [n, 1, 1, max_context] bool, True where a key is real
-    shared_slots: torch.Tensor | None = None  # [shared_len] int64
+    slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    shared_slots: torch.Tensor | None = None
+    in_place: bool = False
 
 
 @dataclass
@@ -63,27 +71,30 @@ class AttentionMetadata:
     seq_lens: list[int]
     num_decodes: int
     block_size: int
-    # Derived once per step for the torch path (gather indices and masks), not per layer.
+    # Derived once per step (gather indices, masks, decode lengths), not per layer.
     _decode_groups: list[DecodeGroup] = field(default_factory=list, repr=False)
+    _decode_lens: torch.Tensor | None = field(default=None, repr=False)
     _prefill_slots: list[torch.Tensor | None] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         device = self.block_tables.device
         bs = self.block_size
+        in_place = device.type == "cpu" and cpu.available()
+        self._decode_lens = torch.tensor(self.seq_lens[:self.num_decodes], device=device)
         for start in range(0, self.num_decodes, DECODE_GROUP_SIZE):
             end = min(start + DECODE_GROUP_SIZE, self.num_decodes)
-            tables = self.block_tables[start:end]
-            lens = torch.tensor(self.seq_lens[start:end], device=device)
-            shared = _shared_blocks(tables, (min(self.seq_lens[start:end]) - 1) // bs) * bs
+            shared = _shared_blocks(self.block_tables[start:end],
+                                    (min(self.seq_lens[start:end]) - 1) // bs) * bs
             if end - start < 2 or shared < CASCADE_MIN_SHARED_TOKENS:
                 shared = 0
-            slots = _context_slots(tables, int(lens.max()), bs)[:, shared:]
-            mask = torch.arange(shared, shared + slots.shape[1], device=device)[None, :] \
-                < lens[:, None]
-            slots = slots.masked_fill(~mask, NULL_BLOCK * bs)
-            shared_slots = _context_slots(tables[:1], shared, bs)[0] if shared else None
-            self._decode_groups.append(
-                DecodeGroup(start, end, slots, mask[:, None, None, :], shared_slots))
+            if in_place and not shared:
+                last = self._decode_groups[-1] if self._decode_groups else None
+                if last is not None and last.in_place:
+                    last.end = end  # the kernel needs no padding: one call for the run
+                else:
+                    self._decode_groups.append(DecodeGroup(start, end, in_place=True))
+            else:
+                self._decode_groups.append(self._torch_group(start, end, shared))
         for i in range(self.num_decodes, len(self.seq_lens)):
             if self.seq_lens[i] == self.query_lens[i]:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
@@ -91,6 +102,19 @@ class AttentionMetadata:
             else:
                 self._prefill_slots.append(_context_slots(
                     self.block_tables[i: i + 1], self.seq_lens[i], self.block_size)[0])
+
+    def _torch_group(self, start: int, end: int, shared: int) -> DecodeGroup:
+        """Gather indices and padding mask of rows ``start:end``, past ``shared`` tokens."""
+        device = self.block_tables.device
+        bs = self.block_size
+        tables = self.block_tables[start:end]
+        lens = torch.tensor(self.seq_lens[start:end], device=device)
+        slots = _context_slots(tables, int(lens.max()), bs)[:, shared:]
+        mask = torch.arange(shared, shared + slots.shape[1], device=device)[None, :] \
+            < lens[:, None]
+        slots = slots.masked_fill(~mask, NULL_BLOCK * bs)
+        shared_slots = _context_slots(tables[:1], shared, bs)[0] if shared else None
+        return DecodeGroup(start, end, slots, mask[:, None, None, :], shared_slots)
 
 
 def _shared_blocks(tables: torch.Tensor, limit: int) -> int:
@@ -162,6 +186,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
     for group in meta._decode_groups:
+        if group.in_place and q.dtype == torch.float32 and k_cache.dtype == torch.float32:
+            assert meta._decode_lens is not None
+            cpu.decode_attention(q[group.start: group.end], k_cache, v_cache,
+                                 meta.block_tables[group.start: group.end],
+                                 meta._decode_lens[group.start: group.end], scale,
+                                 out[group.start: group.end])
+            continue
+        if group.slots is None:
+            group = meta._torch_group(group.start, group.end, 0)
+        assert group.slots is not None and group.mask is not None
         n, ctx = group.slots.shape
         index = group.slots.reshape(-1)
         keys = flat_k.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)

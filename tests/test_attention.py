@@ -1,10 +1,14 @@
-"""paged_attention against a naive per-sequence reference, including cascade decode groups."""
+"""paged_attention against a naive per-sequence reference: cascade decode groups, decodes
+attended in place by the CPU kernel and by torch ops, other dtypes."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
+from kernels import attention, cpu
 from kernels.attention import NULL_BLOCK, AttentionMetadata, paged_attention
 
 
@@ -27,13 +31,20 @@ def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch", "float64"])
 @pytest.mark.parametrize(("shared_blocks", "num_decodes"), [(0, 5), (1, 4), (10, 7), (10, 1),
-                                                              (9, 20)])
-def test_paged_attention_matches_reference(shared_blocks: int, num_decodes: int) -> None:
+                                                              (9, 20), (0, 40)])
+def test_paged_attention_matches_reference(shared_blocks: int, num_decodes: int, path: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kernel``: decodes without a shared prefix go to the CPU kernel; ``torch``: the kernel
+    is unavailable; ``float64``: the kernel is available but only takes fp32."""
+    if path == "torch":
+        monkeypatch.setattr(attention.cpu, "available", lambda: False)
     torch.manual_seed(shared_blocks * 31 + num_decodes)
+    dtype = torch.float64 if path == "float64" else torch.float32
     bs, kv_heads, heads, d, num_blocks = 4, 2, 6, 16, 400
-    k_cache = torch.randn(num_blocks, bs, kv_heads, d)
-    v_cache = torch.randn(num_blocks, bs, kv_heads, d)
+    k_cache = torch.randn(num_blocks, bs, kv_heads, d, dtype=dtype)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, d, dtype=dtype)
     k_cache[NULL_BLOCK] = 0
     v_cache[NULL_BLOCK] = 0
     free = iter(range(1, num_blocks))
@@ -60,8 +71,16 @@ def test_paged_attention_matches_reference(shared_blocks: int, num_decodes: int)
                              block_tables=block_tables, query_lens=query_lens,
                              seq_lens=seq_lens, num_decodes=num_decodes, block_size=bs)
     cascades = [g.shared_slots is not None for g in meta._decode_groups]
-    assert any(cascades) == (shared_blocks * bs >= 32 and num_decodes > 1)
-    q = torch.randn(sum(query_lens), heads, d)
+    cascade = shared_blocks * bs >= 32 and num_decodes > 1
+    assert any(cascades) == cascade
+    in_place = [g for g in meta._decode_groups if g.in_place]
+    if path == "torch":
+        assert not in_place
+    else:
+        # Decodes outside cascade groups are the kernel's, consecutive ones in a single call.
+        assert all(g.in_place or g.shared_slots is not None for g in meta._decode_groups)
+        assert cascade or [(g.start, g.end) for g in in_place] == [(0, num_decodes)]
+    q = torch.randn(sum(query_lens), heads, d, dtype=dtype)
     # The fresh prefill reads its own keys from k/v; make them the cache's contents.
     flat_k = k_cache.view(-1, kv_heads, d)
     flat_v = v_cache.view(-1, kv_heads, d)
@@ -71,3 +90,8 @@ def test_paged_attention_matches_reference(shared_blocks: int, num_decodes: int)
     got = paged_attention(q, flat_k[slots], flat_v[slots], k_cache, v_cache, meta, d ** -0.5)
     expected = _reference(q, k_cache, v_cache, tables, query_lens, seq_lens, d ** -0.5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_is_built_where_a_compiler_exists() -> None:
+    """The in-place kernel is what makes decode fast on CPUs: a silent fallback is a defect."""
+    assert cpu.available() == (shutil.which("cc") is not None or shutil.which("gcc") is not None)
