@@ -2,18 +2,18 @@
 
 Weights are read from a ``transformers`` state dict. The math follows ``transformers``'
 ``LlamaForCausalLM`` operation by operation (fp32 RMSNorm, rotary tables computed the same way)
-so that greedy decoding matches it token for token; the projections are fused (q|k|v and
-gate|up) to run fewer, larger matmuls.
+so that greedy decoding matches it token for token; the q|k|v projections are fused into one
+matmul, and the MLP's activation and product run inside its projections where the GEMM library
+allows (``kernels.linear``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
-from kernels.linear import linear
+from kernels.linear import linear, silu_gated
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -75,11 +75,10 @@ class LlamaLayer:
                          if all(b is not None for b in biases) else None)
         self.o_proj = w("self_attn.o_proj.weight")
         self.o_bias = maybe("self_attn.o_proj.bias")
-        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
-        self.intermediate = w("mlp.gate_proj.weight").shape[0]
-        gate_b, up_b = maybe("mlp.gate_proj.bias"), maybe("mlp.up_proj.bias")
-        self.gate_up_bias = (torch.cat([gate_b, up_b])
-                             if gate_b is not None and up_b is not None else None)
+        self.gate = w("mlp.gate_proj.weight")
+        self.gate_bias = maybe("mlp.gate_proj.bias")
+        self.up = w("mlp.up_proj.weight")
+        self.up_bias = maybe("mlp.up_proj.bias")
         self.down = w("mlp.down_proj.weight")
         self.down_bias = maybe("mlp.down_proj.bias")
 
@@ -99,8 +98,7 @@ class LlamaLayer:
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
         h = h + linear(attn.reshape(tokens, q_size), self.o_proj, self.o_bias)
         x = rms_norm(h, self.post_attention_norm, self.eps)
-        gate_up = linear(x, self.gate_up, self.gate_up_bias)
-        act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
+        act = silu_gated(x, self.gate, self.up, self.gate_bias, self.up_bias)
         return h + linear(act, self.down, self.down_bias)
 
 
