@@ -1,10 +1,12 @@
 """Kernels for CPUs written in C (``kernels/csrc``), built on first use with the machine's compiler.
 
 Torch ops cannot read a paged KV cache in place: decode attention has to gather every sequence's
-context into a contiguous copy first, which triples its memory traffic. ``csrc/`` holds the
-kernels that read the cache where it lies. They are compiled once per source, compiler and CPU
-(``-march=native``) into ``$XDG_CACHE_HOME/pagedserve/kernels`` (about a second) and loaded with
-``ctypes``, which releases the GIL while a kernel runs. They run on torch's own OpenMP runtime.
+context into a contiguous copy first, which triples its memory traffic. And each torch op is a
+pass over the step's activations: RMSNorm takes six, rotary embedding and the KV write eight.
+``csrc/`` holds kernels that read the cache where it lies and make one pass per row. They are
+compiled once per source, compiler and CPU (``-march=native``) into
+``$XDG_CACHE_HOME/pagedserve/kernels`` (about a second) and loaded with ``ctypes``, which
+releases the GIL while a kernel runs. They run on torch's own OpenMP runtime.
 
 Without a C compiler, or with ``PAGEDSERVE_CPU_KERNELS=0``, :func:`available` is false and the
 callers keep their torch implementations, which are also the kernels' test references.
@@ -24,12 +26,19 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention_cpu.c"
-# Compiled with fast math (vectorised expf from glibc's libmvec, reassociated sums) but linked
-# without it: linking with -ffast-math adds crtfastmath.o, which would switch the whole process
-# to flush-to-zero on load and change torch's own numerics.
-_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
+# Each source with its floating-point contract. Attention is compiled with fast math (vectorised
+# expf from glibc's libmvec, reassociated sums). The row-wise kernels round every operation as
+# torch does (no fast math, no FMA contraction). The library is linked without fast math:
+# linking with -ffast-math adds crtfastmath.o, which would switch the whole process to
+# flush-to-zero on load and change torch's own numerics.
+_SOURCES = {
+    "paged_attention_cpu.c": ["-ffast-math"],
+    "elementwise_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
+}
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
+_LIBRARY_NAME = "pagedserve_cpu"
 
 
 def _cpu_signature() -> str:
@@ -49,14 +58,32 @@ def _cache_dir() -> Path:
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj = Path(tmp) / "kernel.o"
-        lib = Path(tmp) / "kernel.so"
-        subprocess.run([compiler, *_COMPILE_FLAGS, "-c", str(_SOURCE), "-o", str(obj)],
-                       check=True, capture_output=True, text=True)
-        subprocess.run([compiler, str(obj), "-o", str(lib), *_LINK_FLAGS],
+        objects = []
+        for name, flags in _SOURCES.items():
+            obj = Path(tmp) / f"{name}.o"
+            subprocess.run([compiler, *_COMMON_FLAGS, *flags, "-c", str(_CSRC / name), "-o",
+                            str(obj)], check=True, capture_output=True, text=True)
+            objects.append(str(obj))
+        lib = Path(tmp) / "kernels.so"
+        subprocess.run([compiler, *objects, "-o", str(lib), *_LINK_FLAGS],
                        check=True, capture_output=True, text=True)
         # Atomic: concurrent processes (test servers) may build the same library at once.
         os.replace(lib, target)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, f32, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "paged_decode_attention_f32": ([ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64,
+                                        i64, i64, i64, i64, i64, f32, nt], ctypes.c_int),
+        "add_rms_norm_f32": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
+        "rotary_write_kv_f32": ([ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, nt],
+                                None),
+    }
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = result
 
 
 @functools.cache
@@ -66,10 +93,11 @@ def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    key = hashlib.sha256("\0".join(
-        [_SOURCE.read_text(), compiler, *_COMPILE_FLAGS, *_LINK_FLAGS, _cpu_signature()]
-    ).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{_SOURCE.stem}-{key}.so"
+    parts = [compiler, *_COMMON_FLAGS, *_LINK_FLAGS, _cpu_signature()]
+    for name, flags in _SOURCES.items():
+        parts += [name, (_CSRC / name).read_text(), *flags]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{_LIBRARY_NAME}-{key}.so"
     if not target.exists():
         try:
             _build(compiler, target)
@@ -79,11 +107,7 @@ def _library() -> ctypes.CDLL | None:
                           RuntimeWarning, stacklevel=2)
             return None
     lib = ctypes.CDLL(str(target))
-    fn = lib.paged_decode_attention_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64,
-                   i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    _declare(lib)
     return lib
 
 
@@ -122,3 +146,64 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_size, scale, torch.get_num_threads())
     if failed:
         raise MemoryError("decode attention could not allocate its scratch memory")
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name} must be a 2-d fp32 tensor with contiguous rows")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of ``x`` ``[rows, dim]``, after ``x += residual`` when given.
+
+    ``x`` is updated in place (it is the residual stream); returns the normalised rows.
+    """
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    _check_rows("x", x)
+    if residual is not None:
+        _check_rows("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} does not match x "
+                             f"{tuple(x.shape)}")
+    if weight.dtype != torch.float32 or weight.shape != x.shape[1:] or weight.stride(0) != 1:
+        raise ValueError("weight must be a contiguous fp32 vector of the rows' width")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.add_rms_norm_f32(x.data_ptr(), x.stride(0),
+                         None if residual is None else residual.data_ptr(),
+                         0 if residual is None else residual.stride(0),
+                         weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
+                         x.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    num_heads: int, num_kv_heads: int) -> None:
+    """Rotates the q and k heads of the fused ``qkv`` rows in place and stores k and v.
+
+    ``qkv`` ``[tokens, (num_heads + 2 * num_kv_heads) * head_dim]``; ``cos``/``sin``
+    ``[tokens, head_dim]`` contiguous; caches ``[num_blocks, block_size, num_kv_heads,
+    head_dim]`` contiguous; ``slot_mapping`` ``[tokens]`` int64.
+    """
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    _check_rows("qkv", qkv)
+    head_dim = k_cache.shape[-1]
+    tokens = qkv.shape[0]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or k_cache.shape[2] != \
+            num_kv_heads or head_dim % 2:
+        raise ValueError("qkv, the head counts and the cache do not agree")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (tokens, head_dim):
+            raise ValueError(f"{name} must be a contiguous fp32 [tokens, head_dim] table")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
+            k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        raise ValueError("the KV cache must be contiguous fp32")
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous() or \
+            slot_mapping.shape != (tokens,):
+        raise ValueError("slot_mapping must be a contiguous int64 vector, one slot per token")
+    lib.rotary_write_kv_f32(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+                            k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+                            tokens, num_heads, num_kv_heads, head_dim, torch.get_num_threads())

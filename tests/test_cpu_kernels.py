@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from kernels import cpu
+from kernels.attention import write_kv
+from kernels.norm import rms_norm
+from kernels.rotary import apply_rotary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +87,56 @@ def _available_in_subprocess(env: dict[str, str]) -> str:
 
 def test_builds_into_an_empty_cache_and_can_be_switched_off(tmp_path: Path) -> None:
     assert _available_in_subprocess({"XDG_CACHE_HOME": str(tmp_path)}) == "True"
-    built = list((tmp_path / "pagedserve" / "kernels").glob("paged_attention_cpu-*.so"))
+    built = list((tmp_path / "pagedserve" / "kernels").glob("pagedserve_cpu-*.so"))
     assert len(built) == 1
     assert _available_in_subprocess({"XDG_CACHE_HOME": str(tmp_path),
                                      "PAGEDSERVE_CPU_KERNELS": "0"}) == "False"
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_add_rms_norm_matches_torch(with_residual: bool, rows: int) -> None:
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 576) * 3
+    residual = torch.randn(rows, 576) if with_residual else None
+    weight = torch.randn(576)
+    expected_sum = x + residual if residual is not None else x.clone()
+    expected = rms_norm(expected_sum, weight, 1e-5)
+    got = cpu.add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(x, expected_sum, rtol=0, atol=0)  # the sum is exact
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_rotary_write_kv_matches_torch_exactly() -> None:
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, tokens = 9, 3, 64, 37
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim + 8)[:, :-8]  # strided rows
+    angles = torch.rand(tokens, head_dim // 2) * 100
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
+    slots = torch.randperm(40 * 4)[:tokens]
+    caches = [torch.zeros(40, 4, kv_heads, head_dim) for _ in range(4)]
+    q_ref = apply_rotary(qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim), cos, sin)
+    k_ref = apply_rotary(qkv[:, heads * head_dim: (heads + kv_heads) * head_dim]
+                         .reshape(tokens, kv_heads, head_dim), cos, sin)
+    v_ref = qkv[:, (heads + kv_heads) * head_dim:].reshape(tokens, kv_heads, head_dim).clone()
+    write_kv(k_ref, v_ref, caches[0], caches[1], slots)
+    cpu.rotary_write_kv(qkv, cos, sin, caches[2], caches[3], slots, heads, kv_heads)
+    # No fast math and no FMA contraction: the kernel rounds exactly as the torch ops do.
+    assert torch.equal(qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim), q_ref)
+    assert torch.equal(caches[2], caches[0])
+    assert torch.equal(caches[3], caches[1])
+
+
+def test_row_kernels_refuse_what_they_cannot_read() -> None:
+    with pytest.raises(ValueError, match="residual"):
+        cpu.add_rms_norm(torch.randn(4, 8), torch.randn(3, 8), torch.randn(8), 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        cpu.add_rms_norm(torch.randn(4, 8), None, torch.randn(7), 1e-5)
+    cache = torch.zeros(4, 4, 1, 8)
+    with pytest.raises(ValueError, match="agree"):
+        cpu.rotary_write_kv(torch.randn(2, 40), torch.randn(2, 8), torch.randn(2, 8), cache,
+                            cache, torch.tensor([1, 2]), 2, 1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        cpu.rotary_write_kv(torch.randn(2, 32), torch.randn(2, 8), torch.randn(2, 8), cache,
+                            cache, torch.tensor([1, 2, 3]), 2, 1)

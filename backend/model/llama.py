@@ -12,17 +12,12 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.attention import AttentionMetadata, paged_attention
 from kernels.linear import linear, silu_gated
+from kernels.norm import add_rms_norm
+from kernels.rotary import rotary_write_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, cast back, then scaled (transformers' order of operations)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
@@ -41,13 +36,6 @@ def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
     freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x`` ``[tokens, heads, dim]`` by per-token ``cos``/``sin`` ``[tokens, dim]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class LlamaLayer:
@@ -82,24 +70,23 @@ class LlamaLayer:
         self.down = w("mlp.down_proj.weight")
         self.down_bias = maybe("mlp.down_proj.bias")
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                 meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the previous layer's output ``delta`` to the residual stream ``h`` (in place,
+        fused with the norm that reads it) and runs the layer: returns ``h`` and this layer's
+        output, which the next layer (or the final norm) adds."""
         tokens = h.shape[0]
-        x = rms_norm(h, self.input_norm, self.eps)
+        x = add_rms_norm(h, delta, self.input_norm, self.eps)
         qkv = linear(x, self.qkv, self.qkv_bias)
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
-        k = qkv[:, q_size: q_size + kv_size].view(tokens, self.num_kv_heads, self.head_dim)
-        v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        write_kv(k, v, cache[0], cache[1], meta.slot_mapping)
+        q, k, v = rotary_write_kv(qkv, cos, sin, cache[0], cache[1], meta.slot_mapping,
+                                  self.num_heads, self.num_kv_heads)
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
-        h = h + linear(attn.reshape(tokens, q_size), self.o_proj, self.o_bias)
-        x = rms_norm(h, self.post_attention_norm, self.eps)
+        out = linear(attn.reshape(tokens, self.num_heads * self.head_dim), self.o_proj,
+                     self.o_bias)
+        x = add_rms_norm(h, out, self.post_attention_norm, self.eps)
         act = silu_gated(x, self.gate, self.up, self.gate_bias, self.up_bias)
-        return h + linear(act, self.down, self.down_bias)
+        return h, linear(act, self.down, self.down_bias)
 
 
 class LlamaModel:
@@ -129,11 +116,12 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm."""
-        h = self.embed[input_ids]
+        h = self.embed[input_ids]  # a copy: the layers add into it in place
         cos, sin = self.cos[positions], self.sin[positions]
+        delta = None
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, cos, sin, cache, meta)
-        return rms_norm(h, self.norm, self.eps)
+            h, delta = layer(h, delta, cos, sin, cache, meta)
+        return add_rms_norm(h, delta, self.norm, self.eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
