@@ -97,18 +97,24 @@ def _library() -> ctypes.CDLL | None:
     for name, flags in _SOURCES.items():
         parts += [name, (_CSRC / name).read_text(), *flags]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{_LIBRARY_NAME}-{key}.so"
-    if not target.exists():
+    name = f"{_LIBRARY_NAME}-{key}.so"
+    # The user's cache first; a private temporary folder where that is not writable.
+    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"pagedserve-kernels-{os.getuid()}"]
+    problem = ""
+    for place in places:
+        target = place / name
         try:
-            _build(compiler, target)
+            if not target.exists():
+                _build(compiler, target)
+            lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", "") or str(exc)
-            warnings.warn(f"CPU kernels could not be built, using torch ops instead: {detail}",
-                          RuntimeWarning, stacklevel=2)
-            return None
-    lib = ctypes.CDLL(str(target))
-    _declare(lib)
-    return lib
+            problem = getattr(exc, "stderr", "") or str(exc)
+            continue
+        _declare(lib)
+        return lib
+    warnings.warn(f"CPU kernels could not be built, using torch ops instead: {problem}",
+                  RuntimeWarning, stacklevel=2)
+    return None
 
 
 def available() -> bool:
