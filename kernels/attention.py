@@ -23,36 +23,36 @@ import torch.nn.functional as F
 from kernels import cpu
 
 NULL_BLOCK = 0
-# Decodes are attended in groups of consecutive rows; callers sort decodes by context length so
-# that each group is padded only to its own longest context, which keeps the gathered K/V small
-# (this path is bound by memory traffic).
+# On the torch path decodes are attended in groups of consecutive rows; callers sort decodes by
+# context length so that each group is padded only to its own longest context, which keeps the
+# gathered K/V small (this path is bound by memory traffic).
 DECODE_GROUP_SIZE = 16
 
 
-# A decode group whose sequences all start with the same cached blocks (a shared prompt, beams,
-# parallel samples) reads those blocks once for the whole group, not once per sequence, when
-# they hold at least this many tokens (cascade attention: two partial softmaxes merged by their
-# log-sum-exp).
+# On the torch path a decode group whose sequences all start with the same cached blocks (a
+# shared prompt, beams, parallel samples) reads those blocks once for the whole group, not once
+# per sequence, when they hold at least this many tokens (cascade attention: two partial
+# softmaxes merged by their log-sum-exp). The CPU kernel needs no such split: it reads shared
+# blocks in place, where they stay in cache from one sequence to the next (measured faster than
+# the torch cascade, 64 decodes over a shared 1024-token prompt).
 CASCADE_MIN_SHARED_TOKENS = 32
 
 
 @dataclass
 class DecodeGroup:
-    """Decodes attended together: rows ``start:end`` of the batch.
+    """Decodes attended together by torch ops: rows ``start:end`` of the batch.
 
-    For the torch path: ``slots`` ``[n, max_context]`` (padded with slots of the null block) and
-    ``mask`` ``[n, 1, 1, max_context]`` (True where a key is real). With ``shared_slots``, the
-    group's common prefix is attended once from those slots and ``slots``/``mask`` cover only
-    each sequence's own remainder. ``in_place`` groups are meant for the CPU kernel, which reads
-    the block tables directly; they carry no slots until a caller needs the torch path.
+    ``slots`` ``[n, max_context]`` (padded with slots of the null block) and ``mask``
+    ``[n, 1, 1, max_context]`` (True where a key is real). With ``shared_slots``, the group's
+    common prefix is attended once from those slots and ``slots``/``mask`` cover only each
+    sequence's own remainder.
     """
 
     start: int
     end: int
-    slots: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    slots: torch.Tensor
+    mask: torch.Tensor
     shared_slots: torch.Tensor | None = None
-    in_place: bool = False
 
 
 @dataclass
@@ -71,30 +71,17 @@ class AttentionMetadata:
     seq_lens: list[int]
     num_decodes: int
     block_size: int
-    # Derived once per step (gather indices, masks, decode lengths), not per layer.
-    _decode_groups: list[DecodeGroup] = field(default_factory=list, repr=False)
+    # Derived once per step (decode lengths, gather indices, masks), not per layer.
     _decode_lens: torch.Tensor | None = field(default=None, repr=False)
+    _decode_in_place: bool = field(default=False, repr=False)
+    _decode_groups: list[DecodeGroup] | None = field(default=None, repr=False)
     _prefill_slots: list[torch.Tensor | None] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         device = self.block_tables.device
-        bs = self.block_size
-        in_place = device.type == "cpu" and cpu.available()
         self._decode_lens = torch.tensor(self.seq_lens[:self.num_decodes], device=device)
-        for start in range(0, self.num_decodes, DECODE_GROUP_SIZE):
-            end = min(start + DECODE_GROUP_SIZE, self.num_decodes)
-            shared = _shared_blocks(self.block_tables[start:end],
-                                    (min(self.seq_lens[start:end]) - 1) // bs) * bs
-            if end - start < 2 or shared < CASCADE_MIN_SHARED_TOKENS:
-                shared = 0
-            if in_place and not shared:
-                last = self._decode_groups[-1] if self._decode_groups else None
-                if last is not None and last.in_place:
-                    last.end = end  # the kernel needs no padding: one call for the run
-                else:
-                    self._decode_groups.append(DecodeGroup(start, end, in_place=True))
-            else:
-                self._decode_groups.append(self._torch_group(start, end, shared))
+        # Whether the decodes may go to the CPU kernel; fp32 is checked when the layer runs.
+        self._decode_in_place = device.type == "cpu" and cpu.available()
         for i in range(self.num_decodes, len(self.seq_lens)):
             if self.seq_lens[i] == self.query_lens[i]:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
@@ -103,12 +90,24 @@ class AttentionMetadata:
                 self._prefill_slots.append(_context_slots(
                     self.block_tables[i: i + 1], self.seq_lens[i], self.block_size)[0])
 
-    def _torch_group(self, start: int, end: int, shared: int) -> DecodeGroup:
-        """Gather indices and padding mask of rows ``start:end``, past ``shared`` tokens."""
+    def torch_decode_groups(self) -> list[DecodeGroup]:
+        """The decodes' groups for the torch path, built on first use and kept for the step."""
+        if self._decode_groups is None:
+            self._decode_groups = []
+            for start in range(0, self.num_decodes, DECODE_GROUP_SIZE):
+                end = min(start + DECODE_GROUP_SIZE, self.num_decodes)
+                self._decode_groups.append(self._torch_group(start, end))
+        return self._decode_groups
+
+    def _torch_group(self, start: int, end: int) -> DecodeGroup:
+        """Gather indices and padding mask of rows ``start:end``, cascade split included."""
         device = self.block_tables.device
         bs = self.block_size
         tables = self.block_tables[start:end]
         lens = torch.tensor(self.seq_lens[start:end], device=device)
+        shared = _shared_blocks(tables, (int(lens.min()) - 1) // bs) * bs
+        if end - start < 2 or shared < CASCADE_MIN_SHARED_TOKENS:
+            shared = 0
         slots = _context_slots(tables, int(lens.max()), bs)[:, shared:]
         mask = torch.arange(shared, shared + slots.shape[1], device=device)[None, :] \
             < lens[:, None]
@@ -173,29 +172,13 @@ def _cascade_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return res.to(query.dtype)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of the step's query tokens over their paged contexts.
-
-    ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are the same tokens' keys and
-    values, already written to the cache. Returns ``[num_tokens, num_heads, head_dim]``.
-    """
-    out = torch.empty_like(q)
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+def _torch_decode(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
+                  meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    """Decode attention by torch ops: each group's context gathered, then one SDPA (or a
+    cascade) per group."""
     num_heads, head_dim = q.shape[1:]
-    num_kv_heads = k_cache.shape[2]
-    for group in meta._decode_groups:
-        if group.in_place and q.dtype == torch.float32 and k_cache.dtype == torch.float32:
-            assert meta._decode_lens is not None
-            cpu.decode_attention(q[group.start: group.end], k_cache, v_cache,
-                                 meta.block_tables[group.start: group.end],
-                                 meta._decode_lens[group.start: group.end], scale,
-                                 out[group.start: group.end])
-            continue
-        if group.slots is None:
-            group = meta._torch_group(group.start, group.end, 0)
-        assert group.slots is not None and group.mask is not None
+    num_kv_heads = flat_k.shape[1]
+    for group in meta.torch_decode_groups():
         n, ctx = group.slots.shape
         index = group.slots.reshape(-1)
         keys = flat_k.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
@@ -211,7 +194,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                   flat_k.index_select(0, group.shared_slots),
                                   flat_v.index_select(0, group.shared_slots), scale)
         out[group.start: group.end] = res.reshape(n, num_heads, head_dim)
-    start = meta.num_decodes
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of the step's query tokens over their paged contexts.
+
+    ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are the same tokens' keys and
+    values, already written to the cache. Returns ``[num_tokens, num_heads, head_dim]``.
+    """
+    out = torch.empty_like(q)
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    decodes = meta.num_decodes
+    if decodes and meta._decode_in_place and q.dtype == k_cache.dtype == torch.float32:
+        assert meta._decode_lens is not None
+        cpu.decode_attention(q[:decodes], k_cache, v_cache, meta.block_tables[:decodes],
+                             meta._decode_lens, scale, out[:decodes])
+    elif decodes:
+        _torch_decode(q, flat_k, flat_v, meta, scale, out)
+    start = decodes
     for i, slots in enumerate(meta._prefill_slots, start=meta.num_decodes):
         n = meta.query_lens[i]
         query = q[start: start + n].transpose(0, 1).unsqueeze(0)
