@@ -4,9 +4,9 @@ Torch ops cannot read a paged KV cache in place: decode attention has to gather 
 context into a contiguous copy first, which triples its memory traffic. And each torch op is a
 pass over the step's activations: RMSNorm takes six, rotary embedding and the KV write eight.
 ``csrc/`` holds kernels that read the cache where it lies and make one pass per row. They are
-compiled once per source, compiler and CPU (``-march=native``) into
-``$XDG_CACHE_HOME/pagedserve/kernels`` (about a second) and loaded with ``ctypes``, which
-releases the GIL while a kernel runs. They run on torch's own OpenMP runtime.
+compiled (about a second) once per source, compiler and CPU (``-march=native``) into
+``$PAGEDSERVE_CACHE/kernels`` (default ``~/.cache/pagedserve/kernels``) and loaded with
+``ctypes``, which releases the GIL while a kernel runs. They run on torch's own OpenMP runtime.
 
 Without a C compiler, or with ``PAGEDSERVE_CPU_KERNELS=0``, :func:`available` is false and the
 callers keep their torch implementations, which are also the kernels' test references.
@@ -51,8 +51,9 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pagedserve" / "kernels"
+    # The same root as the converted models of backend.model.loader.
+    root = os.environ.get("PAGEDSERVE_CACHE") or str(Path.home() / ".cache" / "pagedserve")
+    return Path(root) / "kernels"
 
 
 def _build(compiler: str, target: Path) -> None:

@@ -86,15 +86,15 @@ def _available_in_subprocess(env: dict[str, str]) -> str:
 
 
 def test_builds_into_an_empty_cache_and_can_be_switched_off(tmp_path: Path) -> None:
-    assert _available_in_subprocess({"XDG_CACHE_HOME": str(tmp_path)}) == "True"
-    built = list((tmp_path / "pagedserve" / "kernels").glob("pagedserve_cpu-*.so"))
+    assert _available_in_subprocess({"PAGEDSERVE_CACHE": str(tmp_path)}) == "True"
+    built = list((tmp_path / "kernels").glob("pagedserve_cpu-*.so"))
     assert len(built) == 1
-    assert _available_in_subprocess({"XDG_CACHE_HOME": str(tmp_path),
+    assert _available_in_subprocess({"PAGEDSERVE_CACHE": str(tmp_path),
                                      "PAGEDSERVE_CPU_KERNELS": "0"}) == "False"
     # An unwritable cache (here a file in its place) falls back to a private temporary folder.
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    assert _available_in_subprocess({"XDG_CACHE_HOME": str(blocked)}) == "True"
+    assert _available_in_subprocess({"PAGEDSERVE_CACHE": str(blocked)}) == "True"
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
