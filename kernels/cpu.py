@@ -75,11 +75,11 @@ def _build(compiler: str, target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     signatures = {
-        "paged_decode_attention_f32": ([ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64,
+        "paged_decode_attention_f32": ([ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
                                         i64, i64, i64, i64, i64, f32, nt], ctypes.c_int),
         "add_rms_norm_f32": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
-        "rotary_write_kv_f32": ([ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, nt],
-                                None),
+        "rotary_write_kv_f32": ([ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
+                                 nt], ctypes.c_int),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
@@ -136,22 +136,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lib = _library()
     assert lib is not None, "CPU kernels are not available"
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if out.shape != q.shape or v_cache.shape != k_cache.shape or cache_head_dim != head_dim \
+            or num_heads % num_kv_heads:
+        raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, out {tuple(out.shape)}, "
+                         f"k/v cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or \
+            seq_lens.shape != (num_seqs,):
+        raise ValueError("block_tables and seq_lens need one row per query")
     for t in (q, out):
         if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != head_dim:
             raise ValueError("q and out must be fp32 with contiguous heads")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV cache must be contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
+            k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        raise ValueError("the KV cache must be contiguous fp32")
     if block_tables.stride(1) != 1 or not seq_lens.is_contiguous():
         raise ValueError("block_tables rows and seq_lens must be contiguous")
     if block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         raise ValueError("block_tables and seq_lens must be int64")
-    failed = lib.paged_decode_attention_f32(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+    status = lib.paged_decode_attention_f32(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         out.data_ptr(), out.stride(0), num_seqs, num_heads, num_kv_heads, head_dim,
         block_size, scale, torch.get_num_threads())
-    if failed:
+    if status == 2:
+        raise ValueError("a sequence length exceeds its block table, or the table names a "
+                         "block outside the cache")
+    if status:
         raise MemoryError("decode attention could not allocate its scratch memory")
 
 
@@ -211,6 +222,11 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous() or \
             slot_mapping.shape != (tokens,):
         raise ValueError("slot_mapping must be a contiguous int64 vector, one slot per token")
-    lib.rotary_write_kv_f32(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
-                            k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
-                            tokens, num_heads, num_kv_heads, head_dim, torch.get_num_threads())
+    if v_cache.shape != k_cache.shape:
+        raise ValueError("the K and V caches must have the same shape")
+    status = lib.rotary_write_kv_f32(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), k_cache.shape[0] * k_cache.shape[1], slot_mapping.data_ptr(),
+        tokens, num_heads, num_kv_heads, head_dim, torch.get_num_threads())
+    if status:
+        raise ValueError("slot_mapping names a slot outside the cache")

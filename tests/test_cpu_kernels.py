@@ -76,6 +76,16 @@ def test_decode_attention_refuses_layouts_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="int64"):
         cpu.decode_attention(torch.randn(1, 2, 8), k_cache, k_cache, tables.int(), lens, 1.0,
                              out)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu.decode_attention(torch.randn(1, 2, 4), k_cache, k_cache, tables, lens, 1.0,
+                             torch.empty(1, 2, 4))
+    # Bounds are checked before anything is read: a length past the table, a block past the
+    # cache, a negative block.
+    for bad_tables, bad_lens in ((tables, torch.tensor([5])), (torch.tensor([[4]]), lens),
+                                 (torch.tensor([[-1]]), lens)):
+        with pytest.raises(ValueError, match="block"):
+            cpu.decode_attention(torch.randn(1, 2, 8), k_cache, k_cache, bad_tables, bad_lens,
+                                 1.0, out)
 
 
 def _available_in_subprocess(env: dict[str, str]) -> str:
@@ -144,3 +154,8 @@ def test_row_kernels_refuse_what_they_cannot_read() -> None:
     with pytest.raises(ValueError, match="slot_mapping"):
         cpu.rotary_write_kv(torch.randn(2, 32), torch.randn(2, 8), torch.randn(2, 8), cache,
                             cache, torch.tensor([1, 2, 3]), 2, 1)
+    for slot in (16, -1):  # 4 blocks of 4 slots
+        with pytest.raises(ValueError, match="outside the cache"):
+            cpu.rotary_write_kv(torch.randn(2, 32), torch.randn(2, 8), torch.randn(2, 8), cache,
+                                cache.clone(), torch.tensor([1, slot]), 2, 1)
+    assert not cache.any()  # nothing was written

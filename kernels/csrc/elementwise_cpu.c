@@ -43,12 +43,17 @@ void add_rms_norm_f32(float *x, int64_t x_stride, const float *residual, int64_t
  *   cos/sin [tokens, head_dim] (the tables at each token's position), rows contiguous
  *   k/v cache: slot s starts at s * num_kv_heads * head_dim
  * Rotation (the "rotate half" convention): with h = head_dim / 2,
- *   x'[i] = x[i] * cos[i] - x[i+h] * sin[i],  x'[i+h] = x[i+h] * cos[i+h] + x[i] * sin[i+h]. */
-void rotary_write_kv_f32(float *qkv, int64_t qkv_stride, const float *cos_t, const float *sin_t,
-                         float *k_cache, float *v_cache, const int64_t *slots, int64_t tokens,
-                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         int num_threads)
+ *   x'[i] = x[i] * cos[i] - x[i+h] * sin[i],  x'[i+h] = x[i+h] * cos[i+h] + x[i] * sin[i+h].
+ * Returns 0, or 2 without touching anything when a slot lies outside the cache. */
+int rotary_write_kv_f32(float *qkv, int64_t qkv_stride, const float *cos_t, const float *sin_t,
+                        float *k_cache, float *v_cache, int64_t num_slots, const int64_t *slots,
+                        int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int num_threads)
 {
+    /* A slot outside the cache writes nothing at all: 2, as the attention kernel's bad input. */
+    for (int64_t t = 0; t < tokens; ++t)
+        if (slots[t] < 0 || slots[t] >= num_slots)
+            return 2;
     const int64_t half = head_dim / 2;
     const int64_t kv_size = num_kv_heads * head_dim;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens > 1)
@@ -70,4 +75,5 @@ void rotary_write_kv_f32(float *qkv, int64_t qkv_stride, const float *cos_t, con
         memcpy(v_cache + slot * kv_size, row + (num_heads + num_kv_heads) * head_dim,
                sizeof(float) * kv_size);
     }
+    return 0;
 }

@@ -103,15 +103,28 @@ DEFINE_ATTEND(attend_64, 64)
 DEFINE_ATTEND(attend_128, 128)
 DEFINE_ATTEND(attend_any, head_dim)
 
+/* Returns 0 on success, 1 when the scratch memory could not be allocated, 2 when a sequence's
+ * length does not fit its block table or the table names a block outside the cache (nothing is
+ * read then). */
 int paged_decode_attention_f32(
     const float *q, int64_t q_stride,
-    const float *k_cache, const float *v_cache,
+    const float *k_cache, const float *v_cache, int64_t num_blocks,
     const int64_t *block_tables, int64_t table_stride,
     const int64_t *seq_lens,
     float *out, int64_t out_stride,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, float scale, int num_threads)
 {
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t len = seq_lens[s];
+        if (len < 1 || len > table_stride * block_size)
+            return 2;
+        for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b) {
+            const int64_t block = block_tables[s * table_stride + b];
+            if (block < 0 || block >= num_blocks)
+                return 2;
+        }
+    }
     const int64_t group = num_heads / num_kv_heads;
     const int64_t token_stride = num_kv_heads * head_dim; /* floats between tokens of a block */
     void (*attend)(const float *, float *, const float *, const float *, const int64_t *,
