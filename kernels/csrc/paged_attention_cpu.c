@@ -15,88 +15,100 @@
  *
  * Work is split by sequence over OpenMP threads (the same libgomp torch runs on).
  * Softmax: scores for the whole context, their maximum, exp and sum, then the weighted values;
- * the scratch row for scores is per thread.
+ * each thread keeps its scores (num_heads x longest context) in its own scratch buffer.
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-/* One sequence and KV head: the `group` query rows of q_h attend over the sequence's `len`
- * tokens. head_dim is a compile-time constant in the specialised copies (64, 128), which lets
- * the compiler keep a query row's accumulator in registers. */
-static inline __attribute__((always_inline)) void attend_head(
-    const float *restrict q_h, float *restrict out_h,
+/* One sequence: its num_kv_heads * group query rows (q_s, heads contiguous) attend over its
+ * `len` tokens. Keys and values are swept once, block by block, all heads of a token together,
+ * so the sequence's context streams through the cache once per pass (a sweep per head would
+ * re-read long contexts from L3). head_dim is a compile-time constant in the specialised copies
+ * (64, 128), which lets the compiler keep a row's accumulator in registers. */
+static inline __attribute__((always_inline)) void attend_seq(
+    const float *restrict q_s, float *restrict out_s,
     const float *restrict k_cache, const float *restrict v_cache,
-    const int64_t *restrict table, int64_t len, int64_t block_size, int64_t token_stride,
-    int64_t head_offset, int64_t group, const int64_t head_dim, float scale,
-    float *restrict scores)
+    const int64_t *restrict table, int64_t len, int64_t block_size, int64_t num_kv_heads,
+    int64_t group, const int64_t head_dim, float scale, float *restrict scores)
 {
+    const int64_t token_stride = num_kv_heads * head_dim;
+    const int64_t rows = num_kv_heads * group;
+
     for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-        const float *kb = k_cache + table[b] * block_size * token_stride + head_offset;
+        const float *kb = k_cache + table[b] * block_size * token_stride;
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t i = 0; i < n; ++i) {
-            const float *k = kb + i * token_stride;
-            for (int64_t g = 0; g < group; ++g) {
-                const float *qg = q_h + g * head_dim;
-                float acc = 0.0f;
+            for (int64_t h = 0; h < num_kv_heads; ++h) {
+                const float *k = kb + i * token_stride + h * head_dim;
+                for (int64_t g = 0; g < group; ++g) {
+                    const int64_t row = h * group + g;
+                    const float *qr = q_s + row * head_dim;
+                    float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                for (int64_t d = 0; d < head_dim; ++d)
-                    acc += qg[d] * k[d];
-                scores[g * len + t0 + i] = acc * scale;
+                    for (int64_t d = 0; d < head_dim; ++d)
+                        acc += qr[d] * k[d];
+                    scores[row * len + t0 + i] = acc * scale;
+                }
             }
         }
     }
 
-    for (int64_t g = 0; g < group; ++g) {
-        float *row = scores + g * len;
+    for (int64_t row = 0; row < rows; ++row) {
+        float *sr = scores + row * len;
         float top = -FLT_MAX;
         for (int64_t t = 0; t < len; ++t)
-            top = row[t] > top ? row[t] : top;
+            top = sr[t] > top ? sr[t] : top;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
-            row[t] = expf(row[t] - top);
-            sum += row[t];
+            sr[t] = expf(sr[t] - top);
+            sum += sr[t];
         }
         const float inv = 1.0f / sum;
 #pragma omp simd
         for (int64_t t = 0; t < len; ++t)
-            row[t] *= inv;
+            sr[t] *= inv;
     }
 
-    for (int64_t g = 0; g < group; ++g) {
-        const float *row = scores + g * len;
-        float acc[head_dim];
+    for (int64_t row = 0; row < rows; ++row)
         for (int64_t d = 0; d < head_dim; ++d)
-            acc[d] = 0.0f;
-        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-            const float *vb = v_cache + table[b] * block_size * token_stride + head_offset;
-            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-            for (int64_t i = 0; i < n; ++i) {
-                const float p = row[t0 + i];
-                const float *v = vb + i * token_stride;
-#pragma omp simd
+            out_s[row * head_dim + d] = 0.0f;
+    for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+        const float *vb = v_cache + table[b] * block_size * token_stride;
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t row = h * group + g;
+                const float *sr = scores + row * len + t0;
+                float *o = out_s + row * head_dim;
+                float acc[head_dim];
                 for (int64_t d = 0; d < head_dim; ++d)
-                    acc[d] += p * v[d];
+                    acc[d] = o[d];
+                for (int64_t i = 0; i < n; ++i) {
+                    const float p = sr[i];
+                    const float *v = vb + i * token_stride + h * head_dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; ++d)
+                        acc[d] += p * v[d];
+                }
+                for (int64_t d = 0; d < head_dim; ++d)
+                    o[d] = acc[d];
             }
         }
-        float *og = out_h + g * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d)
-            og[d] = acc[d];
     }
 }
 
 #define DEFINE_ATTEND(NAME, HEAD_DIM)                                                         \
-    static void NAME(const float *q_h, float *out_h, const float *k_cache,                  \
+    static void NAME(const float *q_s, float *out_s, const float *k_cache,                  \
                      const float *v_cache, const int64_t *table, int64_t len,               \
-                     int64_t block_size, int64_t token_stride, int64_t head_offset,         \
-                     int64_t group, int64_t head_dim, float scale, float *scores)           \
+                     int64_t block_size, int64_t num_kv_heads, int64_t group,               \
+                     int64_t head_dim, float scale, float *scores)                          \
     {                                                                                        \
         (void)head_dim;                                                                      \
-        attend_head(q_h, out_h, k_cache, v_cache, table, len, block_size, token_stride,     \
-                    head_offset, group, HEAD_DIM, scale, scores);                            \
+        attend_seq(q_s, out_s, k_cache, v_cache, table, len, block_size, num_kv_heads,      \
+                   group, HEAD_DIM, scale, scores);                                          \
     }
 
 DEFINE_ATTEND(attend_64, 64)
@@ -126,9 +138,8 @@ int paged_decode_attention_f32(
         }
     }
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t token_stride = num_kv_heads * head_dim; /* floats between tokens of a block */
     void (*attend)(const float *, float *, const float *, const float *, const int64_t *,
-                   int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float *) =
+                   int64_t, int64_t, int64_t, int64_t, int64_t, float, float *) =
         head_dim == 64 ? attend_64 : head_dim == 128 ? attend_128 : attend_any;
     int64_t max_len = 0;
     for (int64_t s = 0; s < num_seqs; ++s)
@@ -138,7 +149,7 @@ int paged_decode_attention_f32(
 
 #pragma omp parallel num_threads(num_threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(group * max_len + 1));
+        float *scores = malloc(sizeof(float) * (size_t)(num_heads * max_len));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -147,11 +158,9 @@ int paged_decode_attention_f32(
         for (int64_t s = 0; s < num_seqs; ++s) {
             if (scores == NULL)
                 continue;
-            for (int64_t h = 0; h < num_kv_heads; ++h)
-                attend(q + s * q_stride + h * group * head_dim,
-                       out + s * out_stride + h * group * head_dim, k_cache, v_cache,
-                       block_tables + s * table_stride, seq_lens[s], block_size, token_stride,
-                       h * head_dim, group, head_dim, scale, scores);
+            attend(q + s * q_stride, out + s * out_stride, k_cache, v_cache,
+                   block_tables + s * table_stride, seq_lens[s], block_size, num_kv_heads,
+                   group, head_dim, scale, scores);
         }
         free(scores);
     }
