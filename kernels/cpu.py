@@ -6,7 +6,8 @@ pass over the step's activations: RMSNorm takes six, rotary embedding and the KV
 ``csrc/`` holds kernels that read the cache where it lies and make one pass per row. They are
 compiled (about a second) once per source, compiler and CPU (``-march=native``) into
 ``$PAGEDSERVE_CACHE/kernels`` (default ``~/.cache/pagedserve/kernels``) and loaded with
-``ctypes``, which releases the GIL while a kernel runs. They run on torch's own OpenMP runtime.
+``ctypes``, which releases the GIL while a kernel runs. Built by gcc, they run on torch's own
+OpenMP runtime (the same ``libgomp.so.1``).
 
 Without a C compiler, or with ``PAGEDSERVE_CPU_KERNELS=0``, :func:`available` is false and the
 callers keep their torch implementations, which are also the kernels' test references.
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -72,10 +74,21 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(lib, target)
 
 
+def _claim_private(folder: Path) -> None:
+    """Makes ``folder`` (in a shared temporary directory) ours alone, or raises ``OSError``.
+
+    Whoever can write there could plant a library under the predictable name we load.
+    """
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(f"{folder} is not a private folder of this user")
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     signatures = {
-        "paged_decode_attention_f32": ([ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
+        "paged_decode_attention_f32": ([ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64,
                                         i64, i64, i64, i64, i64, f32, nt], ctypes.c_int),
         "add_rms_norm_f32": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
         "rotary_write_kv_f32": ([ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
@@ -105,6 +118,8 @@ def _library() -> ctypes.CDLL | None:
     for place in places:
         target = place / name
         try:
+            if place != places[0]:
+                _claim_private(place)
             if not target.exists():
                 _build(compiler, target)
             lib = ctypes.CDLL(str(target))
@@ -144,9 +159,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or \
             seq_lens.shape != (num_seqs,):
         raise ValueError("block_tables and seq_lens need one row per query")
+    _check_cpu(q, k_cache, v_cache, block_tables, seq_lens, out)
     for t in (q, out):
-        if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != head_dim:
-            raise ValueError("q and out must be fp32 with contiguous heads")
+        if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != head_dim or \
+                (num_seqs > 1 and t.stride(0) < num_heads * head_dim):
+            raise ValueError("q and out must be fp32 with contiguous heads, rows apart")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
             k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
         raise ValueError("the KV cache must be contiguous fp32")
@@ -156,7 +173,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("block_tables and seq_lens must be int64")
     status = lib.paged_decode_attention_f32(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
-        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
+        block_tables.data_ptr(), block_tables.shape[1], block_tables.stride(0),
+        seq_lens.data_ptr(),
         out.data_ptr(), out.stride(0), num_seqs, num_heads, num_kv_heads, head_dim,
         block_size, scale, torch.get_num_threads())
     if status == 2:
@@ -166,9 +184,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise MemoryError("decode attention could not allocate its scratch memory")
 
 
+def _check_cpu(*tensors: torch.Tensor) -> None:
+    # The kernels take data pointers as host memory: anything else must not reach them.
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"the CPU kernels take CPU tensors, got one on {t.device}")
+
+
 def _check_rows(name: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1:
-        raise ValueError(f"{name} must be a 2-d fp32 tensor with contiguous rows")
+    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or \
+            (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
+        raise ValueError(f"{name} must be a 2-d fp32 tensor with contiguous, separate rows")
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -187,7 +213,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                              f"{tuple(x.shape)}")
     if weight.dtype != torch.float32 or weight.shape != x.shape[1:] or weight.stride(0) != 1:
         raise ValueError("weight must be a contiguous fp32 vector of the rows' width")
-    out = torch.empty(x.shape, dtype=x.dtype)
+    _check_cpu(x, weight, *([] if residual is None else [residual]))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     lib.add_rms_norm_f32(x.data_ptr(), x.stride(0),
                          None if residual is None else residual.data_ptr(),
                          0 if residual is None else residual.stride(0),
@@ -210,8 +237,9 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     _check_rows("qkv", qkv)
     head_dim = k_cache.shape[-1]
     tokens = qkv.shape[0]
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or k_cache.shape[2] != \
-            num_kv_heads or head_dim % 2:
+    _check_cpu(qkv, cos, sin, k_cache, v_cache, slot_mapping)
+    if k_cache.dim() != 4 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or \
+            k_cache.shape[2] != num_kv_heads or head_dim % 2:
         raise ValueError("qkv, the head counts and the cache do not agree")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (tokens, head_dim):

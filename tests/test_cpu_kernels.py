@@ -79,10 +79,14 @@ def test_decode_attention_refuses_layouts_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="shapes"):
         cpu.decode_attention(torch.randn(1, 2, 4), k_cache, k_cache, tables, lens, 1.0,
                              torch.empty(1, 2, 4))
-    # Bounds are checked before anything is read: a length past the table, a block past the
-    # cache, a negative block.
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu.decode_attention(torch.randn(1, 2, 8, device="meta"), k_cache, k_cache, tables,
+                             lens, 1.0, out)
+    # Bounds are checked before anything is read: a length past the table (also past a column
+    # slice of a wider one), a block past the cache, a negative block.
     for bad_tables, bad_lens in ((tables, torch.tensor([5])), (torch.tensor([[4]]), lens),
-                                 (torch.tensor([[-1]]), lens)):
+                                 (torch.tensor([[-1]]), lens),
+                                 (torch.tensor([[1, 2]])[:, :1], torch.tensor([5]))):
         with pytest.raises(ValueError, match="block"):
             cpu.decode_attention(torch.randn(1, 2, 8), k_cache, k_cache, bad_tables, bad_lens,
                                  1.0, out)
@@ -101,10 +105,21 @@ def test_builds_into_an_empty_cache_and_can_be_switched_off(tmp_path: Path) -> N
     assert len(built) == 1
     assert _available_in_subprocess({"PAGEDSERVE_CACHE": str(tmp_path),
                                      "PAGEDSERVE_CPU_KERNELS": "0"}) == "False"
-    # An unwritable cache (here a file in its place) falls back to a private temporary folder.
+    # An unwritable cache (here a file in its place) falls back to a private temporary folder,
+    # but not to one that others may write to (they could plant a library there).
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    assert _available_in_subprocess({"PAGEDSERVE_CACHE": str(blocked)}) == "True"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"PAGEDSERVE_CACHE": str(blocked), "TMPDIR": str(temp)}
+    assert _available_in_subprocess(env) == "True"
+    private = temp / f"pagedserve-kernels-{os.getuid()}"
+    assert private.stat().st_mode & 0o777 == 0o700
+    for library in private.glob("*.so"):
+        library.unlink()
+    private.chmod(0o777)
+    assert _available_in_subprocess(env) == "False"
+    assert not list(private.glob("*.so"))
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -147,6 +162,11 @@ def test_row_kernels_refuse_what_they_cannot_read() -> None:
         cpu.add_rms_norm(torch.randn(4, 8), torch.randn(3, 8), torch.randn(8), 1e-5)
     with pytest.raises(ValueError, match="weight"):
         cpu.add_rms_norm(torch.randn(4, 8), None, torch.randn(7), 1e-5)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu.add_rms_norm(torch.randn(4, 8), torch.randn(4, 8, device="meta"), torch.randn(8),
+                         1e-5)
+    with pytest.raises(ValueError, match="separate rows"):
+        cpu.add_rms_norm(torch.randn(8).expand(4, 8), None, torch.randn(8), 1e-5)
     cache = torch.zeros(4, 4, 1, 8)
     with pytest.raises(ValueError, match="agree"):
         cpu.rotary_write_kv(torch.randn(2, 40), torch.randn(2, 8), torch.randn(2, 8), cache,

@@ -8,7 +8,8 @@
  * Layouts (all contiguous in their last dimensions):
  *   q, out        [num_seqs, num_heads, head_dim], rows q_stride / out_stride floats apart
  *   k/v cache     [num_blocks, block_size, num_kv_heads, head_dim]
- *   block_tables  [num_seqs, table_stride] int64: block b of sequence s is block_tables[s][b]
+ *   block_tables  [num_seqs, table_width] int64, rows table_stride apart: block b of
+ *                 sequence s is block_tables[s * table_stride + b]
  *   seq_lens      [num_seqs] int64: tokens of context, the query token's own included
  * The num_heads / num_kv_heads query heads that share a KV head (grouped-query attention) are
  * computed together, so each key and value is loaded once for all of them.
@@ -121,7 +122,7 @@ DEFINE_ATTEND(attend_any, head_dim)
 int paged_decode_attention_f32(
     const float *q, int64_t q_stride,
     const float *k_cache, const float *v_cache, int64_t num_blocks,
-    const int64_t *block_tables, int64_t table_stride,
+    const int64_t *block_tables, int64_t table_width, int64_t table_stride,
     const int64_t *seq_lens,
     float *out, int64_t out_stride,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -129,7 +130,7 @@ int paged_decode_attention_f32(
 {
     for (int64_t s = 0; s < num_seqs; ++s) {
         const int64_t len = seq_lens[s];
-        if (len < 1 || len > table_stride * block_size)
+        if (len < 1 || len > table_width * block_size)
             return 2;
         for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b) {
             const int64_t block = block_tables[s * table_stride + b];
@@ -137,6 +138,8 @@ int paged_decode_attention_f32(
                 return 2;
         }
     }
+    if (num_seqs == 0)
+        return 0;
     const int64_t group = num_heads / num_kv_heads;
     void (*attend)(const float *, float *, const float *, const float *, const int64_t *,
                    int64_t, int64_t, int64_t, int64_t, int64_t, float, float *) =
