@@ -91,6 +91,11 @@ class LLM:
                 self.engine.abort(request_id)
         return [finished[r] for r in request_ids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix, so the next prompts are computed in full (``False``,
+        and nothing changes, while requests are running)."""
+        return self.engine.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         """The engine's counters: KV blocks, preemptions, prefilled and decoded tokens."""
         return self.engine.stats()

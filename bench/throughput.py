@@ -194,6 +194,9 @@ def run_engine(llm: LLM, requests: list[Request], repeat: int
 
 
 def _time_engine(llm: LLM, requests: list[Request]) -> tuple[EngineResult, list[list[int]]]:
+    # Every run computes every prompt: nothing may come from an earlier run's prefix cache.
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the engine still holds KV blocks between runs")
     before = llm.stats()
     monitor = ContentionMonitor()
     start = time.perf_counter()

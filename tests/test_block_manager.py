@@ -223,6 +223,20 @@ def test_last_token_is_never_served_from_cache():
     assert len(bm.match_prefix(list(range(9)))) == 2
 
 
+def test_reset_prefix_cache_only_when_no_block_is_used():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = _run(bm, list(range(10)))
+    assert not bm.reset_prefix_cache()  # a sequence still holds its blocks
+    hit = bm.match_prefix(list(range(10)))
+    assert len(hit) == 2  # nothing was forgotten
+    bm.free(hit)
+    bm.free(a)
+    assert bm.num_cached_blocks == 2
+    assert bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == bm.num_usable_blocks
+    assert bm.match_prefix(list(range(10))).blocks == []
+
+
 def test_different_parent_means_no_hit():
     bm = BlockManager(num_blocks=16, block_size=2)
     _run(bm, [1, 2, 3, 4, 5])

@@ -78,3 +78,20 @@ def test_cli_generate_prints_the_greedy_completion(llm, smollm):
                           "--model", smollm.path], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected + "\n"
+
+
+def test_reset_prefix_cache_makes_a_rerun_compute_its_prompt(llm):
+    prompt = [int(t) for t in range(1000, 1100)]
+    params = SamplingParams(max_tokens=2, temperature=0)
+    first = llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+    before = llm.stats()
+    llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+    cached = llm.stats()
+    assert cached.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 96
+    assert llm.reset_prefix_cache()
+    again = llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+    after = llm.stats()
+    assert after.prefix_cache_hit_tokens == cached.prefix_cache_hit_tokens
+    assert after.num_prefilled_tokens - cached.num_prefilled_tokens == 100
+    assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    assert_all_blocks_free(llm)

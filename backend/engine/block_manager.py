@@ -110,6 +110,18 @@ class BlockManager:
         """How many more blocks a table needs to hold ``num_tokens`` tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(table.blocks))
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix, as vLLM's ``reset_prefix_cache``: only while no block is
+        in use (returns ``False`` and changes nothing otherwise)."""
+        if self.num_used_blocks:
+            return False
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._key_of.clear()
+        self._tokens_of.clear()
+        return True
+
     # ---- allocation and copy-on-write ----------------------------------------------------------
 
     def allocate(self, table: BlockTable, num_tokens: int, num_computed: int) -> bool:

@@ -165,6 +165,11 @@ class EngineCore:
         parent.request.seqs.append(child)
         return child
 
+    def reset_prefix_cache(self) -> bool:
+        """Empties the prefix cache (benchmarks, changed weights); ``False`` while requests
+        hold blocks."""
+        return self.block_manager.reset_prefix_cache()
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Ends a request now, returning its blocks; ``None`` if it is not (or no longer) here."""
         request = self.requests.pop(request_id, None)
