@@ -31,16 +31,15 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    if (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and cos.dtype == torch.float32
-            and k_cache.dtype == torch.float32 and qkv.stride(1) == 1 and cpu.available()):
-        cpu.rotary_write_kv(qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
-                            slot_mapping, num_heads, num_kv_heads)
-        return (qkv[:, :q_size].view(tokens, num_heads, head_dim),
-                qkv[:, q_size: q_size + kv_size].view(tokens, num_kv_heads, head_dim),
-                qkv[:, q_size + kv_size:].view(tokens, num_kv_heads, head_dim))
     q = qkv[:, :q_size].view(tokens, num_heads, head_dim)
     k = qkv[:, q_size: q_size + kv_size].view(tokens, num_kv_heads, head_dim)
     v = qkv[:, q_size + kv_size:].view(tokens, num_kv_heads, head_dim)
+    if (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and cos.dtype == torch.float32
+            and k_cache.dtype == torch.float32 and qkv.stride(1) == 1 and cpu.available()):
+        # In place: the views above now hold the rotated q and k.
+        cpu.rotary_write_kv(qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
+                            slot_mapping, num_heads, num_kv_heads)
+        return q, k, v
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     return q, k, v
