@@ -5,15 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import norm, rotary
+from kernels import cpu, norm, rotary
 from kernels.attention import write_kv
 
 
-@pytest.mark.parametrize("path", ["kernel", "torch", "float64"])
-def test_add_rms_norm_paths_agree(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if path == "torch":
-        monkeypatch.setattr(norm.cpu, "available", lambda: False)
-    dtype = torch.float64 if path == "float64" else torch.float32
+@pytest.fixture(params=["kernel", "torch", "float64"])
+def dtype(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.dtype:
+    """The path under test: the CPU kernel, torch ops (kernel unavailable), or float64 (the
+    kernel is available but only takes fp32). Returns the dtype to test in."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu, "available", lambda: False)
+    return torch.float64 if request.param == "float64" else torch.float32
+
+
+def test_add_rms_norm_paths_agree(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     h, delta, weight = torch.randn(6, 48, dtype=dtype), torch.randn(6, 48, dtype=dtype), \
         torch.randn(48, dtype=dtype)
@@ -27,11 +32,7 @@ def test_add_rms_norm_paths_agree(path: str, monkeypatch: pytest.MonkeyPatch) ->
                                norm.rms_norm(h, weight, 1e-6))
 
 
-@pytest.mark.parametrize("path", ["kernel", "torch", "float64"])
-def test_rotary_write_kv_paths_agree(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if path == "torch":
-        monkeypatch.setattr(rotary.cpu, "available", lambda: False)
-    dtype = torch.float64 if path == "float64" else torch.float32
+def test_rotary_write_kv_paths_agree(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
     heads, kv_heads, d, tokens = 4, 2, 16, 9
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, dtype=dtype)
