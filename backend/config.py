@@ -7,6 +7,13 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Upper bounds far beyond any real deployment: past them a size is a typo or an attack (a
+# load override), and tables and budgets would be sized from it.
+MAX_BLOCK_SIZE = 1024
+MAX_NUM_SEQS = 2**16
+MAX_NUM_TOKENS = 2**24  # max_num_batched_tokens, max_model_len
+_SIZES = {"block_size": MAX_BLOCK_SIZE, "max_num_batched_tokens": MAX_NUM_TOKENS,
+          "max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_NUM_TOKENS, "kv_cache_bytes": None}
 
 
 @dataclass
@@ -33,6 +40,7 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_size_types_and_bounds()
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -49,6 +57,22 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    def _check_size_types_and_bounds(self) -> None:
+        """Sizes are integers (not bools, not floats) under their upper bounds; the lower bounds
+        are checked with the other settings. ``kv_cache_bytes`` is bounded by the device's
+        memory where the cache is sized (``backend.model.runner.num_kv_blocks``)."""
+        for name, bound in _SIZES.items():
+            value = getattr(self, name)
+            if value is None and name in ("kv_cache_bytes", "max_model_len"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if bound is not None and value > bound:
+                raise ValueError(f"{name} must be at most {bound}, got {value}")
+        fraction = self.kv_cache_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise ValueError(f"kv_cache_memory_fraction must be a number, got {fraction!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -36,10 +36,42 @@ def available_memory_bytes(device: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def kv_cache_limit_bytes(device: str) -> int:
+    """The most a KV cache may take on ``device``: free memory on a GPU; on a CPU the kernel's
+    ``MemAvailable`` (free plus reclaimable page cache: what can be had without swapping)."""
+    if device.startswith("cuda"):
+        return available_memory_bytes(device)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return available_memory_bytes(device)  # no /proc (macOS): free pages only
+
+
+def check_kv_cache_bytes(requested: int, device: str, setting: str = "kv_cache_bytes") -> None:
+    """Refuses a KV cache larger than ``device`` can hold, before anything is allocated.
+
+    ``torch.empty`` reserves pages lazily, so an oversized cache would not fail here but later,
+    mid-request, as an out-of-memory kill of the whole process. ``setting`` names the knob
+    in the message (callers may know it by another name, e.g. vLLM's).
+    """
+    available = kv_cache_limit_bytes(device)
+    if requested > available:
+        raise ValueError(f"{setting}={requested} ({requested / 2**30:.1f} GiB) exceeds the "
+                         f"memory available for the KV cache on {device}: {available} bytes "
+                         f"({available / 2**30:.1f} GiB)")
+
+
 def num_kv_blocks(model: LlamaModel, config: EngineConfig) -> int:
-    """Blocks that fit the configured KV budget."""
+    """Blocks that fit the configured KV budget (a budget beyond the device's memory is
+    refused with ``ValueError``)."""
     budget = config.kv_cache_bytes
-    if budget is None:
+    if budget is not None:
+        check_kv_cache_bytes(budget, config.device)
+    else:  # a fraction of what is free cannot exceed it
         budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)
     return budget // kv_block_bytes(model, config.block_size)
 

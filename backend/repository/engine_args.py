@@ -5,6 +5,11 @@ keyword arguments. The keys pagedserve understands map onto ``EngineConfig``; ke
 matter to vLLM are ignored with a warning, so an existing vLLM-backend repository loads with at
 most its ``model`` path changed. Config ``parameters`` with the same names (string values, as
 Triton stores them) apply first; ``model.json`` overrides them.
+
+Values are checked strictly (types, ranges, the device's memory for the KV cache) before any
+weights load, and errors name the setting as it was written. ``model`` paths stay inside the
+model's folder when relative; an absolute one is the operator's choice on disk but, arriving in a
+client's ``config`` override, must lie inside the repository.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from typing import Any
 import grpc
 
 from backend.config import EngineConfig
+from backend.model.runner import check_kv_cache_bytes
 from backend.repository.errors import RepositoryError
+from backend.repository.names import shown
+from backend.repository.paths import is_within
 from backend.server._proto import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -42,93 +50,170 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(EngineConfig)}
 
 
+def _type_error(name: str, base: str, value: Any) -> RepositoryError:
+    quoted = f"'{shown(value)}'" if isinstance(value, str) else shown(repr(value))
+    return RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"engine setting '{name}' must be of type {base}, got {quoted}")
+
+
 def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """Casts string values (config parameters, or vLLM-style quoted numbers) to the field type."""
-    if not isinstance(value, str):
-        return value
+    """``value`` as the field's type: strings (config parameters, vLLM-style quoted numbers)
+    are parsed; other values must already have the type (a JSON 1.5 or true is no int)."""
     base = annotation.replace(" | None", "").strip()
-    try:
-        if base == "bool":
-            lowered = value.strip().lower()
-            if lowered not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return lowered in ("true", "1")
-        if base == "int":
-            return int(value)
-        if base == "float":
-            return float(value)
-    except ValueError:
-        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"engine setting '{name}' must be of type {base}, got {value!r}"
-                              ) from None
+    if isinstance(value, str):
+        try:
+            if base == "bool":
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return lowered in ("true", "1")
+            if base == "int":
+                return int(value)
+            if base == "float":
+                return float(value)
+        except ValueError:
+            raise _type_error(name, base, value) from None
+        return value
+    exact = not isinstance(value, bool) or base == "bool"
+    fits = {"bool": isinstance(value, bool), "int": isinstance(value, int) and exact,
+            "float": isinstance(value, int | float) and exact, "str": False}
+    if not fits.get(base, True):
+        raise _type_error(name, base, value)
     return value
 
 
 def read_model_json(version_dir: Path) -> dict[str, Any]:
-    """The ``model.json`` of a version folder, or ``{}`` if it has none."""
+    """The ``model.json`` of a version folder, or ``{}`` if it has none.
+
+    It must lie in the model's folder (a symlink out of it is refused); errors name it relative
+    to the model.
+    """
     path = version_dir / "model.json"
     if not path.is_file():
         return {}
+    where = f"{version_dir.name}/model.json"
+    if not is_within(path, version_dir.parent):
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{where} of model '{version_dir.parent.name}' resolves outside "
+                              "the model's folder")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"failed to parse {path}: {e}") from None
+                              f"failed to parse {where}: {e}") from None
     if not isinstance(values, dict):
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{path} must hold a JSON object")
+                              f"{where} must hold a JSON object")
     return values
 
 
-def engine_config(config: mc.ModelConfig, version_dir: Path) -> EngineConfig:
-    """Builds the ``EngineConfig`` of one version; errors name the offending setting."""
+def engine_config(config: mc.ModelConfig, version_dir: Path,
+                  client_root: Path | None = None) -> EngineConfig:
+    """Builds the ``EngineConfig`` of one version; errors name the offending setting.
+
+    ``client_root`` is set when ``config`` came from a client (RepositoryModelLoad's ``config``
+    override) rather than from disk: a ``model`` path among its parameters must then resolve
+    inside ``client_root``, the repository.
+    """
     fields = _fields()
-    settings: dict[str, Any] = {}
+    from_client = client_root is not None
+    # key -> (value, whether a client wrote it)
+    settings: dict[str, tuple[Any, bool]] = {}
     for key, param in config.parameters.items():
         target = _RENAMES.get(key, key)
         if target in fields or key in _PARALLEL or key == "dtype":
-            settings[key] = param.string_value
+            settings[key] = (param.string_value, from_client)
+            if key == "model" and from_client:  # refused even where model.json overrides it
+                _model_path(param.string_value, version_dir, client_root)
         elif key not in _BACKEND_PARAMETERS:
-            log.debug("config parameter %r is not an engine setting", key)
-    settings.update(read_model_json(version_dir))
+            log.debug("config parameter '%s' is not an engine setting", shown(key))
+    settings.update((k, (v, False)) for k, v in read_model_json(version_dir).items())
 
     kwargs: dict[str, Any] = {}
-    for key, value in settings.items():
+    written_as: dict[str, str] = {}  # EngineConfig field -> the key that set it
+    for key, (value, by_client) in settings.items():
         if key in _PARALLEL:
-            if int(value) > 1:
+            if _coerce(key, value, "int") > 1:
                 raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                                      f"{key}={value} is not supported: pagedserve runs a model "
-                                      "on one device")
+                                      f"{key}={shown(str(value))} is not supported: pagedserve "
+                                      "runs a model on one device")
             continue
         if key == "model":
-            kwargs["model"] = _model_path(str(value), version_dir)
+            kwargs["model"] = _model_path(value, version_dir,
+                                          client_root if by_client else None)
             continue
         if key == "dtype":
-            if str(value) not in _DTYPES:
+            if not isinstance(value, str) or value not in _DTYPES:
                 raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
                                       f"engine setting 'dtype' must be one of "
-                                      f"{sorted(_DTYPES)}, got {value!r}")
-            if _DTYPES[str(value)] is not None:
-                kwargs["dtype"] = _DTYPES[str(value)]
+                                      f"{sorted(_DTYPES)}, got {shown(repr(value))}")
+            if _DTYPES[value] is not None:
+                kwargs["dtype"] = _DTYPES[value]
             continue
         target = _RENAMES.get(key, key)
         if target not in fields or target == "device":
-            log.warning("model '%s': ignoring engine setting %r (not used by pagedserve)",
-                        config.name, key)
+            log.warning("model '%s': ignoring engine setting '%s' (not used by pagedserve)",
+                        config.name, shown(key))
             continue
         kwargs[target] = _coerce(key, value, str(fields[target].type))
+        written_as[target] = key
     try:
-        return EngineConfig(**kwargs)
+        engine = EngineConfig(**kwargs)
+        if engine.kv_cache_bytes is not None:  # refused here, before any weights load
+            check_kv_cache_bytes(engine.kv_cache_bytes, engine.device,
+                                 written_as.get("kv_cache_bytes", "kv_cache_bytes"))
     except (TypeError, ValueError) as e:
+        message = str(e)
+        for target, key in written_as.items():  # name the setting as the config wrote it
+            if key != target and message.startswith(target + " "):
+                message = key + message[len(target):]
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"invalid engine settings for model '{config.name}': {e}") from None
+                              f"invalid engine settings for model '{config.name}': {message}"
+                              ) from None
+    return engine
 
 
-def _model_path(value: str, version_dir: Path) -> str | None:
-    """``"default"`` or empty selects the embedded model; relative paths are version-relative."""
+def check_kv_cache_total(name: str, configs: list[EngineConfig]) -> None:
+    """The versions of one model run side by side: their KV caches must fit together too."""
+    sized = [c.kv_cache_bytes for c in configs if c.kv_cache_bytes is not None]
+    if len(sized) < 2:
+        return
+    try:
+        check_kv_cache_bytes(sum(sized), configs[0].device,
+                             f"kv_cache_bytes of its {len(sized)} versions together")
+    except ValueError as e:
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"invalid engine settings for model '{name}': {e}") from None
+
+
+def _model_path(value: Any, version_dir: Path, client_root: Path | None) -> str | None:
+    """Where the weights are: ``"default"`` or empty selects the embedded model.
+
+    A relative path is taken from the version folder and must stay inside the model's folder.
+    An absolute path is the operator's choice on disk; from a client (``client_root`` set) it
+    must lie inside the repository. Refusals name the setting, never a path.
+    """
+    if not isinstance(value, str):
+        raise _type_error("model", "str", value)
     if value in DEFAULT_MODEL_NAMES:
         return None
+    model_dir = version_dir.parent
+    if client_root is None and value.startswith("~"):
+        return value  # the operator's home-relative path (the loader expands it)
     path = Path(value)
-    if not path.is_absolute() and (version_dir / path).exists():
-        return str(version_dir / path)
-    return value
+    if path.is_absolute():
+        if client_root is None:
+            return value
+        if not is_within(path, client_root):
+            raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "parameter 'model' of the 'config' override must name a path "
+                                  "inside the model repository")
+        return str(path.resolve())
+    full = version_dir / path
+    if not is_within(full, model_dir):
+        source = ("parameter 'model' of the 'config' override" if client_root is not None
+                  else "engine setting 'model'")
+        raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{source} of model '{model_dir.name}' must name a path inside "
+                              "the model's folder (relative paths start at the version folder)")
+    return str(full.resolve())

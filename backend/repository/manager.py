@@ -4,6 +4,10 @@ Each served version owns one ``AsyncEngine`` (its own weights and KV cache). Loa
 worker thread so the server keeps answering while weights load. States and reasons follow
 Triton's ``RepositoryIndex``: ``READY``, ``UNAVAILABLE`` (with the load error or ``unloaded``),
 ``LOADING``, ``UNLOADING``.
+
+Names from clients are matched against the repository folder's own entries (``names.py``) before
+anything is read, and every unknown or invalid name gets Triton's answer for an unknown model,
+the same whatever exists on disk.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +25,11 @@ import grpc
 
 from backend.config import EngineConfig
 from backend.engine.async_engine import AsyncEngine
-from backend.repository.engine_args import engine_config
+from backend.repository.engine_args import check_kv_cache_total, engine_config
 from backend.repository.errors import RepositoryError
 from backend.repository.model_config import load_config
+from backend.repository.names import model_folder, model_names, shown
+from backend.repository.paths import redact
 from backend.repository.versions import available_versions, select_versions
 from backend.server._proto import model_config_pb2 as mc
 from backend.server.statistics import ModelStats
@@ -30,6 +37,21 @@ from backend.server.statistics import ModelStats
 log = logging.getLogger(__name__)
 
 CONTROL_MODES = ("none", "explicit", "poll")
+# A model version as RPCs write it: "" / "-1" (latest) or a number, ASCII digits only.
+_VERSION = re.compile(r"-?[0-9]{1,19}")
+
+
+def unknown_model(name: str) -> RepositoryError:
+    """Triton's answer to a look-up of a model it does not serve."""
+    return RepositoryError(grpc.StatusCode.NOT_FOUND,
+                           f"Request for unknown model: '{shown(name)}' is not found")
+
+
+def _unknown_to_load(name: str) -> RepositoryError:
+    # Triton 2.51's status and wording for a name its repository has no folder for.
+    return RepositoryError(grpc.StatusCode.INTERNAL,
+                           f"failed to load '{shown(name)}', failed to poll from model "
+                           "repository")
 
 
 @dataclass
@@ -106,10 +128,7 @@ class ModelRepository:
 
     def model_names(self) -> list[str]:
         """Every model folder of the repository, loaded or not."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith("."))
+        return model_names(self.root)
 
     async def start(self) -> None:
         """Loads the startup models of the control mode (failures leave them UNAVAILABLE)."""
@@ -126,12 +145,14 @@ class ModelRepository:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def load(self, name: str, config_override: str | None = None) -> None:
-        """(Re)loads every version the policy selects; the old versions serve until then."""
-        model_dir = self.root / name
-        if not model_dir.is_dir():
-            raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"failed to load '{name}', failed to poll from model "
-                                  "repository")
+        """(Re)loads every version the policy selects; the old versions serve until then.
+
+        ``config_override`` is a client's JSON ``ModelConfig``: its engine parameters are held
+        to the client's limits (paths inside the repository).
+        """
+        model_dir = model_folder(self.root, name)
+        if model_dir is None:
+            raise _unknown_to_load(name)
         state = self._models.setdefault(name, _ModelState())
         async with state.lock:
             try:
@@ -141,7 +162,10 @@ class ModelRepository:
                     raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
                                           f"at least one version must be available under the "
                                           f"version policy of model '{name}'")
-                settings = {v: engine_config(config, model_dir / str(v)) for v in versions}
+                client_root = self.root if config_override is not None else None
+                settings = {v: engine_config(config, model_dir / str(v), client_root)
+                            for v in versions}
+                check_kv_cache_total(name, list(settings.values()))
             except RepositoryError as e:
                 if not any(s.state == "READY" for s in state.versions.values()):
                     state.versions = {0: _VersionState("UNAVAILABLE", e.message)}
@@ -158,7 +182,9 @@ class ModelRepository:
                     for done in loaded.values():  # all or nothing: keep the old set serving
                         if done.model is not None:
                             await asyncio.to_thread(done.model.engine.shutdown)
-                    message = f"failed to load '{name}' version {version}: {e}"
+                    log.error("failed to load '%s' version %d: %s", name, version, e)
+                    message = (f"failed to load '{name}' version {version}: "
+                               f"{redact(str(e), self.root)}")
                     if old is None or old.model is None:
                         state.versions[version] = _VersionState("UNAVAILABLE", message)
                     raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT, message) from e
@@ -174,12 +200,13 @@ class ModelRepository:
                     await asyncio.to_thread(old_state.model.engine.shutdown)
 
     async def unload(self, name: str) -> None:
-        """Unloads every version; requests still running on them end with an error."""
+        """Unloads every version; requests still running on them end with an error.
+
+        A name that was never loaded, valid or not, is nothing to unload: success, as Triton
+        2.51 answers (so the answer tells nothing about the disk either).
+        """
         state = self._models.get(name)
         if state is None:
-            if name not in self.model_names():
-                raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                                      f"failed to unload '{name}', no version is available")
             return
         async with state.lock:
             old = state.versions
@@ -244,10 +271,9 @@ class ModelRepository:
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The ready version asked for (latest ready when ``version`` is empty or -1)."""
-        state = self._models.get(name)
+        state = self._models.get(name)  # only loaded names: never a path look-up
         if state is None:
-            raise RepositoryError(grpc.StatusCode.NOT_FOUND,
-                                  f"Request for unknown model: '{name}' is not found")
+            raise unknown_model(name)
         if version in ("", "-1"):
             ready = self.ready_versions(name)
             if not ready:
@@ -255,12 +281,11 @@ class ModelRepository:
                                       f"Request for unknown model: '{name}' has no available "
                                       "versions")
             return ready[-1]
-        try:
-            number = int(version)
-        except ValueError:
+        if not _VERSION.fullmatch(version):  # int() would take " 2", "+2", "0_2", "٢"
             raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"failed to parse model version '{version}' for model "
-                                  f"'{name}'") from None
+                                  f"failed to parse model version '{shown(version)}' for model "
+                                  f"'{name}'")
+        number = int(version)
         vs = state.versions.get(number)
         if vs is None:
             raise RepositoryError(grpc.StatusCode.NOT_FOUND,

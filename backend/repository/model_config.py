@@ -13,6 +13,8 @@ import grpc
 from google.protobuf import json_format, text_format
 
 from backend.repository.errors import RepositoryError
+from backend.repository.names import shown
+from backend.repository.paths import require_within
 from backend.server._proto import model_config_pb2 as mc
 
 # Backends whose configs this server executes with its own engine.
@@ -58,19 +60,28 @@ def parse_override(json_text: str) -> mc.ModelConfig:
     try:
         json_format.Parse(json_text, config)
     except json_format.ParseError as e:
+        # The parser quotes the client's text: bounded and escaped like a name.
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"failed to parse the 'config' parameter as a ModelConfig: {e}"
-                              ) from None
+                              "failed to parse the 'config' parameter as a ModelConfig: "
+                              f"{shown(str(e), 256)}") from None
     return config
 
 
 def load_config(model_dir: Path, override: str | None = None) -> mc.ModelConfig:
-    """The completed config of the model in ``model_dir`` (``override`` JSON wins if given)."""
+    """The completed config of the model in ``model_dir`` (``override`` JSON wins if given).
+
+    ``config.pbtxt`` must lie in the model's folder (a symlink out of it is refused); errors
+    name it relative to the model, never by absolute path.
+    """
     if override is not None:
         config = parse_override(override)
     else:
         path = model_dir / "config.pbtxt"
-        config = parse_config(path.read_text(), str(path)) if path.is_file() else mc.ModelConfig()
+        if path.is_file():
+            require_within(path, model_dir, "config.pbtxt", model_dir.name)
+            config = parse_config(path.read_text(), "config.pbtxt")
+        else:
+            config = mc.ModelConfig()
     return complete_config(config, model_dir.name)
 
 
@@ -78,7 +89,7 @@ def complete_config(config: mc.ModelConfig, name: str) -> mc.ModelConfig:
     """Validates ``config`` for model ``name`` and fills what the vLLM backend would."""
     if config.name and config.name != name:
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"unexpected 'name' '{config.name}' in model configuration, "
+                              f"unexpected 'name' '{shown(config.name)}' in model configuration, "
                               f"expecting '{name}'")
     config.name = name
     backend = config.backend or config.platform
@@ -86,8 +97,8 @@ def complete_config(config: mc.ModelConfig, name: str) -> mc.ModelConfig:
         config.backend = "vllm"
     elif backend not in SUPPORTED_BACKENDS:
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"unsupported backend '{backend}' for model '{name}': pagedserve "
-                              f"serves {', '.join(repr(b) for b in SUPPORTED_BACKENDS)}")
+                              f"unsupported backend '{shown(backend)}' for model '{name}': "
+                              f"pagedserve serves {', '.join(repr(b) for b in SUPPORTED_BACKENDS)}")
     if config.max_batch_size != 0:
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"model '{name}': max_batch_size must be 0 (the engine batches "

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backend.repository.paths import require_within
 from backend.server._proto import model_config_pb2 as mc
 
 
 def available_versions(model_dir: Path) -> list[int]:
     """Version numbers found under ``model_dir``, ascending.
 
-    As in Triton, sub-folders whose names are not numbers, or start with "0", are ignored.
+    As in Triton, sub-folders whose names are not numbers, or start with "0", are ignored. A
+    version folder that resolves outside ``model_dir`` (a symlink out) is refused: the engine
+    would read its ``model.json`` and weights from wherever it points.
     """
     versions = []
     for child in model_dir.iterdir():
         name = child.name
-        if child.is_dir() and name.isdigit() and not name.startswith("0"):
+        # ASCII digits only: str.isdigit() also accepts digits of other scripts ("١", "²").
+        if name.isascii() and name.isdigit() and not name.startswith("0") and child.is_dir():
+            require_within(child, model_dir, f"version folder '{name}'", model_dir.name)
             versions.append(int(name))
     return sorted(versions)
 

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import grpc
 
 from backend.repository import ModelRepository, ModelVersion, RepositoryError
+from backend.repository.names import shown
 from backend.server._proto import grpc_service_pb2 as pb
 from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
 from backend.server.inference import Inference, InferError
@@ -39,6 +40,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _model(self, context: grpc.aio.ServicerContext, name: str, version: str
                      ) -> ModelVersion:
+        """The version asked for, or the call aborted with Triton's status; client strings in
+        the message are bounded and escaped by the repository."""
         try:
             return self.repository.get(name, version)
         except RepositoryError as e:
@@ -94,7 +97,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # Triton's wording (INVALID_ARGUMENT, unlike the other RPCs' NOT_FOUND).
             if not self.repository.ready_versions(request.name):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"requested model '{request.name}' is not available")
+                             f"requested model '{shown(request.name)}' is not available")
             if request.version:
                 try:
                     models = [self.repository.get(request.name, request.version)]
@@ -179,13 +182,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                  "the 'config' parameter must be a string (JSON ModelConfig)")
                 override = param.string_param
             elif key.startswith("file:"):
+                # Files sent with the load would be written into the repository
+                # (CVE-2023-31036's path): refused outright.
                 await _abort(context, grpc.StatusCode.UNIMPLEMENTED,
-                             f"pagedserve does not support file overrides ('{key}')")
+                             f"pagedserve does not support file overrides ('{shown(key)}')")
         try:
             await self.repository.load(request.model_name, override)
         except RepositoryError as e:
             message = e.message if e.message.startswith("failed to load") else \
-                f"load failed for model '{request.model_name}': {e.message}"
+                f"load failed for model '{shown(request.model_name)}': {e.message}"
             await _abort(context, e.code, message)
         return pb.RepositoryModelLoadResponse()
 

@@ -50,6 +50,7 @@ def test_versions_and_policies(tmp_path: Path) -> None:
     folder = _model(tmp_path, "m", [1, 2, 10])
     (folder / "03").mkdir()
     (folder / "latest").mkdir()
+    (folder / "\u00b2").mkdir()  # "²".isdigit(), but no version number
     assert available_versions(folder) == [1, 2, 10]
     policy = mc.ModelVersionPolicy()
     assert select_versions(policy, [1, 2, 10]) == [10]
@@ -133,7 +134,11 @@ def test_lookups_load_unload_and_index(tmp_path: Path) -> None:
         assert repo.get("a").version == 2 and repo.get("a", "2").version == 2
         for name, version, code in (("zzz", "", grpc.StatusCode.NOT_FOUND),
                                     ("a", "1", grpc.StatusCode.NOT_FOUND),
-                                    ("a", "one", grpc.StatusCode.INVALID_ARGUMENT)):
+                                    ("a", "one", grpc.StatusCode.INVALID_ARGUMENT),
+                                    # int() would read these as 2: versions are plain digits
+                                    ("a", " 2", grpc.StatusCode.INVALID_ARGUMENT),
+                                    ("a", "0_2", grpc.StatusCode.INVALID_ARGUMENT),
+                                    ("a", "\u0662", grpc.StatusCode.INVALID_ARGUMENT)):
             with pytest.raises(RepositoryError) as e:
                 repo.get(name, version)
             assert e.value.code == code
@@ -145,6 +150,7 @@ def test_lookups_load_unload_and_index(tmp_path: Path) -> None:
         await repo.load("a")  # reload: new engines, the old ones stopped
         assert repo.get("a") is not old and old.engine.stopped
         await repo.unload("a")
+        await repo.unload("zzz")  # never loaded (or no such model): nothing to do, as Triton
         assert repo.index(ready_only=True) == []
         with pytest.raises(RepositoryError) as e:
             repo.get("a")
