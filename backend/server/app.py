@@ -1,5 +1,8 @@
 """The server process: repository, gRPC service, HTTP endpoints, signals, shutdown.
 
+TLS credentials, restricted protocol groups and the gRPC limits (message size, concurrent RPCs)
+come from ``ServeOptions``; bad TLS files stop the start before any model loads.
+
 SIGTERM/SIGINT: readiness turns false and new requests are refused; streams with requests in
 flight may finish within the grace period, idle streams close at once; then engines stop and
 the process exits 0.
@@ -11,7 +14,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,13 +26,17 @@ from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
 from backend.server._proto import health_pb2 as hpb
 from backend.server._proto import health_pb2_grpc as hpb_grpc
 from backend.server._proto._pool import POOL
+from backend.server.access import RestrictedProtocols, Restriction
 from backend.server.health import HealthService
-from backend.server.http_endpoint import HttpEndpoint
+from backend.server.http_endpoint import HttpEndpoint, HttpSettings
 from backend.server.service import InferenceService
 from backend.server.state import SERVER_NAME, SERVER_VERSION, ServerState
 from backend.server.streaming import DRAIN
+from backend.server.tls import TlsOptions, grpc_credentials, ssl_context
 
 log = logging.getLogger("pagedserve")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -43,7 +50,15 @@ class ServeOptions:
     load_models: tuple[str, ...] = ()
     poll_secs: float = 15.0
     grace_period: float = 30.0
-    max_message_bytes: int = 2**31 - 1  # tritonclient's own limit (INT32_MAX)
+    # tritonserver allows INT32_MAX; a lower default refuses oversized requests with
+    # RESOURCE_EXHAUSTED before gRPC buffers and parses them.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grpc_max_concurrent_rpcs: int = 1024  # beyond it RESOURCE_EXHAUSTED; 0: no cap
+    grpc_tls: TlsOptions | None = None
+    http_tls: TlsOptions | None = None  # also the metrics port's
+    http_idle_timeout: float = 30.0
+    grpc_restrictions: dict[str, Restriction] = field(default_factory=dict)
+    http_restrictions: dict[str, Restriction] = field(default_factory=dict)
 
 
 def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -54,15 +69,26 @@ def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule])
 
 
+def _tls_note(tls: TlsOptions | None) -> str:
+    return "" if tls is None else " (mutual TLS)" if tls.mutual else " (TLS)"
+
+
 async def serve(options: ServeOptions) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit status."""
+    # TLS files first: a bad one must stop the server before any model loads.
+    credentials = grpc_credentials(options.grpc_tls) if options.grpc_tls else None
+    http = HttpSettings(tls=ssl_context(options.http_tls) if options.http_tls else None,
+                        idle_timeout=options.http_idle_timeout,
+                        restrictions=options.http_restrictions)
     state = ServerState()
     repository = ModelRepository(options.model_repository, options.model_control_mode,
                                  list(options.load_models))
-    server = grpc.aio.server(options=[
-        ("grpc.max_send_message_length", options.max_message_bytes),
-        ("grpc.max_receive_message_length", options.max_message_bytes),
-    ])
+    server = grpc.aio.server(
+        interceptors=[RestrictedProtocols(options.grpc_restrictions)]
+        if options.grpc_restrictions else None,
+        options=[("grpc.max_send_message_length", options.max_message_bytes),
+                 ("grpc.max_receive_message_length", options.max_message_bytes)],
+        maximum_concurrent_rpcs=options.grpc_max_concurrent_rpcs or None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, state),
                                                        server)
     hpb_grpc.add_HealthServicer_to_server(HealthService(repository, state), server)
@@ -70,7 +96,9 @@ async def serve(options: ServeOptions) -> int:
         pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         hpb.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME], server, pool=POOL)
-    grpc_port = server.add_insecure_port(f"{options.host}:{options.grpc_port}")
+    address = f"{options.host}:{options.grpc_port}"
+    grpc_port = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     if grpc_port == 0:
         log.error("failed to bind the gRPC port %d", options.grpc_port)
         return 1
@@ -86,13 +114,15 @@ async def serve(options: ServeOptions) -> int:
     for kind, port in (("HTTPService", options.http_port), ("Metrics Service",
                                                              options.metrics_port)):
         if port and all(e.port != port for _, e in endpoints):
-            endpoint = HttpEndpoint(options.host, port, repository, state)
+            endpoint = HttpEndpoint(options.host, port, repository, state, http)
             endpoint.start()
             endpoints.append((kind, endpoint))
     await server.start()
-    log.info("Started GRPCInferenceService at %s:%d", options.host, grpc_port)
+    log.info("Started GRPCInferenceService at %s:%d%s", options.host, grpc_port,
+             _tls_note(options.grpc_tls))
     for kind, endpoint in endpoints:
-        log.info("Started %s at %s:%d", kind, options.host, endpoint.port)
+        log.info("Started %s at %s:%d%s", kind, options.host, endpoint.port,
+                 _tls_note(options.http_tls))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

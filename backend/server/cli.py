@@ -7,15 +7,48 @@ import asyncio
 import logging
 from pathlib import Path
 
-from backend.server.app import ServeOptions, serve
+from backend.server.access import GRPC_HEADER_PREFIX, parse_restrictions
+from backend.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
+from backend.server.tls import TlsOptions
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+_MAX_GRPC_INT = 2**31 - 1  # gRPC's message-size options are C ints
+
+log = logging.getLogger("pagedserve")
+
+
+def _bool(text: str) -> bool:
+    """Triton's boolean option values."""
+    value = text.strip().lower()
+    if value in ("true", "on", "1", "yes"):
+        return True
+    if value in ("false", "off", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _add_tls(parser: argparse.ArgumentParser, proto: str, what: str) -> None:
+    # Triton's switches take a value (--grpc-use-ssl=true); a bare switch means true.
+    parser.add_argument(f"--{proto}-use-ssl", type=_bool, nargs="?", const=True, default=False,
+                        metavar="BOOL", help=f"serve {what} over TLS")
+    parser.add_argument(f"--{proto}-use-ssl-mutual", type=_bool, nargs="?", const=True,
+                        default=False, metavar="BOOL",
+                        help=f"TLS on {what} with client certificates signed by "
+                             f"--{proto}-root-cert (implies --{proto}-use-ssl)")
+    parser.add_argument(f"--{proto}-server-cert", type=Path, metavar="PEM",
+                        help="server certificate (chain)")
+    parser.add_argument(f"--{proto}-server-key", type=Path, metavar="PEM",
+                        help="server private key (unencrypted)")
+    parser.add_argument(f"--{proto}-root-cert", type=Path, metavar="PEM",
+                        help="CA certificate(s) that client certificates must chain to")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
                         help="model repository folder (default: the repo's model_repository/)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address to bind (default 0.0.0.0, as Triton; 127.0.0.1 keeps the "
+                             "server local)")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000,
                         help="health endpoints and /metrics; 0 disables")
@@ -29,18 +62,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="poll interval of --model-control-mode=poll")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish after SIGTERM")
-    parser.add_argument("--max-message-bytes", type=int, default=2**31 - 1,
-                        help="largest gRPC message accepted or sent")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest gRPC message accepted or sent; larger ones get "
+                             "RESOURCE_EXHAUSTED (default 64 MiB)")
+    parser.add_argument("--grpc-max-concurrent-rpcs", type=int, default=1024,
+                        help="RPCs in flight (streams included) beyond which new ones get "
+                             "RESOURCE_EXHAUSTED; 0: no cap (default 1024)")
+    parser.add_argument("--http-idle-timeout", type=float, default=30.0,
+                        help="seconds an HTTP connection may stay silent (default 30)")
+    _add_tls(parser, "grpc", "gRPC")
+    _add_tls(parser, "http", "the HTTP and metrics ports")
+    parser.add_argument("--grpc-restricted-protocol", action="append", default=[],
+                        metavar="<protocol>[,<protocol>...]:<key>=<value>",
+                        help="RPCs of these groups need the header "
+                             f"'{GRPC_HEADER_PREFIX}<key>: <value>'; repeatable")
+    parser.add_argument("--http-restricted-api", action="append", default=[],
+                        metavar="<api>[,<api>...]:<key>=<value>",
+                        help="HTTP routes of these groups (health) need the header "
+                             "'<key>: <value>'; repeatable")
     parser.add_argument("--log-verbose", action="store_true", help="debug logging")
+
+
+def _tls(args: argparse.Namespace, proto: str) -> TlsOptions | None:
+    def path(name: str) -> Path | None:
+        value = getattr(args, f"{proto}_{name.replace('-', '_')}")
+        return None if value is None else Path(value)
+
+    files = {name: path(name) for name in ("server-cert", "server-key", "root-cert")}
+    mutual = bool(getattr(args, f"{proto}_use_ssl_mutual"))
+    if not (getattr(args, f"{proto}_use_ssl") or mutual):
+        given = [f"--{proto}-{name}" for name, value in files.items() if value is not None]
+        if given:
+            log.warning("%s ignored: TLS is off without --%s-use-ssl", ", ".join(given), proto)
+        return None
+    return TlsOptions(f"--{proto}", files["server-cert"], files["server-key"],
+                      files["root-cert"], mutual)
+
+
+def options_from(args: argparse.Namespace) -> ServeOptions:
+    """``ServeOptions`` from parsed flags; ``ValueError`` names a malformed one."""
+    if not 0 < args.max_message_bytes <= _MAX_GRPC_INT:
+        raise ValueError(f"--max-message-bytes must be between 1 and {_MAX_GRPC_INT}")
+    if args.grpc_max_concurrent_rpcs < 0:
+        raise ValueError("--grpc-max-concurrent-rpcs must be 0 (no cap) or more")
+    if not args.http_idle_timeout > 0:
+        raise ValueError("--http-idle-timeout must be more than 0 seconds")
+    return ServeOptions(
+        model_repository=args.model_repository, host=args.host, grpc_port=args.grpc_port,
+        http_port=args.http_port, metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode, load_models=tuple(args.load_model),
+        poll_secs=args.repository_poll_secs, grace_period=args.grace_period,
+        max_message_bytes=args.max_message_bytes,
+        grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs,
+        grpc_tls=_tls(args, "grpc"), http_tls=_tls(args, "http"),
+        http_idle_timeout=args.http_idle_timeout,
+        grpc_restrictions=parse_restrictions(args.grpc_restricted_protocol,
+                                             "grpc-restricted-protocol", GRPC_HEADER_PREFIX,
+                                             "protocol"),
+        http_restrictions=parse_restrictions(args.http_restricted_api, "http-restricted-api",
+                                             "", "api"))
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.log_verbose else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s] %(message)s")
-    options = ServeOptions(
-        model_repository=args.model_repository, host=args.host, grpc_port=args.grpc_port,
-        http_port=args.http_port, metrics_port=args.metrics_port,
-        model_control_mode=args.model_control_mode, load_models=tuple(args.load_model),
-        poll_secs=args.repository_poll_secs, grace_period=args.grace_period,
-        max_message_bytes=args.max_message_bytes)
-    return asyncio.run(serve(options))
+    return asyncio.run(serve(options_from(args)))

@@ -2,20 +2,44 @@
 
 A stdlib ``ThreadingHTTPServer`` on its own thread (aiohttp is not a dependency). It only reads
 state that the event loop owns, through snapshots that are safe to take from another thread.
+Optional TLS (mutual too), Triton's ``--http-restricted-api`` on the health routes, and an idle
+timeout on every connection.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import socket
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from backend.repository import ModelRepository
 from backend.server import metrics
+from backend.server.access import Restriction
 from backend.server.state import ServerState
 
+log = logging.getLogger(__name__)
 
-def _handler(repository: ModelRepository, state: ServerState
+# Triton's HTTP api group of each route; /metrics has none (Triton's metrics port is open).
+_GROUPS = {"/v2/health/live": "health", "/v2/health/ready": "health"}
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """What every HTTP port of the server shares (the metrics port included)."""
+
+    tls: ssl.SSLContext | None = None
+    idle_timeout: float = 30.0  # seconds a connection may stay silent, handshake included
+    restrictions: Mapping[str, Restriction] = field(default_factory=dict)
+
+
+def _handler(repository: ModelRepository, state: ServerState, settings: HttpSettings
              ) -> type[BaseHTTPRequestHandler]:
     routes: dict[str, Callable[[], tuple[int, str, str]]] = {
         "/v2/health/live": lambda: (200 if state.live else 400, "", "text/plain"),
@@ -26,10 +50,21 @@ def _handler(repository: ModelRepository, state: ServerState
     }
 
     class Handler(BaseHTTPRequestHandler):
+        # A silent client times out instead of holding its thread (StreamRequestHandler
+        # applies it to the socket; handle_one_request then closes the connection).
+        timeout = settings.idle_timeout
+
         def do_GET(self) -> None:
-            route = routes.get(self.path.split("?")[0])
+            path = self.path.split("?")[0]
+            route = routes.get(path)
+            restriction = settings.restrictions.get(_GROUPS.get(path, ""))
             if route is None:
                 status, body, kind = 404, '{"error":"Not Found"}', "application/json"
+            elif restriction is not None and not restriction.allows(
+                    self.headers.get(restriction.header)):
+                # Triton's answer (HTTPAPIServer::RespondIfRestricted): 403 with an error JSON.
+                status, body, kind = (403, json.dumps({"error": restriction.http_message()}),
+                                      "application/json")
             else:
                 status, body, kind = route()
             data = body.encode()
@@ -45,13 +80,46 @@ def _handler(repository: ModelRepository, state: ServerState
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 settings: HttpSettings) -> None:
+        self.settings = settings
+        super().__init__(address, handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # Runs on the connection's own thread, so a slow or silent TLS handshake holds that
+        # thread (for at most the idle timeout), never the accept loop.
+        request.settimeout(self.settings.idle_timeout)
+        if self.settings.tls is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            connection = self.settings.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            # A plaintext client, a missing or untrusted client certificate, or silence.
+            log.debug("TLS handshake with %s failed: %s", client_address, e)
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            with contextlib.suppress(OSError):  # the peer may be gone already
+                connection.shutdown(socket.SHUT_WR)
+            connection.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that vanish or time out mid-request are routine: no traceback on stderr.
+        log.debug("HTTP connection from %s failed", client_address, exc_info=True)
+
+
 class HttpEndpoint:
-    """One listening HTTP port serving health and metrics."""
+    """One listening HTTP(S) port serving health and metrics."""
 
     def __init__(self, host: str, port: int, repository: ModelRepository,
-                 state: ServerState) -> None:
-        self.server = ThreadingHTTPServer((host, port), _handler(repository, state))
-        self.server.daemon_threads = True
+                 state: ServerState, settings: HttpSettings | None = None) -> None:
+        settings = settings or HttpSettings()
+        self.server = _Server((host, port), _handler(repository, state, settings), settings)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name=f"http-{port}",
                                         daemon=True)
