@@ -38,6 +38,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Largest ``SamplingParams.logprobs`` a request may ask for (vLLM's name and default): each
+    # position's top-N is sorted, sent and rendered, so it is bounded like any amplifier.
+    max_logprobs: int = 20
+    # Requests waiting beyond a full batch (``max_num_seqs``); more are refused at once
+    # (RESOURCE_EXHAUSTED through the server) instead of queueing without bound.
+    max_queue_size: int = 1024
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
@@ -55,6 +61,10 @@ class EngineConfig:
                              f"got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be non-negative, got {self.max_queue_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

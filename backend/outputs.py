@@ -41,3 +41,5 @@ class RequestOutput:
     finished: bool
     delta_texts: list[str] = field(default_factory=list)
     delta_token_ids: list[list[int]] = field(default_factory=list)
+    # Set when the request's own step work failed: it ended there, with no completions.
+    error: str | None = None

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+# Integer fields must fit the int64 tensors the sampler builds from them.
+_INT64_MAX = 2**63 - 1
+_FLOAT_MAX = 1.7976931348623157e308
+# Stop conditions are checked at every token: bounded so one request cannot slow every step.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+# Rejected values are quoted in errors; a hostile value must not come back whole.
+def _quoter() -> reprlib.Repr:
+    quote = reprlib.Repr()  # keyword arguments only from Python 3.12
+    quote.maxlevel, quote.maxstring, quote.maxother, quote.maxlong = 3, 60, 60, 40
+    return quote
+
+
+_QUOTE = _quoter()
 
 
 @dataclass
@@ -53,12 +69,13 @@ class SamplingParams:
                 setattr(self, name, list(getattr(self, name)))
             except TypeError:
                 raise ValueError(f"SamplingParams.{name} must be a list, "
-                                 f"got {getattr(self, name)!r}") from None
+                                 f"got {_QUOTE.repr(getattr(self, name))}") from None
         self._validate()
 
     def _validate(self) -> None:
         def fail(name: str, why: str) -> None:
-            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+            value = _QUOTE.repr(getattr(self, name))
+            raise ValueError(f"SamplingParams.{name} {why}, got {value}")
 
         def check_int(name: str, optional: bool = False) -> None:
             value = getattr(self, name)
@@ -66,12 +83,15 @@ class SamplingParams:
                 return
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, "must be an integer")
+            if not -_INT64_MAX <= value <= _INT64_MAX:
+                fail(name, "must fit a 64-bit integer")
 
         def check_number(name: str) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 fail(name, "must be a number")
-            if value != value or value in (float("inf"), float("-inf")):
+            # Integers beyond float range would overflow the sampler's float tensors.
+            if value != value or not -_FLOAT_MAX <= value <= _FLOAT_MAX:
                 fail(name, "must be finite")
 
         for name in ("n", "top_k", "min_tokens", "beam_width"):
@@ -112,9 +132,15 @@ class SamplingParams:
             fail("seed", "must be in [0, 2**63)")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+        if len(self.stop) > MAX_STOP_STRINGS:
+            fail("stop", f"must hold at most {MAX_STOP_STRINGS} strings")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            fail("stop", f"must hold strings of at most {MAX_STOP_STRING_CHARS} characters")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX
                    for t in self.stop_token_ids):
-            fail("stop_token_ids", "must be a list of non-negative integers")
+            fail("stop_token_ids", "must be a list of non-negative 64-bit integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            fail("stop_token_ids", f"must hold at most {MAX_STOP_TOKEN_IDS} token ids")
         if self.beam_width < 1:
             fail("beam_width", "must be at least 1")
         if self.early_stopping not in (True, False, "never"):
@@ -157,5 +183,7 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+            names = ", ".join(str(name)[:60] for name in unknown[:8])
+            more = ", ..." if len(unknown) > 8 else ""
+            raise ValueError(f"unknown sampling parameter(s): {names}{more}")
         return cls(**values)

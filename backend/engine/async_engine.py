@@ -1,16 +1,20 @@
 """asyncio front of the engine: ``generate`` yields outputs as they come, ``abort`` ends a request.
 
-The engine core is single-threaded; it runs on one dedicated thread that owns it, the tokenizer
-included (fast tokenizers are not safe to share across threads). Callers on the event loop never
-touch the core: they send commands through a queue and receive outputs, or the error that
-rejected their request, through a per-request asyncio queue fed with ``call_soon_threadsafe``.
-A caller that stops iterating (a cancelled task, a closed stream) aborts its request, so its KV
-blocks return at once.
+Two threads serve the callers. The input thread validates and tokenizes new requests with an
+input processor of its own (fast tokenizers are not safe to share across threads), so a long
+prompt never stalls the steps of requests already running; the core thread owns the engine
+core and steps it. Commands travel input thread → core thread in the order callers sent them,
+so an abort never overtakes the request it ends. Callers on the event loop never touch either:
+they receive outputs, or the error that ended their request, through a per-request asyncio
+queue fed with ``call_soon_threadsafe``. A caller that stops iterating (a cancelled task, a
+closed stream) aborts its request, so its KV blocks return at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
 import queue
 import sys
@@ -20,6 +24,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from backend.engine.core import EngineCore, EngineStats
+from backend.engine.input_processor import AdmissionLimits, InputProcessor
+from backend.engine.sequence import Request
 from backend.outputs import RequestOutput
 from backend.sampling_params import SamplingParams
 
@@ -42,8 +48,23 @@ class _Add:
 
 
 @dataclass
+class _Admit:
+    request: Request
+    sink: asyncio.Queue[RequestOutput | BaseException]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
 class _Abort:
     request_id: str
+
+
+class EngineOverloaded(Exception):
+    """The engine has ``max_num_seqs + max_queue_size`` requests in flight already."""
+
+
+class RequestFailed(RuntimeError):
+    """The request's own step work failed; it ended there and the others went on."""
 
 
 class _Stop:
@@ -57,11 +78,18 @@ class AsyncEngine:
         if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.core = core
-        self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
+        self.limits: AdmissionLimits = core.limits
+        self.max_in_flight = core.config.max_num_seqs + core.config.max_queue_size
+        self._inputs = InputProcessor(copy.deepcopy(core.tokenizer), core.limits)
+        self._incoming: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
+        self._commands: queue.Queue[_Admit | _Abort | _Stop] = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._active: set[str] = set()  # ids in flight, as seen from the callers' side
         self._lock = threading.Lock()
+        self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
+                                              daemon=True)
         self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
+        self._input_thread.start()
         self._thread.start()
 
     async def generate(self, prompt: str | None, params: SamplingParams | None = None,
@@ -70,19 +98,25 @@ class AsyncEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Yields the request's output after every step that advances it, the last one finished.
 
-        Raises ``ValueError`` (naming the field) before yielding anything if the request is bad.
-        Cancelling the consuming task aborts the request at once; a caller that stops iterating
-        early should close the iterator (``contextlib.aclosing``), since Python finalizes an
-        abandoned async generator only when it is garbage-collected.
+        Raises ``ValueError`` (naming the field) before yielding anything if the request is bad,
+        ``EngineOverloaded`` if too many requests are in flight, and ``RequestFailed`` if the
+        request's own step work fails later. Cancelling the consuming task aborts the request at
+        once; a caller that stops iterating early should close the iterator
+        (``contextlib.aclosing``), since Python finalizes an abandoned async generator only when
+        it is garbage-collected.
         """
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if request_id in self._active:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self._active) >= self.max_in_flight:
+                raise EngineOverloaded(
+                    f"{len(self._active)} requests are in flight, the most this model takes "
+                    f"(max_num_seqs + max_queue_size = {self.max_in_flight}); retry later")
             self._active.add(request_id)
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop))
+        self._incoming.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop))
         finished = False
         try:
             while True:
@@ -95,21 +129,45 @@ class AsyncEngine:
                     return
         finally:
             if not finished:
-                self._commands.put(_Abort(request_id))
+                self._incoming.put(_Abort(request_id))
             with self._lock:
                 self._active.discard(request_id)
 
     def abort(self, request_id: str) -> None:
         """Ends a request; its iterator yields a final output with finish reason ``abort``."""
-        self._commands.put(_Abort(request_id))
+        self._incoming.put(_Abort(request_id))
 
     def stats(self) -> EngineStats:
         return self.core.stats()
 
     def shutdown(self) -> None:
-        """Stops the core thread; requests still running end with an error."""
-        self._commands.put(_Stop())
+        """Stops both threads; requests still running end with an error."""
+        self._incoming.put(_Stop())
+        self._input_thread.join()
         self._thread.join()
+
+    # ---- the input thread ------------------------------------------------------------------
+
+    def _input_loop(self) -> None:
+        while True:
+            command = self._incoming.get()
+            if isinstance(command, _Add):
+                try:
+                    request = self._inputs.make_request(
+                        command.request_id, command.prompt, command.params,
+                        command.prompt_token_ids)
+                except ValueError as e:
+                    _post(command.loop, command.sink, e)
+                    continue
+                except Exception as e:  # a tokenizer bug must fail one request, not the thread
+                    log.exception("request %s failed at admission", command.request_id)
+                    _post(command.loop, command.sink, RequestFailed(f"admission failed: {e}"))
+                    continue
+                self._commands.put(_Admit(request, command.sink, command.loop))
+            else:
+                self._commands.put(command)
+                if isinstance(command, _Stop):
+                    return
 
     # ---- the core thread -------------------------------------------------------------------
 
@@ -123,15 +181,14 @@ class AsyncEngine:
             self._sinks.pop(request_id, None)
             self.core.abort(request_id)
 
-    def _apply(self, command: _Add | _Abort | _Stop) -> bool:
+    def _apply(self, command: _Admit | _Abort | _Stop) -> bool:
         if isinstance(command, _Stop):
             return False
-        if isinstance(command, _Add):
-            request_id = command.request_id
+        if isinstance(command, _Admit):
+            request_id = command.request.request_id
             self._sinks[request_id] = (command.sink, command.loop)
             try:
-                self.core.add_request(self.core.make_request(
-                    request_id, command.prompt, command.params, command.prompt_token_ids))
+                self.core.add_request(command.request)
             except ValueError as e:
                 self._deliver(request_id, e)
         elif command.request_id in self._sinks:
@@ -166,7 +223,15 @@ class AsyncEngine:
                 continue
             for output in outputs:
                 if output.request_id in self._sinks:
-                    self._deliver(output.request_id, output)
+                    self._deliver(output.request_id, output if output.error is None
+                                  else RequestFailed(output.error))
         for request_id in list(self._sinks):
             self.core.abort(request_id)
             self._deliver(request_id, RuntimeError("engine shut down"))
+
+
+def _post(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue[RequestOutput | BaseException],
+          item: RequestOutput | BaseException) -> None:
+    """Hands ``item`` to a caller's queue from another thread; a closed loop has no listener."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(sink.put_nowait, item)

@@ -8,6 +8,7 @@ a bad request never leaves half its state in the engine.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +17,17 @@ from backend.config import EngineConfig
 from backend.engine.beam_search import BeamSearch
 from backend.engine.block_manager import BlockManager
 from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.engine.scheduler import Scheduler
+from backend.engine.input_processor import AdmissionLimits, InputProcessor, max_prompt_chars
+from backend.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from backend.engine.sequence import Request, Sequence
 from backend.model.llama import LlamaModel
 from backend.model.loader import LoadedModel, load_model
-from backend.model.runner import ModelRunner, num_kv_blocks
-from backend.model.sampler import Sampler, SamplingRow
-from backend.outputs import CompletionOutput, RequestOutput
+from backend.model.runner import ModelRunner, StepLogits, num_kv_blocks
+from backend.model.sampler import Sampler, SamplerOutput, SamplingRow
+from backend.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from backend.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,8 +72,17 @@ class EngineCore:
         self.sampler = Sampler()
         self.eos_token_id: int | None = self.tokenizer.eos_token_id
         self.vocab_size = int(self.model.lm_head.shape[0])
+        self.limits = AdmissionLimits(
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            enable_chunked_prefill=self.config.enable_chunked_prefill,
+            num_usable_blocks=self.block_manager.num_usable_blocks,
+            block_size=self.config.block_size,
+            max_logprobs=min(self.config.max_logprobs, self.vocab_size),
+            max_prompt_chars=max_prompt_chars(self.tokenizer, self.max_model_len))
+        self.input_processor = InputProcessor(self.tokenizer, self.limits)
         self.requests: dict[str, Request] = {}
-        self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self._steps = 0
         # Beam-search logits kept until every live beam of the request has its row.
@@ -84,46 +97,7 @@ class EngineCore:
 
         Raises ``ValueError`` naming the offending field.
         """
-        params = params or SamplingParams()
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("prompt: either a prompt or prompt_token_ids is required")
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        prompt_token_ids = list(prompt_token_ids)
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        bad = [t for t in prompt_token_ids
-               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids: token id {bad[0]!r} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens long; the maximum "
-                             f"context length is {self.max_model_len} (prompt plus at least "
-                             "one generated token)")
-        if (not self.config.enable_chunked_prefill
-                and len(prompt_token_ids) > self.config.max_num_batched_tokens):
-            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens long, more than "
-                             f"max_num_batched_tokens ({self.config.max_num_batched_tokens}) "
-                             "with chunked prefill disabled")
-        if params.num_seqs > self.config.max_num_seqs:
-            field = "beam_width" if params.use_beam_search else "n"
-            raise ValueError(f"SamplingParams.{field} is {params.num_seqs}, more than "
-                             f"max_num_seqs ({self.config.max_num_seqs})")
-        if params.num_seqs > 1:
-            # All of a request's sequences must fit the cache together, or it could never run.
-            longest = min(len(prompt_token_ids) + (params.max_tokens or self.max_model_len),
-                          self.max_model_len)
-            needed = params.num_seqs * -(-longest // self.config.block_size)
-            if needed > self.block_manager.num_usable_blocks:
-                raise ValueError(
-                    f"max_tokens: {params.num_seqs} sequences of up to {longest} tokens need up "
-                    f"to {needed} KV blocks, more than the cache's "
-                    f"{self.block_manager.num_usable_blocks}; lower max_tokens")
-        return Request(request_id, prompt, prompt_token_ids, params, next(self._arrivals),
-                       self.max_model_len)
+        return self.input_processor.make_request(request_id, prompt, params, prompt_token_ids)
 
     def add_request(self, request: Request) -> None:
         """Queues a request made by ``make_request``; it starts as one sequence."""
@@ -172,14 +146,27 @@ class EngineCore:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Ends a request now, returning its blocks; ``None`` if it is not (or no longer) here."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
+        self._release(request)
+        return self._output(request, {})
+
+    def _release(self, request: Request) -> None:
+        """Takes a request out of the engine: its live sequences end as aborted, blocks return."""
+        self.requests.pop(request.request_id, None)
         self._beam_logits.pop(request, None)
         for seq in request.live_seqs:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
-        return self._output(request, {})
+
+    def _fail(self, request: Request, error: BaseException) -> RequestOutput:
+        """Ends a request whose own step work raised; the rest of the batch carries on."""
+        log.error("request %s failed in step %d", request.request_id, self._steps,
+                  exc_info=error)
+        self._release(request)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [],
+                             True, error=f"{type(error).__name__}: {error}")
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -188,14 +175,21 @@ class EngineCore:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that advanced."""
+        """Runs one batch; returns an output for every request that advanced or failed.
+
+        Work that belongs to one request (its rows of the forward pass, its sampling, its beam
+        step, stop checks and detokenization) is isolated: if it raises, that request alone
+        ends, with ``error`` set on its output, and the others go on.
+        """
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # recomputed later, logits included
             self._beam_logits.get(seq.request, {}).pop(seq, None)
         if batch.is_empty:
             return []
         self._steps += 1
-        step_logits = self.runner.execute(batch)
+        step_logits, failed = self._execute(batch)
+        if failed:  # their K/V may be half written: never commit it to the prefix cache
+            batch.scheduled = [s for s in batch.scheduled if s.seq.request not in failed]
         self.scheduler.commit(batch)
         seqs: list[Sequence] = []
         rows: list[int] = []
@@ -211,34 +205,104 @@ class EngineCore:
                 group += [self._fork(seq, i) for i in range(1, request.params.n)]
             seqs += group
             rows += [row] * len(group)
-        deltas: dict[Request, dict[Sequence, int]] = {}
+        results: dict[Request, list[tuple[Sequence, int, float, TokenLogprobs | None]]] = {}
         if seqs:
             # Index only when rows repeat (forks) or are skipped (beams): it copies the logits.
             logits = step_logits.logits
             if rows != list(range(logits.shape[0])):
                 logits = logits[rows]
-            sampled = self.sampler(logits, [
-                SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
-                            self.eos_token_id) for s in seqs])
+            sampled, sample_failed = self._sample(logits, seqs)
+            failed.update(sample_failed)
             for seq, token, logprob, top in zip(seqs, sampled.token_ids, sampled.logprobs,
                                                 sampled.top_logprobs):
-                seq.token_ids.append(token)
-                seq.cumulative_logprob += logprob
-                if top is not None:
-                    seq.logprobs.append(top)
-                self._check_stop(seq, token)
-                deltas.setdefault(seq.request, {})[seq] = token
-        outputs = []
+                if seq.request not in failed:
+                    results.setdefault(seq.request, []).append((seq, token, logprob, top))
+        outputs = [self._fail(request, error) for request, error in failed.items()]
         for request in [r for r, got in self._beam_logits.items()
                         if len(got) == len(r.live_seqs)]:
-            self._beam_step(request)
-            if request.is_finished:
-                outputs.append(self._beam_output(request))
-        for request, new_tokens in deltas.items():
-            if request.is_finished:
-                self.requests.pop(request.request_id, None)
-            outputs.append(self._output(request, new_tokens))
+            try:
+                self._beam_step(request)
+                if request.is_finished:
+                    outputs.append(self._beam_output(request))
+            except Exception as e:
+                outputs.append(self._fail(request, e))
+        for request, sequences in results.items():
+            try:
+                outputs.append(self._advance(request, sequences))
+            except Exception as e:
+                outputs.append(self._fail(request, e))
         return outputs
+
+    def _execute(self, batch: SchedulerOutput) -> tuple[StepLogits, dict[Request, Exception]]:
+        """Runs the batch; if it raises, runs each request's part alone to find the culprits.
+
+        Rerunning is safe: a step writes only its own tokens' slots, so a second pass writes
+        the same values, and the block copies are made again before any part runs.
+        """
+        try:
+            return self.runner.execute(batch), {}
+        except Exception:
+            log.exception("step %d failed; running its requests one at a time", self._steps)
+        self.runner.copy_blocks(batch.block_copies)
+        parts: dict[Request, list[ScheduledSeq]] = {}
+        for item in batch.scheduled:
+            parts.setdefault(item.seq.request, []).append(item)
+        done: list[StepLogits] = []
+        failed: dict[Request, Exception] = {}
+        for request, items in parts.items():
+            try:
+                done.append(self.runner.execute(SchedulerOutput(scheduled=items)))
+            except Exception as e:
+                failed[request] = e
+        if not done:
+            return StepLogits([], torch.empty(0, self.vocab_size)), failed
+        return StepLogits([s for d in done for s in d.seqs],
+                          torch.cat([d.logits for d in done])), failed
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
+                ) -> tuple[SamplerOutput, dict[Request, Exception]]:
+        """Samples every row; if the batch raises, samples each request's rows alone.
+
+        A seeded row keeps its sequence unless the failure came after its draw had advanced
+        its generator.
+        """
+        rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
+                            self.eos_token_id) for s in seqs]
+        try:
+            return self.sampler(logits, rows), {}
+        except Exception:
+            log.exception("sampling in step %d failed; sampling its requests one at a time",
+                          self._steps)
+        merged = SamplerOutput([0] * len(rows), [0.0] * len(rows), [None] * len(rows))
+        indices: dict[Request, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            indices.setdefault(seq.request, []).append(i)
+        failed: dict[Request, Exception] = {}
+        for request, index in indices.items():
+            try:
+                part = self.sampler(logits[index], [rows[i] for i in index])
+            except Exception as e:
+                failed[request] = e
+                continue
+            for j, i in enumerate(index):
+                merged.token_ids[i] = part.token_ids[j]
+                merged.logprobs[i] = part.logprobs[j]
+                merged.top_logprobs[i] = part.top_logprobs[j]
+        return merged, failed
+
+    def _advance(self, request: Request,
+                 sequences: list[tuple[Sequence, int, float, TokenLogprobs | None]]
+                 ) -> RequestOutput:
+        """Appends each sequence's new token, checks its stop conditions, makes the output."""
+        for seq, token, logprob, top in sequences:
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            if top is not None:
+                seq.logprobs.append(top)
+            self._check_stop(seq, token)
+        if request.is_finished:
+            self.requests.pop(request.request_id, None)
+        return self._output(request, {seq: token for seq, token, _, _ in sequences})
 
     def _beam_step(self, request: Request) -> None:
         """Advances a beam search whose live beams all have their next logits."""

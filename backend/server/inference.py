@@ -16,12 +16,14 @@ from typing import Any
 
 import grpc
 
+from backend.engine.async_engine import EngineOverloaded
 from backend.outputs import RequestOutput
 from backend.repository import ModelVersion
 from backend.server._proto import grpc_service_pb2 as pb
 from backend.server.tensors import GenerateRequest, ResponseBuilder, TensorError, parse_request
 from backend.server.wire import (
     build_response,
+    check_request_id,
     enable_empty_final,
     log_prefix,
     read_inputs,
@@ -60,10 +62,12 @@ class Inference:
     def prepare(self) -> tuple[GenerateRequest, bool]:
         """Validates the request; returns it and whether an empty final response was asked."""
         try:
+            check_request_id(self.request)
             empty_final = enable_empty_final(self.request)
             arrays = read_inputs(self.request, self.model.config)
             requested = frozenset(o.name for o in self.request.outputs)
-            generate = parse_request(arrays, request_parameters(self.request), requested)
+            generate = parse_request(arrays, request_parameters(self.request), requested,
+                                     self.model.engine.limits)
         except TensorError as e:
             self._fail()
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
@@ -114,7 +118,10 @@ class Inference:
         except ValueError as e:  # the engine rejected the request before admitting it
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT,
                              f"{log_prefix(self.request.id)}{e}") from None
-        except RuntimeError as e:  # engine shut down or a failed step
+        except EngineOverloaded as e:
+            raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{log_prefix(self.request.id)}{e}") from None
+        except RuntimeError as e:  # engine shut down, a failed step, or this request's failure
             raise InferError(grpc.StatusCode.INTERNAL, str(e), started=True) from None
         finally:
             # Everything at once, as Triton records a request when it is released.

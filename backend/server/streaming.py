@@ -21,6 +21,7 @@ from backend.repository import ModelRepository, RepositoryError
 from backend.server._proto import grpc_service_pb2 as pb
 from backend.server.inference import Inference, InferError
 from backend.server.state import ServerState
+from backend.server.wire import MAX_REQUEST_ID_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def _error(request: pb.ModelInferRequest, message: str, version: str = "",
            started: bool = False) -> pb.ModelStreamInferResponse:
     """Triton's error shapes: id only before the request ran; id, model and final after."""
     response = pb.ModelStreamInferResponse(error_message=message)
-    response.infer_response.id = request.id
+    if len(request.id) <= MAX_REQUEST_ID_CHARS:  # a refused id is not echoed back
+        response.infer_response.id = request.id
     if started:
         response.infer_response.model_name = request.model_name
         response.infer_response.model_version = version

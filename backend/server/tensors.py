@@ -27,6 +27,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
+from backend.engine.input_processor import AdmissionLimits
 from backend.outputs import RequestOutput
 from backend.sampling_params import SamplingParams
 
@@ -120,6 +121,21 @@ def sampling_params_from(values: dict[str, Any]) -> SamplingParams:
         raise TensorError(f"invalid sampling_parameters: {e}") from None
 
 
+class OversizedInteger:
+    """A JSON integer too long to convert (Python refuses over 4300 digits): kept as its length,
+    so the field that holds it is the one the error names."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _json_int(text: str) -> int | OversizedInteger:
+    return int(text) if len(text) <= 40 else OversizedInteger(len(text))
+
+
 def _sampling_values(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, Any]:
     raw = _scalar(inputs, "sampling_parameters")
     if raw is None:
@@ -127,8 +143,10 @@ def _sampling_values(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) 
                 if k not in RESERVED_PARAMETERS and not k.startswith("triton_")}
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        values = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        values = json.loads(text, parse_int=_json_int)
+    except RecursionError:
+        raise TensorError("input 'sampling_parameters' is nested too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, or an integer of more digits than Python parses
         raise TensorError(f"input 'sampling_parameters' is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise TensorError("input 'sampling_parameters' must be a JSON object, got "
@@ -136,18 +154,30 @@ def _sampling_values(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) 
     return values
 
 
-def _prompt(inputs: dict[str, np.ndarray]) -> tuple[str | None, list[int] | None]:
+def _prompt(inputs: dict[str, np.ndarray], limits: AdmissionLimits | None
+            ) -> tuple[str | None, list[int] | None]:
+    """The prompt, refused by its size alone when it cannot fit the model's context, before
+    it is decoded or copied (a hostile prompt costs no more than its message)."""
     text = _scalar(inputs, "text_input")
     ids = inputs.get("input_ids")
     if text is not None and ids is not None:
         raise TensorError("give either input 'text_input' or input 'input_ids', not both")
     if ids is not None:
+        if limits is not None and ids.size >= limits.max_model_len:
+            raise TensorError(f"input 'input_ids' holds {ids.size} tokens; the maximum context "
+                              f"length is {limits.max_model_len} (prompt plus at least one "
+                              "generated token)")
         token_ids = [int(t) for t in ids.reshape(-1)]
         if not token_ids:
             raise TensorError("input 'input_ids' must not be empty")
         return None, token_ids
     if text is None:
         raise TensorError("one of the inputs 'text_input' or 'input_ids' is required")
+    # A character takes at most 4 UTF-8 bytes, so more bytes than this are too many characters.
+    if limits is not None and len(text) > 4 * limits.max_prompt_chars:
+        raise TensorError(f"input 'text_input' is {len(text)} bytes long; no prompt over "
+                          f"{limits.max_prompt_chars} characters fits the maximum context "
+                          f"length of {limits.max_model_len} tokens")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -160,13 +190,15 @@ def _prompt(inputs: dict[str, np.ndarray]) -> tuple[str | None, list[int] | None
 
 
 def parse_request(inputs: dict[str, np.ndarray], parameters: dict[str, Any] | None = None,
-                  requested_outputs: frozenset[str] | None = None) -> GenerateRequest:
+                  requested_outputs: frozenset[str] | None = None,
+                  limits: AdmissionLimits | None = None) -> GenerateRequest:
     """Maps a request's inputs (by name) and request parameters onto a ``GenerateRequest``.
 
-    ``requested_outputs`` (the outputs a client named, if any) switches on ``output_ids``.
+    ``requested_outputs`` (the outputs a client named, if any) switches on ``output_ids``;
+    ``limits`` (the engine's) refuse a prompt too large to fit before it is decoded.
     Raises ``TensorError`` naming the offending input or parameter.
     """
-    prompt, token_ids = _prompt(inputs)
+    prompt, token_ids = _prompt(inputs, limits)
     stream = bool(_flag(inputs, "stream"))
     exclude = _flag(inputs, "exclude_input_in_output")
     if exclude is False and stream:

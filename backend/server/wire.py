@@ -42,8 +42,13 @@ _CONTENTS_FIELD = {
 _DTYPE_ALTERNATIVES = {"input_ids": ("INT32", "INT64")}
 
 
+MAX_REQUEST_ID_CHARS = 1024
+
+
 def log_prefix(request_id: str) -> str:
     """Triton prefixes request errors with the request id when there is one."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:  # refused anyway: not worth quoting
+        return ""
     return f"[request id: {request_id}] " if request_id else ""
 
 
@@ -157,7 +162,20 @@ def parameter_value(param: pb.InferParameter) -> Any:
 
 
 def request_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
-    return {k: parameter_value(v) for k, v in request.parameters.items()}
+    """The request's parameters by name; one sent without a value is refused, not ignored."""
+    values = {k: parameter_value(v) for k, v in request.parameters.items()}
+    empty = sorted(k for k, v in values.items() if v is None)
+    if empty:
+        raise TensorError(f"{log_prefix(request.id)}parameter '{empty[0][:64]}' has no value")
+    return values
+
+
+def check_request_id(request: pb.ModelInferRequest) -> None:
+    """Bounds the id every response echoes back (Triton sets no limit; a megabyte id would be
+    copied into each streamed token's response)."""
+    if len(request.id) > MAX_REQUEST_ID_CHARS:
+        raise TensorError(f"request id is {len(request.id)} characters long; at most "
+                          f"{MAX_REQUEST_ID_CHARS} are accepted")
 
 
 # The only ``triton_`` request parameter a client may send.
