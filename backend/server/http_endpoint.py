@@ -1,7 +1,8 @@
 """The HTTP side: ``/v2/health/live``, ``/v2/health/ready`` and ``/metrics``.
 
 A stdlib ``ThreadingHTTPServer`` on its own thread (aiohttp is not a dependency). It only reads
-state that the event loop owns, through snapshots that are safe to take from another thread.
+state that the event loop owns, through snapshots that are safe to take from another thread;
+``/metrics`` renders the server's Prometheus registry (``backend.server.metrics``).
 Optional TLS (mutual too), Triton's ``--http-restricted-api`` on the health routes, and an idle
 timeout on every connection.
 """
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from backend.repository import ModelRepository
 from backend.server import metrics
@@ -39,14 +42,13 @@ class HttpSettings:
     restrictions: Mapping[str, Restriction] = field(default_factory=dict)
 
 
-def _handler(repository: ModelRepository, state: ServerState, settings: HttpSettings
-             ) -> type[BaseHTTPRequestHandler]:
-    routes: dict[str, Callable[[], tuple[int, str, str]]] = {
-        "/v2/health/live": lambda: (200 if state.live else 400, "", "text/plain"),
+def _handler(repository: ModelRepository, state: ServerState, settings: HttpSettings,
+             registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
+    routes: dict[str, Callable[[], tuple[int, bytes, str]]] = {
+        "/v2/health/live": lambda: (200 if state.live else 400, b"", "text/plain"),
         "/v2/health/ready": lambda: (200 if state.live and not state.draining
-                                     and repository.is_ready() else 400, "", "text/plain"),
-        "/metrics": lambda: (200, metrics.render(repository),
-                             "text/plain; version=0.0.4; charset=utf-8"),
+                                     and repository.is_ready() else 400, b"", "text/plain"),
+        "/metrics": lambda: (200, metrics.render(registry), metrics.CONTENT_TYPE_LATEST),
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -59,15 +61,15 @@ def _handler(repository: ModelRepository, state: ServerState, settings: HttpSett
             route = routes.get(path)
             restriction = settings.restrictions.get(_GROUPS.get(path, ""))
             if route is None:
-                status, body, kind = 404, '{"error":"Not Found"}', "application/json"
+                status, data, kind = 404, b'{"error":"Not Found"}', "application/json"
             elif restriction is not None and not restriction.allows(
                     self.headers.get(restriction.header)):
                 # Triton's answer (HTTPAPIServer::RespondIfRestricted): 403 with an error JSON.
-                status, body, kind = (403, json.dumps({"error": restriction.http_message()}),
-                                      "application/json")
+                status, data, kind = (
+                    403, json.dumps({"error": restriction.http_message()}).encode(),
+                    "application/json")
             else:
-                status, body, kind = route()
-            data = body.encode()
+                status, data, kind = route()
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
@@ -114,12 +116,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class HttpEndpoint:
-    """One listening HTTP(S) port serving health and metrics."""
+    """One listening HTTP(S) port serving health and ``registry``'s metrics."""
 
     def __init__(self, host: str, port: int, repository: ModelRepository,
-                 state: ServerState, settings: HttpSettings | None = None) -> None:
+                 state: ServerState, settings: HttpSettings | None,
+                 registry: CollectorRegistry) -> None:
         settings = settings or HttpSettings()
-        self.server = _Server((host, port), _handler(repository, state, settings), settings)
+        self.server = _Server((host, port), _handler(repository, state, settings, registry),
+                              settings)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name=f"http-{port}",
                                         daemon=True)
