@@ -6,8 +6,14 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.trace import TracerProvider
+
 from backend.config import EngineConfig
 from backend.engine.core import EngineCore, EngineStats
+from backend.engine.stats import EngineObserver
+from backend.engine.tracing import EngineTracer, TraceSettings
 from backend.model.loader import LoadedModel
 from backend.outputs import RequestOutput
 from backend.sampling_params import SamplingParams
@@ -21,11 +27,22 @@ class LLM:
     ``LLM()`` serves the embedded SmolLM2-135M-Instruct; ``LLM(model=path)`` takes a local Hugging
     Face directory or a GGUF file. Other keyword arguments are ``EngineConfig`` fields
     (``block_size``, ``kv_cache_bytes``, ``max_num_batched_tokens``, ``max_num_seqs``, ...).
+    With an OpenTelemetry ``tracer_provider`` (or an SDK provider set globally) every step and
+    request is traced; ``shutdown()`` flushes the spans.
     """
 
     def __init__(self, model: str | None = None, *, loaded: LoadedModel | None = None,
-                 **engine_args: Any) -> None:
-        self.engine = EngineCore(EngineConfig(model=model, **engine_args), loaded)
+                 tracer_provider: TracerProvider | None = None, **engine_args: Any) -> None:
+        # Traced when a provider is given, or set globally (an SDK one, not the no-op default).
+        if tracer_provider is None and isinstance(trace.get_tracer_provider(),
+                                                  SdkTracerProvider):
+            tracer_provider = trace.get_tracer_provider()
+        observers: list[EngineObserver] = []
+        if tracer_provider is not None:
+            observers.append(EngineTracer(tracer_provider,
+                                          TraceSettings(level="TIMESTAMPS", rate=1),
+                                          model or "default", "1"))
+        self.engine = EngineCore(EngineConfig(model=model, **engine_args), loaded, observers)
         self._ids = itertools.count()
 
     @property
@@ -90,6 +107,10 @@ class LLM:
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)
         return [finished[r] for r in request_ids]
+
+    def shutdown(self) -> None:
+        """Flushes the engine's observers (buffered trace spans)."""
+        self.engine.shutdown()
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix, so the next prompts are computed in full (``False``,

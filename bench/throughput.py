@@ -391,6 +391,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed runs of each system, the fastest reported (default: 2, "
                              "1 with --quick); the GEMM likewise takes its best rep")
+    parser.add_argument("--tracing", action="store_true",
+                        help="measure instead what tracing every step and request costs: "
+                             "traced vs untraced engine, spans exported over OTLP/gRPC to a "
+                             "receiver process (bench/tracing.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUT})")
     return parser.parse_args(argv)
@@ -404,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     monitor = ContentionMonitor()
 
+    if args.tracing:
+        return tracing_main(args, spec, repeat)
     llm = LLM(**ENGINE_ARGS)
     config = llm.engine.model.config
     requests = build_workload(spec, llm.tokenizer, config.vocab_size)
@@ -507,6 +513,34 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def tracing_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int:
+    """``--tracing``: the workload traced and untraced, alternately, in one run."""
+    from backend.model.loader import load_model
+    from bench.tracing import measure
+
+    tokenizer = load_model().tokenizer
+    requests = build_workload(spec, tokenizer, len(tokenizer))
+    result = measure(ENGINE_ARGS, requests, warmup_workload(requests), repeat, engine_generate)
+    print()
+    print("=" * 72)
+    print(f"untraced  {result.untraced_tok_s:9.1f} generated tok/s   walls "
+          f"{', '.join(f'{w:.2f}' for w in result.untraced_walls_s)} s")
+    print(f"traced    {result.traced_tok_s:9.1f} generated tok/s   walls "
+          f"{', '.join(f'{w:.2f}' for w in result.traced_walls_s)} s")
+    print(f"overhead  {result.overhead:9.2%}  (1 - traced / untraced, best of {repeat} each)")
+    print(f"spans     {result.spans_received} received of {result.spans_expected} expected "
+          "(every step with its four phases, every request)")
+    print("=" * 72)
+    out = args.out.with_name(args.out.stem + "_tracing.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "throughput --tracing", "timestamp": datetime.now(UTC).isoformat(),
+        "command": sys.orig_argv, "git": git_state(), "workload": asdict(spec),
+        "repeat": repeat, **asdict(result), "overhead": result.overhead}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if result.spans_received == result.spans_expected else 1
 
 
 if __name__ == "__main__":

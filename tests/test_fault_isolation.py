@@ -21,6 +21,7 @@ from backend import LLM, EngineConfig, SamplingParams
 from backend.engine.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
 from backend.engine.core import EngineCore
 from backend.engine.detokenizer import IncrementalDetokenizer
+from backend.model.batch import ModelInput
 from backend.model.runner import ModelRunner
 from backend.model.sampler import Sampler
 from tests.conftest import assert_all_blocks_free
@@ -72,8 +73,13 @@ def _raise_if_poisoned(original: Callable[..., Any], requests_of: Callable[..., 
 
 def test_forward_fault_of_one_request(llm: LLM, reference: list[list[int]],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ModelRunner, "execute", _raise_if_poisoned(
-        ModelRunner.execute, lambda self, batch: [s.seq.request for s in batch.scheduled]))
+    def requests_of(runner: ModelRunner, step: ModelInput) -> list[Any]:
+        # The runner sees sequence ids only: find whose they are.
+        owner = {s.seq_id: r for r in llm.engine.requests.values() for s in r.seqs}
+        return [owner[chunk.seq_id] for chunk in step.chunks]
+
+    monkeypatch.setattr(ModelRunner, "execute", _raise_if_poisoned(ModelRunner.execute,
+                                                                   requests_of))
     _run_with_poison(llm, reference)
 
 

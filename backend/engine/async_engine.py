@@ -19,8 +19,9 @@ import logging
 import queue
 import sys
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from backend.engine.core import EngineCore, EngineStats
@@ -45,6 +46,8 @@ class _Add:
     prompt_token_ids: list[int] | None
     sink: asyncio.Queue[RequestOutput | BaseException]
     loop: asyncio.AbstractEventLoop
+    arrival_ns: int
+    trace_headers: Mapping[str, str] | None
 
 
 @dataclass
@@ -94,7 +97,8 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | None, params: SamplingParams | None = None,
                        request_id: str | None = None,
-                       prompt_token_ids: list[int] | None = None
+                       prompt_token_ids: list[int] | None = None,
+                       trace_headers: Mapping[str, str] | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yields the request's output after every step that advances it, the last one finished.
 
@@ -103,7 +107,8 @@ class AsyncEngine:
         request's own step work fails later. Cancelling the consuming task aborts the request at
         once; a caller that stops iterating early should close the iterator
         (``contextlib.aclosing``), since Python finalizes an abandoned async generator only when
-        it is garbage-collected.
+        it is garbage-collected. ``trace_headers`` (W3C ``traceparent``, ``tracestate``) parent
+        the request's trace span.
         """
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
@@ -116,7 +121,8 @@ class AsyncEngine:
             self._active.add(request_id)
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._incoming.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop))
+        self._incoming.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop,
+                                time.time_ns(), trace_headers))
         finished = False
         try:
             while True:
@@ -155,7 +161,7 @@ class AsyncEngine:
                 try:
                     request = self._inputs.make_request(
                         command.request_id, command.prompt, command.params,
-                        command.prompt_token_ids)
+                        command.prompt_token_ids, command.arrival_ns, command.trace_headers)
                 except ValueError as e:
                     _post(command.loop, command.sink, e)
                     continue
@@ -228,6 +234,7 @@ class AsyncEngine:
         for request_id in list(self._sinks):
             self.core.abort(request_id)
             self._deliver(request_id, RuntimeError("engine shut down"))
+        self.core.shutdown()
 
 
 def _post(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue[RequestOutput | BaseException],

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,13 +21,16 @@ from backend.engine.beam_search import BeamSearch
 from backend.engine.block_manager import BlockManager
 from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.engine.input_processor import AdmissionLimits, InputProcessor, max_prompt_chars
-from backend.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from backend.engine.output_processor import OutputProcessor
+from backend.engine.scheduler import Scheduler, SchedulerOutput
 from backend.engine.sequence import Request, Sequence
+from backend.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
+from backend.model.batch import ModelInput, ModelOutput, SeqChunk
 from backend.model.llama import LlamaModel
 from backend.model.loader import LoadedModel, load_model
-from backend.model.runner import ModelRunner, StepLogits, num_kv_blocks
+from backend.model.runner import ModelRunner, num_kv_blocks
 from backend.model.sampler import Sampler, SamplerOutput, SamplingRow
-from backend.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from backend.outputs import RequestOutput, TokenLogprobs
 from backend.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -50,11 +56,27 @@ class EngineStats:
     num_evictions: int
 
 
+@dataclass
+class _StepTiming:
+    """Phase boundaries and the latencies a step completed, gathered as it runs."""
+
+    sampled_ns: int
+    start_ns: int = 0
+    scheduled_ns: int = 0
+    forwarded_ns: int = 0
+    end_ns: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    generated: int = 0  # tokens appended to sequences
+
+
 class EngineCore:
     """Owns scheduler, block manager, model runner and sampler; advances all requests a step."""
 
     def __init__(self, config: EngineConfig | None = None,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None,
+                 observers: Seq[EngineObserver] = ()) -> None:
         self.config = config or EngineConfig()
         loaded = loaded or load_model(self.config.model)
         self.tokenizer = loaded.tokenizer
@@ -82,7 +104,12 @@ class EngineCore:
             max_logprobs=min(self.config.max_logprobs, self.vocab_size),
             max_prompt_chars=max_prompt_chars(self.tokenizer, self.max_model_len))
         self.input_processor = InputProcessor(self.tokenizer, self.limits)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id,
+                                                self.max_model_len, self.scheduler.finish)
         self.requests: dict[str, Request] = {}
+        # Tracing and metrics; with none, the step records nothing for them.
+        self._observers = list(observers)
+        self._last_totals = (0, 0, 0, 0)  # block-manager counters at the last step report
         self._seq_ids = itertools.count()
         self._steps = 0
         # Beam-search logits kept until every live beam of the request has its row.
@@ -92,12 +119,19 @@ class EngineCore:
 
     def make_request(self, request_id: str, prompt: str | None,
                      params: SamplingParams | None = None,
-                     prompt_token_ids: list[int] | None = None) -> Request:
+                     prompt_token_ids: list[int] | None = None,
+                     trace_headers: Mapping[str, str] | None = None) -> Request:
         """Validates and tokenizes a request without touching engine state.
 
         Raises ``ValueError`` naming the offending field.
         """
-        return self.input_processor.make_request(request_id, prompt, params, prompt_token_ids)
+        return self.input_processor.make_request(request_id, prompt, params, prompt_token_ids,
+                                                 trace_headers=trace_headers)
+
+    def shutdown(self) -> None:
+        """Flushes the observers (buffered spans); the engine takes no more steps after it."""
+        for observer in self._observers:
+            observer.shutdown()
 
     def add_request(self, request: Request) -> None:
         """Queues a request made by ``make_request``; it starts as one sequence."""
@@ -118,6 +152,14 @@ class EngineCore:
         request.seqs.append(seq)
         self.scheduler.add(request)
         self.requests[request.request_id] = request
+        if self._observers:
+            params = request.params
+            info = RequestInfo(request.request_id, request.arrival_ns,
+                               len(request.prompt_token_ids), params.max_tokens,
+                               params.temperature, params.top_p, params.n,
+                               request.trace_headers)
+            for observer in self._observers:
+                observer.on_request_added(info)
 
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         params = request.params
@@ -150,7 +192,9 @@ class EngineCore:
         if request is None:
             return None
         self._release(request)
-        return self._output(request, {})
+        output = self.output_processor.output(request, {})
+        self._report_finished(request, output, time.time_ns())
+        return output
 
     def _release(self, request: Request) -> None:
         """Takes a request out of the engine: its live sequences end as aborted, blocks return."""
@@ -168,6 +212,22 @@ class EngineCore:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [],
                              True, error=f"{type(error).__name__}: {error}")
 
+    def _report_finished(self, request: Request, output: RequestOutput, now_ns: int) -> None:
+        if not self._observers:
+            return
+        record = FinishedRequest(
+            request_id=request.request_id, arrival_ns=request.arrival_ns,
+            first_scheduled_ns=request.first_scheduled_ns,
+            first_token_ns=request.first_token_ns, finished_ns=now_ns,
+            preemption_ns=tuple(request.preemption_ns),
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_generation_tokens=sum(len(c.token_ids) for c in output.outputs),
+            finish_reasons=(("error",) if output.error is not None else
+                            tuple(c.finish_reason or "abort" for c in output.outputs)),
+            error=output.error, num_cached_tokens=request.num_cached_tokens)
+        for observer in self._observers:
+            observer.on_request_finished(record)
+
     # ---- the step --------------------------------------------------------------------------
 
     @property
@@ -177,26 +237,59 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that advanced or failed.
 
-        Work that belongs to one request (its rows of the forward pass, its sampling, its beam
-        step, stop checks and detokenization) is isolated: if it raises, that request alone
-        ends, with ``error`` set on its output, and the others go on.
+        Schedule (which tokens run, as plain data for the runner), execute, then
+        ``update_from_output`` (sampling and all bookkeeping). Work that belongs to one request
+        (its rows of the forward pass, its sampling, its beam step, stop checks and
+        detokenization) is isolated: if it raises, that request alone ends, with ``error`` set
+        on its output, and the others go on.
         """
+        start_ns = time.time_ns()
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # recomputed later, logits included
             self._beam_logits.get(seq.request, {}).pop(seq, None)
         if batch.is_empty:
             return []
         self._steps += 1
-        step_logits, failed = self._execute(batch)
+        scheduled_ns = time.time_ns()
+        queues = (len(self.scheduler.running), len(self.scheduler.waiting))
+        served = {item.seq.request.request_id: item.seq.request for item in batch.scheduled}
+        if self._observers:
+            self._mark_scheduled(batch, scheduled_ns)
+        model_output, failed = self._execute(batch)
+        forwarded_ns = time.time_ns()
         if failed:  # their K/V may be half written: never commit it to the prefix cache
             batch.scheduled = [s for s in batch.scheduled if s.seq.request not in failed]
         self.scheduler.commit(batch)
+        outputs, timing = self.update_from_output(batch, model_output, failed)
+        if self._observers:
+            end_ns = time.time_ns()
+            self._report_step(batch, queues, tuple(served), replace(
+                timing, start_ns=start_ns, scheduled_ns=scheduled_ns, forwarded_ns=forwarded_ns,
+                end_ns=end_ns))
+            # After the step's record, whose span links to these requests' spans; they end
+            # with the step, when their outputs go out.
+            for output in outputs:
+                if output.finished and output.request_id in served:
+                    self._report_finished(served[output.request_id], output, end_ns)
+        return outputs
+
+    def update_from_output(self, batch: SchedulerOutput, model_output: ModelOutput,
+                           failed: dict[Request, Exception]
+                           ) -> tuple[list[RequestOutput], _StepTiming]:
+        """Samples the step's logits and applies the result: forks of ``n > 1`` requests whose
+        prompt completed, beam steps, new tokens, stop checks, finished requests, outputs.
+
+        ``failed`` holds the requests whose forward pass failed; sampling adds its own. Returns
+        the outputs and the latencies this step completed.
+        """
+        seqs_by_id = {item.seq.seq_id: item.seq for item in batch.scheduled}
         seqs: list[Sequence] = []
         rows: list[int] = []
-        for row, seq in enumerate(step_logits.seqs):
+        for row, seq_id in enumerate(model_output.seq_ids):
+            seq = seqs_by_id[seq_id]
             request = seq.request
             if request.beam_search is not None:
-                self._beam_logits.setdefault(request, {})[seq] = step_logits.logits[row]
+                self._beam_logits.setdefault(request, {})[seq] = model_output.logits[row]
                 continue
             group = [seq]
             if request.params.n > 1 and not request.forked:
@@ -208,7 +301,7 @@ class EngineCore:
         results: dict[Request, list[tuple[Sequence, int, float, TokenLogprobs | None]]] = {}
         if seqs:
             # Index only when rows repeat (forks) or are skipped (beams): it copies the logits.
-            logits = step_logits.logits
+            logits = model_output.logits
             if rows != list(range(logits.shape[0])):
                 logits = logits[rows]
             sampled, sample_failed = self._sample(logits, seqs)
@@ -217,47 +310,112 @@ class EngineCore:
                                                 sampled.top_logprobs):
                 if seq.request not in failed:
                     results.setdefault(seq.request, []).append((seq, token, logprob, top))
-        outputs = [self._fail(request, error) for request, error in failed.items()]
+        sampled_ns = time.time_ns()
+        timing = _StepTiming(sampled_ns=sampled_ns)
+        outputs: list[RequestOutput] = []
+        for request, error in failed.items():
+            outputs.append(self._fail(request, error))
+            timing.failed.append(request.request_id)
         for request in [r for r, got in self._beam_logits.items()
                         if len(got) == len(r.live_seqs)]:
             try:
+                beams = len(request.live_seqs)
                 self._beam_step(request)
+                timing.generated += beams
+                self._mark_token(request, timing)
                 if request.is_finished:
-                    outputs.append(self._beam_output(request))
+                    outputs.append(self.output_processor.beam_output(request))
             except Exception as e:
                 outputs.append(self._fail(request, e))
         for request, sequences in results.items():
             try:
                 outputs.append(self._advance(request, sequences))
+                timing.generated += len(sequences)
+                self._mark_token(request, timing)
             except Exception as e:
                 outputs.append(self._fail(request, e))
-        return outputs
+        return outputs, timing
 
-    def _execute(self, batch: SchedulerOutput) -> tuple[StepLogits, dict[Request, Exception]]:
+    def _mark_scheduled(self, batch: SchedulerOutput, now_ns: int) -> None:
+        for seq in batch.preempted:
+            request = seq.request
+            if not request.preemption_ns or request.preemption_ns[-1] != now_ns:
+                request.preemption_ns.append(now_ns)
+        for item in batch.scheduled:
+            request = item.seq.request
+            if request.first_scheduled_ns is None:
+                request.first_scheduled_ns = now_ns
+                # Not computed yet this step, so what the sequence has came from the cache.
+                request.num_cached_tokens = item.seq.num_computed_tokens
+
+    def _mark_token(self, request: Request, timing: _StepTiming) -> None:
+        """Records the request's first token, or the gap since its last one."""
+        if not self._observers:
+            return
+        now = timing.sampled_ns
+        if request.first_token_ns is None:
+            request.first_token_ns = now
+            timing.ttft.append((now - request.arrival_ns) / 1e9)
+        elif request.last_token_ns is not None:
+            timing.itl.append((now - request.last_token_ns) / 1e9)
+        request.last_token_ns = now
+
+    def _report_step(self, batch: SchedulerOutput, queues: tuple[int, int],
+                     served: tuple[str, ...], timing: _StepTiming) -> None:
+        """Hands the step's record to the observers; ``queues`` are the running and waiting
+        requests as scheduled, ``served`` the ids of the requests it ran."""
+        bm = self.block_manager
+        totals = (bm.stats.prefix_queried_tokens, bm.stats.prefix_hit_tokens,
+                  bm.stats.cow_copies, bm.stats.evictions)
+        deltas = [now - before for now, before in zip(totals, self._last_totals)]
+        self._last_totals = totals
+        preempted = dict.fromkeys(seq.request.request_id for seq in batch.preempted)
+        stats = StepStats(
+            step=self._steps, start_ns=timing.start_ns, scheduled_ns=timing.scheduled_ns,
+            forwarded_ns=timing.forwarded_ns, sampled_ns=timing.sampled_ns,
+            end_ns=timing.end_ns, num_running=queues[0], num_waiting=queues[1],
+            num_preempted=len(preempted),
+            num_prefill_tokens=batch.num_prefill_tokens,
+            num_decode_tokens=batch.num_decode_tokens,
+            num_scheduled_seqs=len(batch.model_input.chunks),
+            num_generated_tokens=timing.generated,
+            num_blocks_used=bm.num_used_blocks, num_blocks_free=bm.num_free_blocks,
+            num_blocks_cached=bm.num_cached_blocks, num_blocks_total=bm.num_usable_blocks,
+            prefix_cache_queried_tokens=deltas[0], prefix_cache_hit_tokens=deltas[1],
+            num_cow_copies=deltas[2], num_evictions=deltas[3],
+            request_ids=served, preempted_request_ids=tuple(preempted),
+            time_to_first_token_s=tuple(timing.ttft), inter_token_latency_s=tuple(timing.itl),
+            failed_request_ids=tuple(timing.failed))
+        for observer in self._observers:
+            observer.on_step(stats)
+
+    def _execute(self, batch: SchedulerOutput) -> tuple[ModelOutput, dict[Request, Exception]]:
         """Runs the batch; if it raises, runs each request's part alone to find the culprits.
 
         Rerunning is safe: a step writes only its own tokens' slots, so a second pass writes
         the same values, and the block copies are made again before any part runs.
         """
+        step = batch.model_input
         try:
-            return self.runner.execute(batch), {}
+            return self.runner.execute(step), {}
         except Exception:
             log.exception("step %d failed; running its requests one at a time", self._steps)
-        self.runner.copy_blocks(batch.block_copies)
-        parts: dict[Request, list[ScheduledSeq]] = {}
-        for item in batch.scheduled:
-            parts.setdefault(item.seq.request, []).append(item)
-        done: list[StepLogits] = []
+        self.runner.copy_blocks(step.block_copies)
+        request_of = {item.seq.seq_id: item.seq.request for item in batch.scheduled}
+        parts: dict[Request, list[SeqChunk]] = {}
+        for chunk in step.chunks:
+            parts.setdefault(request_of[chunk.seq_id], []).append(chunk)
+        done: list[ModelOutput] = []
         failed: dict[Request, Exception] = {}
-        for request, items in parts.items():
+        for request, chunks in parts.items():
             try:
-                done.append(self.runner.execute(SchedulerOutput(scheduled=items)))
+                done.append(self.runner.execute(ModelInput(chunks)))
             except Exception as e:
                 failed[request] = e
         if not done:
-            return StepLogits([], torch.empty(0, self.vocab_size)), failed
-        return StepLogits([s for d in done for s in d.seqs],
-                          torch.cat([d.logits for d in done])), failed
+            return ModelOutput([], torch.empty(0, self.vocab_size)), failed
+        return ModelOutput([i for d in done for i in d.seq_ids],
+                           torch.cat([d.logits for d in done])), failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[SamplerOutput, dict[Request, Exception]]:
@@ -299,10 +457,10 @@ class EngineCore:
             seq.cumulative_logprob += logprob
             if top is not None:
                 seq.logprobs.append(top)
-            self._check_stop(seq, token)
+            self.output_processor.check_stop(seq, token)
         if request.is_finished:
             self.requests.pop(request.request_id, None)
-        return self._output(request, {seq: token for seq, token, _, _ in sequences})
+        return self.output_processor.output(request, {seq: token for seq, token, _, _ in sequences})
 
     def _beam_step(self, request: Request) -> None:
         """Advances a beam search whose live beams all have their next logits."""
@@ -335,75 +493,6 @@ class EngineCore:
             beam.token_ids.append(token)
             beam.cumulative_logprob = score
         request.seqs = [beam for beam, _ in next_beams]
-
-    def _beam_output(self, request: Request) -> RequestOutput:
-        search = request.beam_search
-        assert search is not None
-        skip = request.params.skip_special_tokens
-        completions = [
-            CompletionOutput(index=i, text=str(self.tokenizer.decode(b.output_token_ids,
-                                                                     skip_special_tokens=skip)),
-                             token_ids=b.output_token_ids,
-                             cumulative_logprob=b.cumulative_logprob,
-                             finish_reason=b.finish_reason, score=b.score)
-            for i, b in enumerate(search.best(request.params.n))]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, True, [c.text for c in completions],
-                             [c.token_ids for c in completions])
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        if token == self.eos_token_id and not params.ignore_eos:
-            self._finish(seq, "stop", None, render=False)
-            return
-        if token in params.stop_token_ids:
-            self._finish(seq, "stop", token, render=params.include_stop_str_in_output)
-            return
-        delta = seq.detokenizer.append(token)
-        if params.stop and delta and seq.num_output_tokens >= params.min_tokens:
-            text = seq.detokenizer.text
-            longest = max(len(s) for s in params.stop)
-            start = max(0, len(text) - len(delta) - longest + 1)
-            hits = [(i, s) for s in params.stop if (i := text.find(s, start)) >= 0]
-            if hits:
-                index, stop = min(hits)
-                cut = index + (len(stop) if params.include_stop_str_in_output else 0)
-                seq.detokenizer.text = text[:cut]
-                self._finish(seq, "stop", stop, render=False)
-                return
-        if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
-                or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length", None, render=False)
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None,
-                render: bool) -> None:
-        if render:
-            seq.detokenizer.append(seq.token_ids[-1])
-        if not isinstance(stop_reason, str):  # a stop string already cut the text to size
-            seq.detokenizer.flush()
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
-        self.scheduler.finish(seq)
-
-    def _output(self, request: Request, new_tokens: dict[Sequence, int]) -> RequestOutput:
-        completions, delta_texts, delta_ids = [], [], []
-        for seq in request.seqs:
-            text = seq.detokenizer.text
-            visible = len(text)
-            if not seq.is_finished and seq.params.stop:
-                # Hold back a possible stop string's beginning until it is decided.
-                held = max(len(s) for s in seq.params.stop) - 1
-                visible = max(seq.text_sent, len(text) - held)
-            delta_texts.append(text[seq.text_sent: visible])
-            seq.text_sent = visible
-            delta_ids.append([new_tokens[seq]] if seq in new_tokens else [])
-            completions.append(CompletionOutput(
-                index=seq.index, text=text[:visible], token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, request.is_finished, delta_texts, delta_ids)
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats

@@ -13,6 +13,8 @@ prompt never delays the tokens of requests already running.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +58,15 @@ class InputProcessor:
 
     def make_request(self, request_id: str, prompt: str | None,
                      params: SamplingParams | None = None,
-                     prompt_token_ids: list[int] | None = None) -> Request:
-        """The request, ready to queue; raises ``ValueError`` naming the offending field."""
+                     prompt_token_ids: list[int] | None = None,
+                     arrival_ns: int | None = None,
+                     trace_headers: Mapping[str, str] | None = None) -> Request:
+        """The request, ready to queue; raises ``ValueError`` naming the offending field.
+
+        ``arrival_ns`` (wall clock, default now) is when the caller handed it over;
+        ``trace_headers`` the W3C trace context it came with, for its trace span.
+        """
+        arrival_ns = time.time_ns() if arrival_ns is None else arrival_ns
         limits = self.limits
         params = params or SamplingParams()
         self._check_params(params)
@@ -100,7 +109,7 @@ class InputProcessor:
                     f"to {needed} KV blocks, more than the cache's "
                     f"{limits.num_usable_blocks}; lower max_tokens")
         return Request(request_id, prompt, prompt_token_ids, params, next(self._arrivals),
-                       limits.max_model_len)
+                       limits.max_model_len, arrival_ns=arrival_ns, trace_headers=trace_headers)
 
     def _refuse_length(self, num_tokens: int) -> None:
         raise ValueError(f"prompt is {num_tokens} tokens long; the maximum context length is "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from backend.config import EngineConfig
 from backend.engine.block_manager import BlockManager
 from backend.engine.sequence import Request, Sequence, SequenceStatus
+from backend.model.batch import ModelInput, SeqChunk
 
 
 @dataclass
@@ -39,6 +40,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    # The runner's share: a snapshot of what runs, taken when the step was scheduled.
+    model_input: ModelInput = field(default_factory=ModelInput)
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +59,13 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prefilled_tokens: int = 0  # prompt (and recomputed) tokens run through the model
     num_decoded_tokens: int = 0
+
+
+def _chunk(item: ScheduledSeq) -> SeqChunk:
+    seq, start = item.seq, item.seq.num_computed_tokens
+    end = start + item.num_new_tokens
+    return SeqChunk(seq.seq_id, seq.token_ids[start:end], start, list(seq.block_table.blocks),
+                    end == seq.num_tokens)
 
 
 def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
@@ -115,9 +127,12 @@ class Scheduler:
         out.block_copies = self.block_manager.take_copies()
         for s in out.scheduled:
             if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:
-                self.stats.num_decoded_tokens += 1
+                out.num_decode_tokens += 1
             else:
-                self.stats.num_prefilled_tokens += s.num_new_tokens
+                out.num_prefill_tokens += s.num_new_tokens
+        self.stats.num_decoded_tokens += out.num_decode_tokens
+        self.stats.num_prefilled_tokens += out.num_prefill_tokens
+        out.model_input = ModelInput([_chunk(s) for s in out.scheduled], out.block_copies)
         return out
 
     def _schedule_running(self, request: Request, budget: int, out: SchedulerOutput

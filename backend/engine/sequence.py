@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,14 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1: the prompt's sequence has forked into its samples
     beam_search: BeamSearch | None = None
+    # Lifecycle, wall-clock ns (what tracing and metrics report), and the caller's trace context.
+    arrival_ns: int = 0
+    trace_headers: Mapping[str, str] | None = None
+    first_scheduled_ns: int | None = None
+    first_token_ns: int | None = None
+    last_token_ns: int | None = None
+    preemption_ns: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at first scheduling
 
     @property
     def is_finished(self) -> bool:

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from backend.config import EngineConfig
-from backend.engine.scheduler import SchedulerOutput
-from backend.engine.sequence import Sequence
+from backend.model.batch import ModelInput, ModelOutput
 from backend.model.llama import KVCache, LlamaModel
 from kernels.attention import NULL_BLOCK, AttentionMetadata
-
-
-@dataclass
-class StepLogits:
-    """Logits of the sequences whose scheduled tokens reach their end (they get a new token)."""
-
-    seqs: list[Sequence]
-    logits: torch.Tensor  # [len(seqs), vocab] fp32
 
 
 def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
@@ -102,9 +92,9 @@ class ModelRunner:
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def execute(self, batch: SchedulerOutput) -> StepLogits:
-        """Runs the batch (after its block copies) and returns the logits of sampling rows."""
-        self.copy_blocks(batch.block_copies)
+    def execute(self, step: ModelInput) -> ModelOutput:
+        """Runs the step (after its block copies) and returns the logits of sampling chunks."""
+        self.copy_blocks(step.block_copies)
         device = self.model.device
         bs = self.block_size
         input_ids: list[int] = []
@@ -113,22 +103,21 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
+        sample_ids: list[int] = []
         num_decodes = 0
-        for item in batch.scheduled:
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+        for chunk in step.chunks:
+            n = len(chunk.token_ids)
+            end = chunk.start + n
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, end))
             query_lens.append(n)
             seq_lens.append(end)
-            tables.append(seq.block_table.blocks)
+            tables.append(chunk.block_table)
             if n == 1 and num_decodes == len(query_lens) - 1:
                 num_decodes += 1
-            if end == seq.num_tokens:
+            if chunk.sample:
                 sample_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
+                sample_ids.append(chunk.seq_id)
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables],
                                     dtype=torch.long, device=device)
@@ -144,4 +133,4 @@ class ModelRunner:
         hidden = self.model.forward(torch.tensor(input_ids, dtype=torch.long, device=device),
                                     pos, self.caches, meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
-        return StepLogits(sample_seqs, self.model.logits(hidden.index_select(0, rows)))
+        return ModelOutput(sample_ids, self.model.logits(hidden.index_select(0, rows)))

@@ -16,7 +16,7 @@ import asyncio
 import copy
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import grpc
 
 from backend.config import EngineConfig
 from backend.engine.async_engine import AsyncEngine
+from backend.engine.stats import EngineObserver
 from backend.repository.engine_args import check_kv_cache_total, engine_config
 from backend.repository.errors import RepositoryError
 from backend.repository.model_config import load_config
@@ -87,14 +88,17 @@ class _ModelState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-EngineFactory = Callable[[EngineConfig], tuple[AsyncEngine, Any]]
+EngineFactory = Callable[[EngineConfig, Sequence[EngineObserver]], tuple[AsyncEngine, Any]]
+# (model name, version) -> the observers (tracing, metrics) its engine reports to.
+ObserverFactory = Callable[[str, int], Sequence[EngineObserver]]
 
 
-def build_engine(config: EngineConfig) -> tuple[AsyncEngine, Any]:
+def build_engine(config: EngineConfig, observers: Sequence[EngineObserver] = ()
+                 ) -> tuple[AsyncEngine, Any]:
     """Loads the weights and starts an engine; returns it with a tokenizer copy for the loop."""
     from backend.engine.core import EngineCore
 
-    core = EngineCore(config)
+    core = EngineCore(config, observers=observers)
     tokenizer = copy.deepcopy(core.tokenizer)  # before the core thread starts using its own
     return AsyncEngine(core), tokenizer
 
@@ -114,7 +118,8 @@ class ModelRepository:
 
     def __init__(self, root: Path, control_mode: str = "none",
                  startup_models: list[str] | None = None,
-                 engine_factory: EngineFactory = build_engine) -> None:
+                 engine_factory: EngineFactory = build_engine,
+                 observer_factory: ObserverFactory | None = None) -> None:
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, "
                              f"got {control_mode!r}")
@@ -122,6 +127,7 @@ class ModelRepository:
         self.control_mode = control_mode
         self.startup_models = startup_models or []
         self._factory = engine_factory
+        self._observers = observer_factory
         self._models: dict[str, _ModelState] = {}
 
     # ---- discovery -------------------------------------------------------------------------
@@ -177,7 +183,9 @@ class ModelRepository:
                 if old is None or old.model is None:
                     state.versions[version] = _VersionState("LOADING")
                 try:
-                    engine, tokenizer = await asyncio.to_thread(self._factory, settings[version])
+                    observers = (self._observers(name, version) if self._observers else ())
+                    engine, tokenizer = await asyncio.to_thread(self._factory, settings[version],
+                                                                observers)
                 except Exception as e:
                     for done in loaded.values():  # all or nothing: keep the old set serving
                         if done.model is not None:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from backend.engine.stats import EngineObserver
 from backend.repository import ModelRepository
 from backend.server._proto import grpc_service_pb2 as pb
 from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -29,10 +31,12 @@ from backend.server._proto._pool import POOL
 from backend.server.access import RestrictedProtocols, Restriction
 from backend.server.health import HealthService
 from backend.server.http_endpoint import HttpEndpoint, HttpSettings
+from backend.server.metrics import MetricFamilies, RepositoryCollector, metrics_observers
 from backend.server.service import InferenceService
 from backend.server.state import SERVER_NAME, SERVER_VERSION, ServerState
 from backend.server.streaming import DRAIN
 from backend.server.tls import TlsOptions, grpc_credentials, ssl_context
+from backend.server.tracing import ServerTracing, parse_trace_config
 
 log = logging.getLogger("pagedserve")
 
@@ -59,6 +63,7 @@ class ServeOptions:
     http_idle_timeout: float = 30.0
     grpc_restrictions: dict[str, Restriction] = field(default_factory=dict)
     http_restrictions: dict[str, Restriction] = field(default_factory=dict)
+    trace_config: tuple[str, ...] = ()  # Triton's --trace-config values
 
 
 def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -80,16 +85,30 @@ async def serve(options: ServeOptions) -> int:
     http = HttpSettings(tls=ssl_context(options.http_tls) if options.http_tls else None,
                         idle_timeout=options.http_idle_timeout,
                         restrictions=options.http_restrictions)
+    tracing = ServerTracing(parse_trace_config(options.trace_config))
     state = ServerState()
+    state.trace.update(trace_level=[tracing.settings.level],
+                       trace_rate=[str(tracing.settings.rate)],
+                       trace_count=[str(tracing.settings.count)], trace_mode=["opentelemetry"])
+    # One registry for /metrics: engine observers write it, the repository collector joins it.
+    registry = CollectorRegistry()
+    families = MetricFamilies(registry)
+    metrics = metrics_observers(families)
+
+    def observers(name: str, version: int) -> list[EngineObserver]:
+        return [*metrics(name, version), *tracing.observers(name, version)]
+
     repository = ModelRepository(options.model_repository, options.model_control_mode,
-                                 list(options.load_models))
+                                 list(options.load_models), observer_factory=observers)
+    registry.register(RepositoryCollector(repository))
     server = grpc.aio.server(
         interceptors=[RestrictedProtocols(options.grpc_restrictions)]
         if options.grpc_restrictions else None,
         options=[("grpc.max_send_message_length", options.max_message_bytes),
                  ("grpc.max_receive_message_length", options.max_message_bytes)],
         maximum_concurrent_rpcs=options.grpc_max_concurrent_rpcs or None)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, state),
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, state,
+                                                                        tracing),
                                                        server)
     hpb_grpc.add_HealthServicer_to_server(HealthService(repository, state), server)
     reflection.enable_server_reflection([
@@ -114,7 +133,7 @@ async def serve(options: ServeOptions) -> int:
     for kind, port in (("HTTPService", options.http_port), ("Metrics Service",
                                                              options.metrics_port)):
         if port and all(e.port != port for _, e in endpoints):
-            endpoint = HttpEndpoint(options.host, port, repository, state, http)
+            endpoint = HttpEndpoint(options.host, port, repository, state, http, registry)
             endpoint.start()
             endpoints.append((kind, endpoint))
     await server.start()
@@ -143,6 +162,7 @@ async def serve(options: ServeOptions) -> int:
     for _, endpoint in endpoints:
         endpoint.stop()
     await repository.shutdown()
+    tracing.shutdown()  # the last requests' spans, exported before the process exits
     log.info("Server stopped")
     return 0
 

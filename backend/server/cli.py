@@ -10,6 +10,7 @@ from pathlib import Path
 from backend.server.access import GRPC_HEADER_PREFIX, parse_restrictions
 from backend.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
 from backend.server.tls import TlsOptions
+from backend.server.tracing import parse_trace_config
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 _MAX_GRPC_INT = 2**31 - 1  # gRPC's message-size options are C ints
@@ -80,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="<api>[,<api>...]:<key>=<value>",
                         help="HTTP routes of these groups (health) need the header "
                              "'<key>: <value>'; repeatable")
+    parser.add_argument("--trace-config", action="append", default=[],
+                        metavar="[opentelemetry,]<setting>=<value>",
+                        help="Triton's trace settings: level=OFF|TIMESTAMPS, rate=N (one "
+                             "request in N), count=N, mode=opentelemetry, "
+                             "opentelemetry,url=<OTLP/HTTP traces URL>, "
+                             "opentelemetry,resource=<key>=<value>; repeatable. OTEL_* "
+                             "variables configure the exporter (docs/observability.md)")
     parser.add_argument("--log-verbose", action="store_true", help="debug logging")
 
 
@@ -107,6 +115,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         raise ValueError("--grpc-max-concurrent-rpcs must be 0 (no cap) or more")
     if not args.http_idle_timeout > 0:
         raise ValueError("--http-idle-timeout must be more than 0 seconds")
+    parse_trace_config(args.trace_config)  # refused here, before anything starts
     return ServeOptions(
         model_repository=args.model_repository, host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port,
@@ -120,7 +129,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
                                              "grpc-restricted-protocol", GRPC_HEADER_PREFIX,
                                              "protocol"),
         http_restrictions=parse_restrictions(args.http_restricted_api, "http-restricted-api",
-                                             "", "api"))
+                                             "", "api"),
+        trace_config=tuple(args.trace_config))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from functools import lru_cache
 from typing import Any
@@ -30,6 +30,8 @@ from backend.server.wire import (
     request_parameters,
 )
 
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
 
 class InferError(Exception):
     """A request failure with its gRPC status code; ``started`` once the engine admitted it."""
@@ -39,6 +41,14 @@ class InferError(Exception):
         self.code = code
         self.message = message
         self.started = started
+
+
+def trace_headers(context: Any) -> dict[str, str] | None:
+    """The W3C trace context (``traceparent``, ``tracestate``) a call's metadata carries."""
+    metadata = (context.invocation_metadata() if context is not None else None) or ()
+    headers = {key: value for key, value in metadata
+               if key in _TRACE_HEADERS and isinstance(value, str)}
+    return headers or None
 
 
 def _decoder(tokenizer: Any) -> Any:
@@ -51,9 +61,11 @@ def _decoder(tokenizer: Any) -> Any:
 class Inference:
     """Drives one ``ModelInferRequest`` against one model version."""
 
-    def __init__(self, model: ModelVersion, request: pb.ModelInferRequest) -> None:
+    def __init__(self, model: ModelVersion, request: pb.ModelInferRequest,
+                 trace_headers: Mapping[str, str] | None = None) -> None:
         self.model = model
         self.request = request
+        self.trace_headers = trace_headers
         self.version = str(model.version)
         self._t0 = time.monotonic_ns()
         self._input_ns = 0
@@ -99,7 +111,7 @@ class Inference:
         try:
             stream: AsyncGenerator[RequestOutput, None] = self.model.engine.generate(  # type: ignore[assignment]
                 generate.prompt, generate.params, request_id=engine_id,
-                prompt_token_ids=generate.prompt_token_ids)
+                prompt_token_ids=generate.prompt_token_ids, trace_headers=self.trace_headers)
             async with aclosing(stream) as outputs:
                 async for out in outputs:
                     if first_ns is None:

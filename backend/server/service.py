@@ -13,9 +13,10 @@ from backend.repository import ModelRepository, ModelVersion, RepositoryError
 from backend.repository.names import shown
 from backend.server._proto import grpc_service_pb2 as pb
 from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
-from backend.server.inference import Inference, InferError
+from backend.server.inference import Inference, InferError, trace_headers
 from backend.server.state import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ServerState
 from backend.server.streaming import StreamHandler
+from backend.server.tracing import ServerTracing, TraceConfigError, check_int, check_level
 from backend.server.wire import PROTOCOL_DTYPES
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 _NO_SHM = ("pagedserve does not support shared memory: send tensors in the request "
            "(raw_input_contents)")
 _NOT_EXPLICIT = "explicit model load / unload is not allowed if polling is enabled"
+
+
+def _single(values: list[str]) -> str:
+    return values[0] if len(values) == 1 else ",".join(values)
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
@@ -34,9 +39,11 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton service over a model repository."""
 
-    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+    def __init__(self, repository: ModelRepository, state: ServerState,
+                 tracing: ServerTracing) -> None:
         self.repository = repository
         self.state = state
+        self.tracing = tracing
 
     async def _model(self, context: grpc.aio.ServicerContext, name: str, version: str
                      ) -> ModelVersion:
@@ -135,7 +142,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                          "policy")
         if self.state.draining:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
-        inference = Inference(model, request)
+        inference = Inference(model, request, trace_headers(context))
         try:
             generate, _ = inference.prepare()
             last = None
@@ -247,12 +254,30 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                                          dict(self.state.trace))
         else:
             settings = self.state.trace
+        updated = dict(settings)
         for key, value in request.settings.items():
             if key not in settings:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                              f"unknown trace setting '{key}'")
             # An empty value clears a model's setting back to the global one.
-            settings[key] = list(value.value) if value.value else list(self.state.trace[key])
+            updated[key] = list(value.value) if value.value else list(self.state.trace[key])
+        try:
+            level = check_level(updated["trace_level"])
+            rate = check_int("rate", _single(updated["trace_rate"]), minimum=1)
+            count = check_int("count", _single(updated["trace_count"]), minimum=-1)
+        except TraceConfigError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        settings.update(updated)
+        # What the engines read: a model's own settings, or the global ones for every model
+        # that has none of its own.
+        if request.model_name:
+            targets = [self.tracing.settings_for(request.model_name)]
+        else:
+            targets = [self.tracing.settings, *(
+                live for name, live in self.tracing.model_settings.items()
+                if name not in self.state.model_trace)]
+        for target in targets:
+            target.level, target.rate, target.count = level, rate, count
         response = pb.TraceSettingResponse()
         for key, values in settings.items():
             response.settings[key].value.extend(values)

@@ -19,7 +19,7 @@ import grpc
 
 from backend.repository import ModelRepository, RepositoryError
 from backend.server._proto import grpc_service_pb2 as pb
-from backend.server.inference import Inference, InferError
+from backend.server.inference import Inference, InferError, trace_headers
 from backend.server.state import ServerState
 from backend.server.wire import MAX_REQUEST_ID_CHARS
 
@@ -56,6 +56,7 @@ class StreamHandler:
         # earlier marker, so only this count may decide that the stream is done.
         self.unfinished = 0
         self._ordered_tail: asyncio.Future[None] | None = None
+        self.trace_headers: dict[str, str] | None = None  # the stream's, for every request
 
     async def _run(self, request: pb.ModelInferRequest) -> None:
         previous: asyncio.Future[None] | None = None
@@ -67,7 +68,7 @@ class StreamHandler:
             if not model.decoupled:
                 previous, mine = self._ordered_tail, asyncio.get_running_loop().create_future()
                 self._ordered_tail = mine
-            inference = Inference(model, request)
+            inference = Inference(model, request, self.trace_headers)
             generate, empty_final = inference.prepare()
             async for response in inference.responses(generate, True, empty_final):
                 if previous is not None:
@@ -115,6 +116,7 @@ class StreamHandler:
                     ) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
         """Yields the stream's responses until the client is done and every request answered."""
         self.state.streams.add(self.queue)
+        self.trace_headers = trace_headers(context)
         reader = asyncio.create_task(self._read(requests))
         reader_done = False
         try:

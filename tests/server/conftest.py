@@ -88,8 +88,10 @@ class ServerHandle:
         return int(self.process.returncode)
 
 
-def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180) -> ServerHandle:
-    """Starts the server on free loopback ports and waits until it is live."""
+def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180,
+                 env: dict[str, str] | None = None) -> ServerHandle:
+    """Starts the server on free loopback ports and waits until it is live; ``env`` adds
+    variables to its environment."""
     grpc_port, http_port = free_port(), free_port()
     log_path = Path(tempfile.mkstemp(prefix="pagedserve-", suffix=".log")[1])
     command = [sys.executable, "-m", "backend", "serve", "--model-repository", str(repo_dir),
@@ -97,7 +99,7 @@ def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180) -
                "--http-port", str(http_port), "--metrics-port", str(http_port), *extra_args]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     handle = ServerHandle(process, grpc_port, http_port, log_path)
     client = grpcclient.InferenceServerClient(handle.grpc_url)
     deadline = time.monotonic() + timeout

@@ -29,7 +29,7 @@ class _StubEngine:
         self.stopped = True
 
 
-def _stub_factory(config: EngineConfig) -> tuple[Any, Any]:
+def _stub_factory(config: EngineConfig, observers: Any = ()) -> tuple[Any, Any]:
     if config.seed == 666:
         raise RuntimeError("weights not found")
     return _StubEngine(config), None

@@ -88,7 +88,7 @@ class _Recorder:
 
     configs: list[EngineConfig] = field(default_factory=list)
 
-    def __call__(self, config: EngineConfig) -> tuple[Any, Any]:
+    def __call__(self, config: EngineConfig, observers: Any = ()) -> tuple[Any, Any]:
         self.configs.append(config)
         return _StubEngine(config), None
 
@@ -368,7 +368,7 @@ def test_client_model_path_inside_the_repository_is_used(layout: Layout) -> None
 
 
 def test_load_failure_does_not_reveal_where_the_repository_is(layout: Layout) -> None:
-    def failing(config: EngineConfig) -> tuple[Any, Any]:
+    def failing(config: EngineConfig, observers: Any = ()) -> tuple[Any, Any]:
         raise FileNotFoundError(f"model directory {config.model} has no config.json")
 
     repo = ModelRepository(layout.repo, "explicit", engine_factory=failing)
