@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from backend.engine.core import EngineCore, EngineStats
+from backend.engine.core import EngineCore
 from backend.engine.input_processor import AdmissionLimits, InputProcessor
 from backend.engine.sequence import Request
 from backend.outputs import RequestOutput
@@ -142,9 +142,6 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Ends a request; its iterator yields a final output with finish reason ``abort``."""
         self._incoming.put(_Abort(request_id))
-
-    def stats(self) -> EngineStats:
-        return self.core.stats()
 
     def shutdown(self) -> None:
         """Stops both threads; requests still running end with an error."""
