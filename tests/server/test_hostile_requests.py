@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
 
 from backend.server._proto import grpc_service_pb2 as pb
 from backend.server.tensors import TensorError, parse_request
@@ -277,3 +278,46 @@ def test_huge_prompts_are_refused_fast_with_bounded_memory(fresh_server: ServerH
     assert growth_mb < 100, growth_mb
     gaps = np.diff(good.arrivals)
     assert len(gaps) >= GOOD_TOKENS - 1 and gaps.max() < 1.0, gaps.max()
+
+
+# ---- a bounded queue: overload is refused at once, with RESOURCE_EXHAUSTED ------------------
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    """A unary (not decoupled) model that takes one request at a time and queues none."""
+    from tests.server.conftest import DEFAULT_REPOSITORY, start_server
+
+    root = tmp_path_factory.mktemp("one-slot")
+    model = root / "one"
+    (model / "1").mkdir(parents=True)
+    config = (DEFAULT_REPOSITORY / "smollm2" / "config.pbtxt").read_text()
+    (model / "config.pbtxt").write_text(config.replace("decoupled: true", "decoupled: false"))
+    (model / "1" / "model.json").write_text(json.dumps({
+        "model": "default", "max_model_len": 512, "kv_cache_memory_bytes": 16 * 2**20,
+        "max_num_seqs": 1, "max_queue_size": 0}))
+    handle = start_server(root)
+    yield handle
+    handle.stop()
+
+
+@pytest.mark.slow
+def test_requests_beyond_the_queue_get_resource_exhausted(one_slot_server: ServerHandle) -> None:
+    client = grpcclient.InferenceServerClient(one_slot_server.grpc_url)
+    done: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.async_infer("one", llm_inputs("Count to a thousand:", 300, stream=False,
+                                         params={"ignore_eos": True}),
+                       callback=lambda result, error: done.put((result, error)))
+    key = '{engine="1",model_name="one"}'
+    deadline = time.monotonic() + 60
+    while one_slot_server.metrics().get(f"vllm:num_requests_running{key}", 0) < 1:
+        assert time.monotonic() < deadline, "the first request never started"
+        time.sleep(0.05)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("one", llm_inputs("Hi", 2, stream=False))
+    assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "max_queue_size" in refused.value.message()
+    _result, error = done.get(timeout=300)
+    assert error is None, error
+    assert client.infer("one", llm_inputs("Hi", 2, stream=False)) is not None
+    client.close()
