@@ -10,13 +10,11 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
-import os
 import queue
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +39,7 @@ from tests.server.conftest import (
     free_port,
     is_final,
     llm_inputs,
+    start_server,
     text_of,
 )
 
@@ -50,29 +49,9 @@ slow = pytest.mark.slow  # every test that needs a server process (model load: ~
 
 
 def launch(repo: Path, *extra_args: str, timeout: float = 180) -> ServerHandle:
-    """``conftest.start_server``, but ready once the log shows the gRPC port started.
-
-    ``start_server`` probes liveness with a plaintext, header-less client, which a TLS port or
-    a restricted health group refuses by design.
-    """
-    grpc_port, http_port = free_port(), free_port()
-    log_path = Path(tempfile.mkstemp(prefix="pagedserve-", suffix=".log")[1])
-    command = [sys.executable, "-m", "backend", "serve", "--model-repository", str(repo),
-               "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-               "--http-port", str(http_port), "--metrics-port", str(http_port), *extra_args]
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    handle = ServerHandle(process, grpc_port, http_port, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{handle.log()}")
-        if "Started GRPCInferenceService" in handle.log():
-            return handle
-        time.sleep(0.2)
-    handle.stop()
-    raise RuntimeError(f"server did not start in {timeout} s:\n{handle.log()}")
+    """``conftest.start_server`` without its plaintext liveness probe, which a TLS port or a
+    restricted health group refuses by design."""
+    return start_server(repo, *extra_args, timeout=timeout, probe=False)
 
 
 def stream_text(client: grpcclient.InferenceServerClient, prompt: str = "The capital of France is",
