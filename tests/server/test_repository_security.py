@@ -49,6 +49,7 @@ from tests.server.conftest import (
     start_server,
     text_of,
 )
+from tests.server.test_repository import _model, _StubEngine
 
 DECOY_SEED = 4242
 TERABYTE = 2**40
@@ -73,15 +74,6 @@ def _name(template: str, layout: Layout) -> str:
     return template.replace("{decoy}", str(layout.decoy)).replace("{repo}", str(layout.repo))
 
 
-class _StubEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.stopped = False
-
-    def shutdown(self) -> None:
-        self.stopped = True
-
-
 @dataclass
 class _Recorder:
     """An engine factory that records every config it was asked to build."""
@@ -95,17 +87,6 @@ class _Recorder:
     @property
     def seeds(self) -> list[int]:
         return [c.seed for c in self.configs]
-
-
-def _model(root: Path, name: str, versions: list[int], config: str = 'backend: "vllm"',
-           model_json: dict[str, Any] | None = None) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(config)
-    for v in versions:
-        (folder / str(v)).mkdir(exist_ok=True)
-        (folder / str(v) / "model.json").write_text(json.dumps(model_json or {}))
-    return folder
 
 
 @dataclass
