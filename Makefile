@@ -45,6 +45,6 @@ bench: setup-dev
 serve: setup
 	$(BIN)/python -m backend serve $(SERVE_ARGS)
 
-# Regenerate backend/server/_proto from protos/*.proto (the result is committed).
+# Regenerate backend/protocol from protos/*.proto (the result is committed).
 protos: setup
 	$(BIN)/python protos/generate.py

@@ -24,10 +24,10 @@ import grpc
 
 from backend.config import EngineConfig
 from backend.model.runner import check_kv_cache_bytes
+from backend.protocol import model_config_pb2 as mc
 from backend.repository.errors import RepositoryError
 from backend.repository.names import shown
 from backend.repository.paths import is_within
-from backend.server._proto import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 

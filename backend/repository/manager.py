@@ -26,14 +26,14 @@ import grpc
 from backend.config import EngineConfig
 from backend.engine.async_engine import AsyncEngine
 from backend.engine.stats import EngineObserver
+from backend.protocol import model_config_pb2 as mc
 from backend.repository.engine_args import check_kv_cache_total, engine_config
 from backend.repository.errors import RepositoryError
 from backend.repository.model_config import load_config
 from backend.repository.names import model_folder, model_names, shown
 from backend.repository.paths import redact
+from backend.repository.statistics import ModelStats
 from backend.repository.versions import available_versions, select_versions
-from backend.server._proto import model_config_pb2 as mc
-from backend.server.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from backend.engine.stats import EngineObserver
+from backend.protocol import grpc_service_pb2 as pb
+from backend.protocol import grpc_service_pb2_grpc as pb_grpc
+from backend.protocol import health_pb2 as hpb
+from backend.protocol import health_pb2_grpc as hpb_grpc
+from backend.protocol._pool import POOL
 from backend.repository import ModelRepository
-from backend.server._proto import grpc_service_pb2 as pb
-from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
-from backend.server._proto import health_pb2 as hpb
-from backend.server._proto import health_pb2_grpc as hpb_grpc
-from backend.server._proto._pool import POOL
 from backend.server.access import RestrictedProtocols, Restriction
 from backend.server.health import HealthService
 from backend.server.http_endpoint import HttpEndpoint, HttpSettings

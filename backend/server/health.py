@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from backend.protocol import health_pb2 as hpb
+from backend.protocol import health_pb2_grpc as hpb_grpc
 from backend.repository import ModelRepository
-from backend.server._proto import health_pb2 as hpb
-from backend.server._proto import health_pb2_grpc as hpb_grpc
 from backend.server.state import ServerState
 
 _STATUS = hpb.HealthCheckResponse

@@ -18,9 +18,8 @@ import grpc
 
 from backend.engine.async_engine import EngineOverloaded
 from backend.outputs import RequestOutput
+from backend.protocol import grpc_service_pb2 as pb
 from backend.repository import ModelVersion
-from backend.server._proto import grpc_service_pb2 as pb
-from backend.server.tensors import GenerateRequest, ResponseBuilder, TensorError, parse_request
 from backend.server.wire import (
     build_response,
     check_request_id,
@@ -29,6 +28,7 @@ from backend.server.wire import (
     read_inputs,
     request_parameters,
 )
+from backend.tensors import GenerateRequest, ResponseBuilder, TensorError, parse_request
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
 

@@ -9,10 +9,10 @@ from typing import Any, NoReturn
 
 import grpc
 
+from backend.protocol import grpc_service_pb2 as pb
+from backend.protocol import grpc_service_pb2_grpc as pb_grpc
 from backend.repository import ModelRepository, ModelVersion, RepositoryError
 from backend.repository.names import shown
-from backend.server._proto import grpc_service_pb2 as pb
-from backend.server._proto import grpc_service_pb2_grpc as pb_grpc
 from backend.server.inference import Inference, InferError, trace_headers
 from backend.server.state import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ServerState
 from backend.server.streaming import StreamHandler

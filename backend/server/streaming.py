@@ -17,8 +17,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
+from backend.protocol import grpc_service_pb2 as pb
 from backend.repository import ModelRepository, RepositoryError
-from backend.server._proto import grpc_service_pb2 as pb
 from backend.server.inference import Inference, InferError, trace_headers
 from backend.server.state import ServerState
 from backend.server.wire import MAX_REQUEST_ID_CHARS

@@ -24,8 +24,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backend.server._proto import grpc_service_pb2 as pb
-from backend.server._proto import health_pb2 as hpb
+from backend.protocol import grpc_service_pb2 as pb
+from backend.protocol import health_pb2 as hpb
 from backend.server.access import (
     GROUPS,
     GRPC_HEADER_PREFIX,

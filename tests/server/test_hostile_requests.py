@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from backend.server._proto import grpc_service_pb2 as pb
-from backend.server.tensors import TensorError, parse_request
+from backend.protocol import grpc_service_pb2 as pb
 from backend.server.wire import check_request_id, request_parameters
+from backend.tensors import TensorError, parse_request
 from tests.server.conftest import MODEL, ServerHandle, is_final, llm_inputs, tensor, text_of
 
 GOOD_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",

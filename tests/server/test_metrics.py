@@ -23,8 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.engine.metrics import EngineMetrics
+from backend.repository.statistics import ModelStats
 from backend.server.metrics import MetricFamilies, RepositoryCollector
-from backend.server.statistics import ModelStats
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     MODEL,

@@ -9,12 +9,12 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ROOT / "backend" / "server" / "_proto"
+GENERATED = ROOT / "backend" / "protocol"
 
 
 def _ours() -> dict[str, descriptor_pb2.FileDescriptorProto]:
     """Our file descriptors (they live in a private pool, so tritonclient's can coexist)."""
-    from backend.server._proto import grpc_service_pb2, model_config_pb2
+    from backend.protocol import grpc_service_pb2, model_config_pb2
 
     out = {}
     for module in (grpc_service_pb2, model_config_pb2):

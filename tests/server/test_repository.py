@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from backend.config import EngineConfig
+from backend.protocol import model_config_pb2 as mc
 from backend.repository import ModelRepository, RepositoryError
 from backend.repository.engine_args import engine_config
 from backend.repository.model_config import load_config, parse_config
 from backend.repository.versions import available_versions, select_versions
-from backend.server._proto import model_config_pb2 as mc
 from tests.server.conftest import DEFAULT_REPOSITORY
 
 

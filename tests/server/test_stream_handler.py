@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from backend.server._proto import grpc_service_pb2 as pb
+from backend.protocol import grpc_service_pb2 as pb
 from backend.server.state import ServerState
 from backend.server.streaming import StreamHandler
 
