@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
+
+from kernels.dispatch import BACKENDS, ENV_VAR
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Upper bounds far beyond any real deployment: past them a size is a typo or an attack (a
@@ -20,8 +23,10 @@ _SIZES = {"block_size": MAX_BLOCK_SIZE, "max_num_batched_tokens": MAX_NUM_TOKENS
 class EngineConfig:
     """Knobs of the scheduler, the KV cache and the model runner.
 
-    The KV cache is sized by ``kv_cache_bytes`` when given, else by ``kv_cache_memory_fraction``
-    of the memory free on the device after the weights are loaded. With
+    The KV cache is sized by ``kv_cache_bytes`` when given; else on a CPU by
+    ``kv_cache_memory_fraction`` of the memory free after the weights are loaded, and on a GPU
+    by ``gpu_memory_utilization`` (vLLM's setting): the fraction of the device's total memory
+    that weights, activations and cache together may take. With
     ``enable_prefix_caching`` full blocks of finished and running requests are reused by later
     requests with the same prefix.
     """
@@ -32,6 +37,10 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.3
+    gpu_memory_utilization: float = 0.9
+    # Which kernels run (kernels.dispatch): "auto" (Triton on CUDA; C kernels, else torch, on
+    # CPUs), "torch", "cpu" or "triton" (interpreted on CPUs: slow, for checking that path).
+    attention_backend: str = field(default_factory=lambda: os.environ.get(ENV_VAR, "auto"))
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     max_model_len: int | None = None
@@ -53,9 +62,12 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError("kv_cache_memory_fraction must be in (0, 1], "
-                             f"got {self.kv_cache_memory_fraction}")
+        for name in ("kv_cache_memory_fraction", "gpu_memory_utilization"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be positive, "
                              f"got {self.max_num_batched_tokens}")
@@ -80,9 +92,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             if bound is not None and value > bound:
                 raise ValueError(f"{name} must be at most {bound}, got {value}")
-        fraction = self.kv_cache_memory_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-            raise ValueError(f"kv_cache_memory_fraction must be a number, got {fraction!r}")
+        for name in ("kv_cache_memory_fraction", "gpu_memory_utilization"):
+            fraction = getattr(self, name)
+            if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+                raise ValueError(f"{name} must be a number, got {fraction!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,9 +8,11 @@ positions read finite values (they are masked out of the softmax anyway).
 
 A step's batch is flattened: the query tokens of all sequences are concatenated, sequences with a
 single query token (decodes) first. This module holds the torch implementation, which runs
-everywhere and is the reference of the kernels behind the same two functions: on CPUs in fp32,
-decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is built (torch ops
-must first gather each context into a copy); Triton kernels plug in the same way.
+everywhere and is the reference of the kernels behind the same two functions: on CPUs (fp32,
+bf16, fp16), decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is built (torch ops
+must first gather each context into a copy); on CUDA the whole batch goes to the Triton kernels
+of :mod:`kernels.triton_attention` and :mod:`kernels.triton_cache`. :mod:`kernels.dispatch`
+chooses (``AttentionMetadata.backend``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu
+from kernels import cpu, dispatch
 
 NULL_BLOCK = 0
 # On the torch path decodes are attended in groups of consecutive rows; callers sort decodes by
@@ -71,17 +73,30 @@ class AttentionMetadata:
     seq_lens: list[int]
     num_decodes: int
     block_size: int
+    # "auto", "torch", "cpu" or "triton" (kernels.dispatch); the concrete path after init.
+    backend: str = "auto"
     # Derived once per step (decode lengths, gather indices, masks), not per layer.
     _decode_lens: torch.Tensor | None = field(default=None, repr=False)
     _decode_in_place: bool = field(default=False, repr=False)
     _decode_groups: list[DecodeGroup] | None = field(default=None, repr=False)
     _prefill_slots: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    # The Triton path's view of the batch: int32 lengths and cumulative query offsets.
+    _seq_lens_i32: torch.Tensor | None = field(default=None, repr=False)
+    _query_start_loc: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         device = self.block_tables.device
+        self.backend = dispatch.resolve(self.backend, device)
+        if self.backend == "triton":
+            starts = [0]
+            for n in self.query_lens:
+                starts.append(starts[-1] + n)
+            self._seq_lens_i32 = dispatch.to_device(self.seq_lens, torch.int32, device)
+            self._query_start_loc = dispatch.to_device(starts, torch.int32, device)
+            return
         self._decode_lens = torch.tensor(self.seq_lens[:self.num_decodes], device=device)
-        # Whether the decodes may go to the CPU kernel; fp32 is checked when the layer runs.
-        self._decode_in_place = device.type == "cpu" and cpu.available()
+        # Whether the decodes may go to the CPU kernel; the dtype is checked when the layer runs.
+        self._decode_in_place = self.backend == "cpu"
         for i in range(self.num_decodes, len(self.seq_lens)):
             if self.seq_lens[i] == self.query_lens[i]:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
@@ -130,8 +145,15 @@ def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> 
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Stores the new tokens' keys and values ``[num_tokens, num_kv_heads, head_dim]``."""
+             slot_mapping: torch.Tensor, backend: str = "auto") -> None:
+    """Stores the new tokens' keys and values ``[num_tokens, num_kv_heads, head_dim]``.
+
+    The torch path takes non-negative slots only; the Triton kernel skips negative ones.
+    """
+    if dispatch.resolve(backend, k.device) == "triton":
+        dispatch.triton_module("triton_cache", k.device).write_kv(k, v, k_cache, v_cache,
+                                                                  slot_mapping)
+        return
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
@@ -196,28 +218,95 @@ def _torch_decode(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
         out[group.start: group.end] = res.reshape(n, num_heads, head_dim)
 
 
+def _position_bias(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None,
+                   alibi_slopes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask ``[heads or 1, queries, keys]``: ``-inf`` where a key lies after
+    its query or outside the sliding window, else the ALiBi bias (zero without ALiBi)."""
+    rel = key_pos[None, :] - query_pos[:, None]
+    hidden = rel > 0
+    if sliding_window is not None:
+        hidden |= rel <= -sliding_window
+    if alibi_slopes is None:
+        bias = torch.zeros(1, *rel.shape, device=rel.device)
+    else:
+        bias = alibi_slopes[:, None, None] * rel[None].float()
+    return bias.masked_fill(hidden[None], float("-inf")).to(dtype)
+
+
+def _torch_decode_biased(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
+                         meta: AttentionMetadata, scale: float, out: torch.Tensor,
+                         sliding_window: int | None, alibi_slopes: torch.Tensor | None) -> None:
+    """Decode attention by torch ops under a sliding window or ALiBi: each group of decodes
+    gathers its contexts (released blocks read as the null block and are masked)."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = flat_k.shape[1]
+    for start in range(0, meta.num_decodes, DECODE_GROUP_SIZE):
+        end = min(start + DECODE_GROUP_SIZE, meta.num_decodes)
+        n, lens = end - start, meta.seq_lens[start:end]
+        slots = _context_slots(meta.block_tables[start:end], max(lens), meta.block_size)
+        index = slots.reshape(-1)
+        ctx = slots.shape[1]
+        keys = flat_k.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        values = flat_v.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        query = q[start:end].reshape(n, num_kv_heads, -1, head_dim)
+        key_pos = torch.arange(ctx, device=q.device)
+        mask = torch.stack([_position_bias(torch.tensor([length - 1], device=q.device), key_pos,
+                                           sliding_window, alibi_slopes, q.dtype)
+                            for length in lens])  # [n, heads or 1, 1, ctx]
+        mask = mask.view(n, num_kv_heads, -1, ctx) if mask.shape[1] > 1 else mask
+        res = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        out[start:end] = res.reshape(n, num_heads, head_dim)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, *,
+                    sliding_window: int | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the step's query tokens over their paged contexts.
 
     ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are the same tokens' keys and
     values, already written to the cache. Returns ``[num_tokens, num_heads, head_dim]``.
+    With ``sliding_window`` W a query sees only the keys of its last W positions (itself
+    included); ``alibi_slopes`` ``[num_heads]`` (fp32) adds ``slope * (key position - query
+    position)`` to the scaled scores.
     """
     out = torch.empty_like(q)
+    biased = sliding_window is not None or alibi_slopes is not None
+    if meta.backend == "triton" and biased:
+        raise NotImplementedError("the Triton attention kernel has no sliding window or ALiBi")
+    if meta.backend == "triton":
+        assert meta._seq_lens_i32 is not None and meta._query_start_loc is not None
+        dispatch.triton_module("triton_attention", q.device).paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta._seq_lens_i32, meta._query_start_loc,
+            max(meta.query_lens), max(meta.seq_lens), scale, out)
+        return out
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     decodes = meta.num_decodes
-    if decodes and meta._decode_in_place and q.dtype == k_cache.dtype == torch.float32:
+    if decodes and meta._decode_in_place and q.dtype == k_cache.dtype and q.dtype in cpu.DTYPES:
         assert meta._decode_lens is not None
         cpu.decode_attention(q[:decodes], k_cache, v_cache, meta.block_tables[:decodes],
-                             meta._decode_lens, scale, out[:decodes])
+                             meta._decode_lens, scale, out[:decodes], sliding_window,
+                             alibi_slopes)
+    elif decodes and biased:
+        _torch_decode_biased(q, flat_k, flat_v, meta, scale, out, sliding_window, alibi_slopes)
     elif decodes:
         _torch_decode(q, flat_k, flat_v, meta, scale, out)
     start = decodes
     for i, slots in enumerate(meta._prefill_slots, start=meta.num_decodes):
         n = meta.query_lens[i]
         query = q[start: start + n].transpose(0, 1).unsqueeze(0)
-        if slots is None:
+        if biased:
+            keys, values = ((k[start: start + n], v[start: start + n]) if slots is None else
+                            (flat_k.index_select(0, slots), flat_v.index_select(0, slots)))
+            ctx = keys.shape[0]
+            mask = _position_bias(torch.arange(ctx - n, ctx, device=q.device),
+                                  torch.arange(ctx, device=q.device), sliding_window,
+                                  alibi_slopes, q.dtype)
+            res = F.scaled_dot_product_attention(
+                query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask.unsqueeze(0), scale=scale, enable_gqa=True)
+        elif slots is None:
             keys = k[start: start + n].transpose(0, 1).unsqueeze(0)
             values = v[start: start + n].transpose(0, 1).unsqueeze(0)
             res = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,

@@ -1,15 +1,17 @@
-"""RMSNorm, optionally fused with the residual add in front of it.
+"""RMSNorm and LayerNorm, optionally fused with the residual add in front of them.
 
 The torch implementation follows ``transformers``' ``LlamaRMSNorm`` operation by operation
 (normalised in fp32, cast back, then scaled) and is the reference of the CPU kernel
-(:mod:`kernels.cpu`), which makes one pass per row instead of six.
+(:mod:`kernels.cpu`), which makes one pass per row instead of six, and of the Triton kernel
+(:mod:`kernels.triton_norm`) that runs on CUDA tensors (:mod:`kernels.dispatch` chooses).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kernels import cpu
+from kernels import cpu, dispatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -20,14 +22,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> torch.Tensor:
+                 eps: float, backend: str = "auto") -> torch.Tensor:
     """Adds ``residual`` into ``x`` in place (when given), then returns ``rms_norm(x)``.
 
     ``x`` ``[tokens, hidden]`` is the residual stream: the caller owns it and sees the sum.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    path = dispatch.resolve(backend, x.device)
+    if path == "triton":
+        return dispatch.triton_module("triton_norm", x.device).add_rms_norm(x, residual, weight,
+                                                                            eps)
+    if (path == "cpu" and x.dtype in cpu.DTYPES and weight.dtype == x.dtype
             and x.dim() == 2 and x.stride(1) == 1 and cpu.available()):
         return cpu.add_rms_norm(x, residual, weight, eps)
     if residual is not None:
         x += residual
     return rms_norm(x, weight, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
+    """Adds ``residual`` into ``x`` in place (when given), then returns ``LayerNorm(x)``
+    (``torch.nn.functional.layer_norm``, the reference: Falcon's norms).
+
+    ``x`` ``[tokens, hidden]`` is the residual stream: the caller owns it and sees the sum.
+    """
+    if (dispatch.resolve(backend, x.device) == "cpu" and x.dtype in cpu.DTYPES
+            and weight.dtype == x.dtype and x.dim() == 2 and x.stride(1) == 1):
+        return cpu.add_layer_norm(x, residual, weight, bias, eps)
+    if residual is not None:
+        x += residual
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)

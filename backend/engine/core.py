@@ -90,7 +90,8 @@ class EngineCore:
                                  self.model.max_positions,
                                  self.block_manager.num_usable_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size,
+                                  self.config.attention_backend)
         self.sampler = Sampler()
         self.eos_token_id: int | None = self.tokenizer.eos_token_id
         self.vocab_size = int(self.model.lm_head.shape[0])

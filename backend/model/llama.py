@@ -77,14 +77,14 @@ class LlamaLayer:
         fused with the norm that reads it) and runs the layer: returns ``h`` and this layer's
         output, which the next layer (or the final norm) adds."""
         tokens = h.shape[0]
-        x = add_rms_norm(h, delta, self.input_norm, self.eps)
+        x = add_rms_norm(h, delta, self.input_norm, self.eps, meta.backend)
         qkv = linear(x, self.qkv, self.qkv_bias)
         q, k, v = rotary_write_kv(qkv, cos, sin, cache[0], cache[1], meta.slot_mapping,
-                                  self.num_heads, self.num_kv_heads)
+                                  self.num_heads, self.num_kv_heads, meta.backend)
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
         out = linear(attn.reshape(tokens, self.num_heads * self.head_dim), self.o_proj,
                      self.o_bias)
-        x = add_rms_norm(h, out, self.post_attention_norm, self.eps)
+        x = add_rms_norm(h, out, self.post_attention_norm, self.eps, meta.backend)
         act = silu_gated(x, self.gate, self.up, self.gate_bias, self.up_bias)
         return h, linear(act, self.down, self.down_bias)
 
@@ -121,7 +121,7 @@ class LlamaModel:
         delta = None
         for layer, cache in zip(self.layers, caches):
             h, delta = layer(h, delta, cos, sin, cache, meta)
-        return add_rms_norm(h, delta, self.norm, self.eps)
+        return add_rms_norm(h, delta, self.norm, self.eps, meta.backend)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

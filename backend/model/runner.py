@@ -10,6 +10,7 @@ from backend.config import EngineConfig
 from backend.model.batch import ModelInput, ModelOutput
 from backend.model.llama import KVCache, LlamaModel
 from kernels.attention import NULL_BLOCK, AttentionMetadata
+from kernels.dispatch import to_device
 
 
 def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
@@ -55,12 +56,41 @@ def check_kv_cache_bytes(requested: int, device: str, setting: str = "kv_cache_b
                          f"({available / 2**30:.1f} GiB)")
 
 
+def activation_bytes(model: LlamaModel, config: EngineConfig) -> int:
+    """A bound on what one step's activations take beside weights and cache: the widest
+    per-token tensors of a layer for a full token budget, and the fp32 logits of a full batch
+    with the sampler's copies of them."""
+    hf = model.config
+    q_size = hf.num_attention_heads * model.head_dim
+    kv_size = model.num_kv_heads * model.head_dim
+    per_token = 4 * hf.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * hf.intermediate_size
+    element = torch.empty(0, dtype=model.dtype).element_size()
+    logits = 6 * min(config.max_num_seqs, config.max_num_batched_tokens) * hf.vocab_size * 4
+    return config.max_num_batched_tokens * per_token * element + logits
+
+
+def gpu_kv_budget_bytes(model: LlamaModel, config: EngineConfig) -> int:
+    """KV bytes under ``gpu_memory_utilization``: that share of the GPU's total memory, less
+    what is in use already (these weights, the CUDA context, other processes) and the
+    activations of a full step."""
+    free, total = torch.cuda.mem_get_info(torch.device(config.device))
+    budget = int(total * config.gpu_memory_utilization) - (total - free) \
+        - activation_bytes(model, config)
+    if budget < kv_block_bytes(model, config.block_size):
+        raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} of "
+                         f"{total / 2**30:.1f} GiB leaves no room for a KV cache: "
+                         f"{(total - free) / 2**30:.1f} GiB are in use (weights included)")
+    return budget
+
+
 def num_kv_blocks(model: LlamaModel, config: EngineConfig) -> int:
     """Blocks that fit the configured KV budget (a budget beyond the device's memory is
     refused with ``ValueError``)."""
     budget = config.kv_cache_bytes
     if budget is not None:
         check_kv_cache_bytes(budget, config.device)
+    elif config.device.startswith("cuda"):
+        budget = gpu_kv_budget_bytes(model, config)
     else:  # a fraction of what is free cannot exceed it
         budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)
     return budget // kv_block_bytes(model, config.block_size)
@@ -69,9 +99,11 @@ def num_kv_blocks(model: LlamaModel, config: EngineConfig) -> int:
 class ModelRunner:
     """Owns the model and its paged KV cache; executes one scheduled batch per call."""
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 attention_backend: str = "auto") -> None:
         self.model = model
         self.block_size = block_size
+        self.attention_backend = attention_backend
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         # torch.empty leaves pages untouched until used; only the null block must read as zero.
         self.caches: list[KVCache] = []
@@ -86,8 +118,9 @@ class ModelRunner:
         """Copies K/V of whole blocks, src → dst, in every layer (copy-on-write)."""
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.model.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.model.device)
+        device = torch.device(self.model.device)
+        src = to_device([c[0] for c in copies], torch.long, device)
+        dst = to_device([c[1] for c in copies], torch.long, device)
         for k, v in self.caches:
             k[dst] = k[src]
             v[dst] = v[src]
@@ -95,7 +128,7 @@ class ModelRunner:
     def execute(self, step: ModelInput) -> ModelOutput:
         """Runs the step (after its block copies) and returns the logits of sampling chunks."""
         self.copy_blocks(step.block_copies)
-        device = self.model.device
+        device = torch.device(self.model.device)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -119,18 +152,20 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_ids.append(chunk.seq_id)
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables],
-                                    dtype=torch.long, device=device)
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        # Host lists reach the device without waiting for its queued work (one sync a step,
+        # the sampler's).
+        block_tables = to_device([t + [NULL_BLOCK] * (width - len(t)) for t in tables],
+                                 torch.long, device)
+        pos = to_device(positions, torch.long, device)
         rows_of_tokens = torch.repeat_interleave(
             torch.arange(len(query_lens), device=device),
-            torch.tensor(query_lens, device=device))
+            to_device(query_lens, torch.long, device), output_size=len(positions))
         slot_mapping = block_tables[rows_of_tokens, pos // bs] * bs + pos % bs
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             block_tables=block_tables, query_lens=query_lens, seq_lens=seq_lens,
-            num_decodes=num_decodes, block_size=bs)
-        hidden = self.model.forward(torch.tensor(input_ids, dtype=torch.long, device=device),
-                                    pos, self.caches, meta)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
+            num_decodes=num_decodes, block_size=bs, backend=self.attention_backend)
+        hidden = self.model.forward(to_device(input_ids, torch.long, device), pos, self.caches,
+                                    meta)
+        rows = to_device(sample_rows, torch.long, device)
         return ModelOutput(sample_ids, self.model.logits(hidden.index_select(0, rows)))

@@ -1,0 +1,77 @@
+"""Which implementation runs the kernels: the choice and the lazy import of the Triton ones.
+
+``"auto"`` picks by device: Triton kernels on CUDA tensors; on CPUs the C kernels where they
+are built and take the dtype, torch ops otherwise (the default path, unchanged). ``"torch"``
+forces the torch references, ``"cpu"`` the C kernels (an error where they are not built) and
+``"triton"`` the Triton kernels, which on a CPU run in Triton's interpreter, so that their whole
+path through the engine can be checked on a machine without a GPU.
+
+``triton`` is only needed for the Triton path: its modules are imported on first use. The
+interpreter is chosen when a kernel is decorated, i.e. when its module is imported, so
+``TRITON_INTERPRET=1`` is set before that when the first Triton kernel runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from kernels import cpu
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
+_TRITON_MODULES = ("triton_attention", "triton_cache", "triton_norm")
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete path (``"torch"``, ``"cpu"`` or ``"triton"``) for tensors on ``device``."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "cpu" if device.type == "cpu" and cpu.available() else "torch"
+    if name == "cpu" and (device.type != "cpu" or not cpu.available()):
+        raise RuntimeError("attention backend 'cpu' needs the C kernels and CPU tensors: "
+                           f"tensors are on {device}, kernels built: {cpu.available()}")
+    return name
+
+
+def triton_module(name: str, device: torch.device) -> ModuleType:
+    """``kernels.<name>`` (one of the Triton modules) ready for tensors on ``device``.
+
+    On a CPU the kernels must run interpreted: ``TRITON_INTERPRET`` is set to 1 unless the
+    environment says otherwise, and a module already compiled for GPUs is refused.
+    """
+    if name not in _TRITON_MODULES:
+        raise ValueError(f"no Triton kernel module {name!r}")
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    module = importlib.import_module(f"kernels.{name}")
+    if device.type != "cuda" and not interpreted(module):
+        raise RuntimeError(
+            f"Triton kernels on {device} need TRITON_INTERPRET=1 when kernels.{name} is first "
+            f"imported; it was {os.environ.get('TRITON_INTERPRET')!r} (set it before the first "
+            "Triton kernel runs, or run this process's Triton kernels on CUDA only)")
+    return module
+
+
+def interpreted(module: ModuleType) -> bool:
+    """Whether the Triton kernels of ``module`` were decorated for the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
+    return bool(kernels) and all(isinstance(k, InterpretedFunction) for k in kernels)
+
+
+def to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device`` without waiting for the device's queued work
+    (a blocking copy would synchronise with the stream)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.to(device, non_blocking=True)
