@@ -9,6 +9,9 @@ compiled (about a second) once per source, compiler and CPU (``-march=native``) 
 ``ctypes``, which releases the GIL while a kernel runs. Built by gcc, they run on torch's own
 OpenMP runtime (the same ``libgomp.so.1``).
 
+Each kernel comes in fp32, bf16 and fp16 (:data:`DTYPES`): it computes in fp32 and rounds where
+torch's reference rounds, so every dtype the engine serves runs on the kernels.
+
 Without a C compiler, or with ``PAGEDSERVE_CPU_KERNELS=0``, :func:`available` is false and the
 callers keep their torch implementations, which are also the kernels' test references.
 """
@@ -26,6 +29,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -41,6 +46,8 @@ _SOURCES = {
 }
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _LIBRARY_NAME = "pagedserve_cpu"
+# The element types the kernels take, and the suffix of each one's C functions.
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def _cpu_signature() -> str:
@@ -88,16 +95,25 @@ def _claim_private(folder: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     signatures = {
-        "paged_decode_attention_f32": ([ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64,
-                                        i64, i64, i64, i64, i64, f32, nt], ctypes.c_int),
-        "add_rms_norm_f32": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
-        "rotary_write_kv_f32": ([ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
-                                 nt], ctypes.c_int),
+        "paged_decode_attention": ([ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64,
+                                    i64, i64, i64, i64, i64, f32, i64, ptr, nt], ctypes.c_int),
+        "add_rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
+        "add_layer_norm": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, nt], None),
+        "rotary_write_kv": ([ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr,
+                             ptr, f32, nt], ctypes.c_int),
     }
     for name, (args, result) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes = args
-        fn.restype = result
+        for suffix in DTYPES.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = result
+
+
+def _kernel(name: str, dtype: torch.dtype) -> Any:
+    """The C function ``name`` for elements of ``dtype``."""
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    return getattr(lib, f"{name}_{DTYPES[dtype]}")
 
 
 @functools.cache
@@ -110,6 +126,8 @@ def _library() -> ctypes.CDLL | None:
     parts = [compiler, *_COMMON_FLAGS, *_LINK_FLAGS, _cpu_signature()]
     for name, flags in _SOURCES.items():
         parts += [name, (_CSRC / name).read_text(), *flags]
+    for header in sorted(_CSRC.glob("*.h")):
+        parts += [header.name, header.read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     name = f"{_LIBRARY_NAME}-{key}.so"
     # The user's cache first; a private temporary folder where that is not writable.
@@ -140,16 +158,18 @@ def available() -> bool:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> None:
+                     out: torch.Tensor, sliding_window: int | None = None,
+                     alibi_slopes: torch.Tensor | None = None) -> None:
     """Writes into ``out`` the attention of one query token per sequence over its paged context.
 
-    ``q``/``out`` ``[num_seqs, num_heads, head_dim]`` fp32 (rows may be strided);
-    ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` contiguous;
-    ``block_tables`` ``[num_seqs, width]`` and ``seq_lens`` ``[num_seqs]`` int64, every length
-    at least 1. Only call when :func:`available`.
+    ``q``/``out`` ``[num_seqs, num_heads, head_dim]`` (rows may be strided);
+    ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` contiguous, all
+    of one dtype of :data:`DTYPES`; ``block_tables`` ``[num_seqs, width]`` and ``seq_lens``
+    ``[num_seqs]`` int64, every length at least 1. With ``sliding_window`` each query attends
+    over its last ``sliding_window`` tokens only; ``alibi_slopes`` (fp32, one per query head)
+    adds ``slope * (key position - query position)`` to the scaled scores. Only call when
+    :func:`available`.
     """
-    lib = _library()
-    assert lib is not None, "CPU kernels are not available"
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if out.shape != q.shape or v_cache.shape != k_cache.shape or cache_head_dim != head_dim \
@@ -160,28 +180,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             seq_lens.shape != (num_seqs,):
         raise ValueError("block_tables and seq_lens need one row per query")
     _check_cpu(q, k_cache, v_cache, block_tables, seq_lens, out)
+    dtype = _supported_dtype(q.dtype)
     for t in (q, out):
-        if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != head_dim or \
+        if t.dtype != dtype or t.stride(2) != 1 or t.stride(1) != head_dim or \
                 (num_seqs > 1 and t.stride(0) < num_heads * head_dim):
-            raise ValueError("q and out must be fp32 with contiguous heads, rows apart")
+            raise ValueError(f"q and out must be {dtype} with contiguous heads, rows apart")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
-            k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        raise ValueError("the KV cache must be contiguous fp32")
+            k_cache.dtype != dtype or v_cache.dtype != dtype:
+        raise ValueError(f"the KV cache must be contiguous {dtype}, as q")
     if block_tables.stride(1) != 1 or not seq_lens.is_contiguous():
         raise ValueError("block_tables rows and seq_lens must be contiguous")
     if block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         raise ValueError("block_tables and seq_lens must be int64")
-    status = lib.paged_decode_attention_f32(
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if alibi_slopes is not None:
+        _check_cpu(alibi_slopes)
+        if alibi_slopes.dtype != torch.float32 or alibi_slopes.shape != (num_heads,) or \
+                not alibi_slopes.is_contiguous():
+            raise ValueError("alibi_slopes must be a contiguous fp32 vector, one per head")
+    status = _kernel("paged_decode_attention", dtype)(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         block_tables.data_ptr(), block_tables.shape[1], block_tables.stride(0),
         seq_lens.data_ptr(),
         out.data_ptr(), out.stride(0), num_seqs, num_heads, num_kv_heads, head_dim,
-        block_size, scale, torch.get_num_threads())
+        block_size, scale, sliding_window or 0,
+        None if alibi_slopes is None else alibi_slopes.data_ptr(), torch.get_num_threads())
     if status == 2:
         raise ValueError("a sequence length exceeds its block table, or the table names a "
                          "block outside the cache")
     if status:
         raise MemoryError("decode attention could not allocate its scratch memory")
+
+
+def _supported_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"the CPU kernels take fp32, bf16 or fp16 tensors, got {dtype}")
+    return dtype
 
 
 def _check_cpu(*tensors: torch.Tensor) -> None:
@@ -191,10 +226,28 @@ def _check_cpu(*tensors: torch.Tensor) -> None:
             raise ValueError(f"the CPU kernels take CPU tensors, got one on {t.device}")
 
 
-def _check_rows(name: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or \
+def _check_rows(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.dim() != 2 or t.stride(1) != 1 or \
             (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
-        raise ValueError(f"{name} must be a 2-d fp32 tensor with contiguous, separate rows")
+        raise ValueError(f"{name} must be a 2-d {dtype} tensor with contiguous, separate rows")
+
+
+def _check_vector(name: str, t: torch.Tensor, dtype: torch.dtype, size: int) -> None:
+    if t.dtype != dtype or t.shape != (size,) or t.stride(0) != 1:
+        raise ValueError(f"{name} must be a contiguous {dtype} vector of {size} elements")
+
+
+def _check_norm_rows(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    dtype = _supported_dtype(x.dtype)
+    _check_rows("x", x, dtype)
+    if residual is not None:
+        _check_rows("residual", residual, dtype)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} does not match x "
+                             f"{tuple(x.shape)}")
+        _check_cpu(residual)
+    _check_cpu(x)
+    return dtype
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -203,38 +256,52 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
     ``x`` is updated in place (it is the residual stream); returns the normalised rows.
     """
-    lib = _library()
-    assert lib is not None, "CPU kernels are not available"
-    _check_rows("x", x)
-    if residual is not None:
-        _check_rows("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} does not match x "
-                             f"{tuple(x.shape)}")
-    if weight.dtype != torch.float32 or weight.shape != x.shape[1:] or weight.stride(0) != 1:
-        raise ValueError("weight must be a contiguous fp32 vector of the rows' width")
-    _check_cpu(x, weight, *([] if residual is None else [residual]))
+    dtype = _check_norm_rows(x, residual)
+    _check_vector("weight", weight, dtype, x.shape[1])
+    _check_cpu(weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    lib.add_rms_norm_f32(x.data_ptr(), x.stride(0),
-                         None if residual is None else residual.data_ptr(),
-                         0 if residual is None else residual.stride(0),
-                         weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
-                         x.shape[1], eps, torch.get_num_threads())
+    _kernel("add_rms_norm", dtype)(
+        x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0), weight.data_ptr(), out.data_ptr(),
+        out.stride(0), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm of the rows of ``x`` ``[rows, dim]``, after ``x += residual`` when given.
+
+    ``x`` is updated in place (it is the residual stream); returns the normalised rows.
+    """
+    dtype = _check_norm_rows(x, residual)
+    _check_vector("weight", weight, dtype, x.shape[1])
+    _check_cpu(weight)
+    if bias is not None:
+        _check_vector("bias", bias, dtype, x.shape[1])
+        _check_cpu(bias)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _kernel("add_layer_norm", dtype)(
+        x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0), weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
+        x.shape[1], eps, torch.get_num_threads())
     return out
 
 
 def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    num_heads: int, num_kv_heads: int) -> None:
+                    num_heads: int, num_kv_heads: int, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, norm_eps: float = 0.0) -> None:
     """Rotates the q and k heads of the fused ``qkv`` rows in place and stores k and v.
 
     ``qkv`` ``[tokens, (num_heads + 2 * num_kv_heads) * head_dim]``; ``cos``/``sin``
     ``[tokens, head_dim]`` contiguous; caches ``[num_blocks, block_size, num_kv_heads,
-    head_dim]`` contiguous; ``slot_mapping`` ``[tokens]`` int64.
+    head_dim]`` contiguous; ``slot_mapping`` ``[tokens]`` int64; all floating tensors of one
+    dtype. ``q_norm``/``k_norm`` (``[head_dim]``): each q / k head is RMS-normalised with
+    these weights before its rotation.
     """
-    lib = _library()
-    assert lib is not None, "CPU kernels are not available"
-    _check_rows("qkv", qkv)
+    dtype = _supported_dtype(qkv.dtype)
+    _check_rows("qkv", qkv, dtype)
     head_dim = k_cache.shape[-1]
     tokens = qkv.shape[0]
     _check_cpu(qkv, cos, sin, k_cache, v_cache, slot_mapping)
@@ -242,19 +309,25 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             k_cache.shape[2] != num_kv_heads or head_dim % 2:
         raise ValueError("qkv, the head counts and the cache do not agree")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (tokens, head_dim):
-            raise ValueError(f"{name} must be a contiguous fp32 [tokens, head_dim] table")
+        if t.dtype != dtype or not t.is_contiguous() or t.shape != (tokens, head_dim):
+            raise ValueError(f"{name} must be a contiguous {dtype} [tokens, head_dim] table")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
-            k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        raise ValueError("the KV cache must be contiguous fp32")
+            k_cache.dtype != dtype or v_cache.dtype != dtype:
+        raise ValueError(f"the KV cache must be contiguous {dtype}, as qkv")
     if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous() or \
             slot_mapping.shape != (tokens,):
         raise ValueError("slot_mapping must be a contiguous int64 vector, one slot per token")
     if v_cache.shape != k_cache.shape:
         raise ValueError("the K and V caches must have the same shape")
-    status = lib.rotary_write_kv_f32(
+    for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if norm is not None:
+            _check_vector(name, norm, dtype, head_dim)
+            _check_cpu(norm)
+    status = _kernel("rotary_write_kv", dtype)(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), k_cache.shape[0] * k_cache.shape[1], slot_mapping.data_ptr(),
-        tokens, num_heads, num_kv_heads, head_dim, torch.get_num_threads())
+        tokens, num_heads, num_kv_heads, head_dim,
+        None if q_norm is None else q_norm.data_ptr(),
+        None if k_norm is None else k_norm.data_ptr(), norm_eps, torch.get_num_threads())
     if status:
         raise ValueError("slot_mapping names a slot outside the cache")
