@@ -1,7 +1,8 @@
 """Tensors of Triton's vLLM backend ↔ engine requests and outputs.
 
-Pure mapping with numpy arrays on both sides and no gRPC in it, so a real-Triton Python backend
-``model.py`` can reuse it: ``parse_request`` turns a request's input arrays (and its request
+Pure mapping with numpy arrays on both sides and neither gRPC nor Triton's ``pb_utils`` in it:
+our server (``backend/server``) and the Triton Python-backend model (``backend/python_backend``)
+both use it. ``parse_request`` turns a request's input arrays (and its request
 parameters) into a ``GenerateRequest``; a ``ResponseBuilder`` turns the engine's successive
 ``RequestOutput``s into output arrays, text deltas when streaming, the whole completion
 otherwise. Semantics follow the vLLM backend (``src/utils/request.py``, ``model.py``):
@@ -23,6 +24,7 @@ import json
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
@@ -227,6 +229,14 @@ def _ids_array(rows: list[list[int]]) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i, :len(row)] = row
     return out
+
+
+def token_decoder(tokenizer: Any) -> Callable[[int], str]:
+    """Token id → its text, cached: ``decoded_token`` of every logprob candidate."""
+    @lru_cache(maxsize=65536)
+    def decode(token: int) -> str:
+        return str(tokenizer.decode([token]))
+    return decode
 
 
 class ResponseBuilder:

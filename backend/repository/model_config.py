@@ -20,7 +20,7 @@ from backend.repository.paths import require_within
 # Backends whose configs this server executes with its own engine.
 SUPPORTED_BACKENDS = ("vllm", "pagedserve")
 
-_INPUTS: list[tuple[str, int, list[int], bool]] = [
+VLLM_INPUTS: list[tuple[str, int, list[int], bool]] = [
     ("text_input", mc.TYPE_STRING, [1], False),
     ("stream", mc.TYPE_BOOL, [1], True),
     ("sampling_parameters", mc.TYPE_STRING, [1], True),
@@ -32,7 +32,7 @@ _INPUTS: list[tuple[str, int, list[int], bool]] = [
     ("return_num_output_tokens", mc.TYPE_BOOL, [1], True),
     ("input_ids", mc.TYPE_INT64, [-1], True),  # pagedserve: token ids in, for clients that tokenize
 ]
-_OUTPUTS: list[tuple[str, int, list[int]]] = [
+VLLM_OUTPUTS: list[tuple[str, int, list[int]]] = [
     ("text_output", mc.TYPE_STRING, [-1]),
     ("finish_reason", mc.TYPE_STRING, [-1]),
     ("cumulative_logprob", mc.TYPE_FP32, [-1]),
@@ -106,11 +106,11 @@ def complete_config(config: mc.ModelConfig, name: str) -> mc.ModelConfig:
     if not config.HasField("model_transaction_policy"):
         config.model_transaction_policy.decoupled = True
     have_inputs = {i.name for i in config.input}
-    for in_name, dtype, dims, optional in _INPUTS:
+    for in_name, dtype, dims, optional in VLLM_INPUTS:
         if in_name not in have_inputs:
             config.input.add(name=in_name, data_type=dtype, dims=dims, optional=optional)
     have_outputs = {o.name for o in config.output}
-    for out_name, dtype, dims in _OUTPUTS:
+    for out_name, dtype, dims in VLLM_OUTPUTS:
         if out_name not in have_outputs:
             config.output.add(name=out_name, data_type=dtype, dims=dims)
     if not config.instance_group:

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
-from functools import lru_cache
 from typing import Any
 
 import grpc
@@ -28,7 +27,13 @@ from backend.server.wire import (
     read_inputs,
     request_parameters,
 )
-from backend.tensors import GenerateRequest, ResponseBuilder, TensorError, parse_request
+from backend.tensors import (
+    GenerateRequest,
+    ResponseBuilder,
+    TensorError,
+    parse_request,
+    token_decoder,
+)
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -49,13 +54,6 @@ def trace_headers(context: Any) -> dict[str, str] | None:
     headers = {key: value for key, value in metadata
                if key in _TRACE_HEADERS and isinstance(value, str)}
     return headers or None
-
-
-def _decoder(tokenizer: Any) -> Any:
-    @lru_cache(maxsize=65536)
-    def decode(token: int) -> str:
-        return str(tokenizer.decode([token]))
-    return decode
 
 
 class Inference:
@@ -102,7 +100,7 @@ class Inference:
         ``triton_final_response`` is set on every response of a stream; with ``empty_final`` the
         last data response is not final and an output-less final response follows.
         """
-        builder = ResponseBuilder(generate, _decoder(self.model.tokenizer))
+        builder = ResponseBuilder(generate, token_decoder(self.model.tokenizer))
         deltas = streaming and generate.stream and self.model.decoupled
         submitted = time.monotonic_ns()
         first_ns: int | None = None

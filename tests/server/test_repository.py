@@ -64,7 +64,7 @@ def test_versions_and_policies(tmp_path: Path) -> None:
 
 def test_default_repository_config_is_complete() -> None:
     config = load_config(DEFAULT_REPOSITORY / "smollm2")
-    assert config.name == "smollm2" and config.backend == "vllm"
+    assert config.name == "smollm2" and config.backend == "pagedserve"
     assert config.model_transaction_policy.decoupled
     names = [i.name for i in config.input]
     assert names[:2] == ["text_input", "stream"] and "input_ids" in names

@@ -24,7 +24,7 @@ def test_health_and_metadata(client: grpcclient.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert "statistics" in meta.extensions and "model_repository" in meta.extensions
     model = client.get_model_metadata(MODEL)
-    assert model.name == MODEL and model.versions == ["1"] and model.platform == "vllm"
+    assert model.name == MODEL and model.versions == ["1"] and model.platform == "pagedserve"
     inputs = {t.name: (t.datatype, list(t.shape)) for t in model.inputs}
     assert inputs["text_input"] == ("BYTES", [1])
     assert inputs["stream"] == ("BOOL", [1])
@@ -37,7 +37,7 @@ def test_health_and_metadata(client: grpcclient.InferenceServerClient) -> None:
 def test_model_config(client: grpcclient.InferenceServerClient) -> None:
     config = client.get_model_config(MODEL, as_json=True)["config"]
     assert config["name"] == MODEL
-    assert config["backend"] == "vllm"
+    assert config["backend"] == "pagedserve"
     assert config["model_transaction_policy"]["decoupled"] is True
     assert {i["name"] for i in config["input"]} >= {"text_input", "sampling_parameters"}
 

@@ -1,0 +1,35 @@
+"""A model's engine settings inside Triton, read as our server reads them.
+
+Triton hands ``initialize`` the model's configuration as JSON and the model's folder; the
+settings come from the same places as for ``python -m backend serve``: config ``parameters``
+first, then ``<version>/model.json`` (``backend.repository.engine_args``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from backend.config import EngineConfig
+from backend.protocol import model_config_pb2 as mc
+from backend.repository.engine_args import engine_config
+
+
+def config_parameters(model_config: dict[str, Any]) -> mc.ModelConfig:
+    """The part of Triton's JSON model configuration the engine settings read: name and
+    ``parameters`` (string values, as Triton stores them)."""
+    config = mc.ModelConfig(name=str(model_config.get("name", "")))
+    for key, value in (model_config.get("parameters") or {}).items():
+        config.parameters[key].string_value = str(value.get("string_value", ""))
+    return config
+
+
+def engine_settings(args: dict[str, str]) -> EngineConfig:
+    """``EngineConfig`` of the model version ``initialize(args)`` is loading.
+
+    Raises ``RepositoryError`` naming a bad setting, as our server does at load.
+    """
+    model_config = json.loads(args["model_config"])
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    return engine_config(config_parameters(model_config), version_dir)
