@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend.model.dtypes import auto_dtype
 from kernels.dispatch import BACKENDS, ENV_VAR
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,7 +33,8 @@ class EngineConfig:
     """
 
     model: str | None = None
-    dtype: str = "float32"
+    # "auto": the faster dtype on this device, by measurement (backend.model.dtypes).
+    dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     kv_cache_bytes: int | None = None
@@ -56,8 +58,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, "
+                             f"got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
@@ -98,5 +101,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a number, got {fraction!r}")
 
     @property
+    def resolved_dtype(self) -> str:
+        """``dtype``, with ``auto`` replaced by the choice for this device."""
+        return auto_dtype(self.device) if self.dtype == "auto" else self.dtype
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return _DTYPES[self.resolved_dtype]

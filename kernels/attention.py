@@ -9,9 +9,10 @@ positions read finite values (they are masked out of the softmax anyway).
 A step's batch is flattened: the query tokens of all sequences are concatenated, sequences with a
 single query token (decodes) first. This module holds the torch implementation, which runs
 everywhere and is the reference of the kernels behind the same two functions: on CPUs (fp32,
-bf16, fp16), decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is built (torch ops
-must first gather each context into a copy); on CUDA the whole batch goes to the Triton kernels
-of :mod:`kernels.triton_attention` and :mod:`kernels.triton_cache`. :mod:`kernels.dispatch`
+bf16, fp16), decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is
+built (torch ops must first gather each context into a copy); on CUDA the whole batch goes to
+the Triton kernels of :mod:`kernels.triton_attention` and :mod:`kernels.triton_cache`.
+:mod:`kernels.dispatch`
 chooses (``AttentionMetadata.backend``).
 """
 

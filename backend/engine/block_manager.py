@@ -10,6 +10,11 @@ Every mutation of block ownership happens here, O(1) per block:
   hands a new sequence the longest cached run of full blocks of its tokens.
 * ``free`` drops a table's references. A block whose count reaches zero goes to the free pool;
   a cached one stays findable there until its memory is needed (least recently freed first).
+* ``release_before`` drops the references to a table's leading blocks that a sliding window
+  has left behind: their entries become the null block, so a sequence holds a bounded number
+  of blocks however long it grows. Released blocks are freed like any other: a block still
+  shared (a fork, a prefix another request holds) lives on for its other owners, and a cached
+  one stays findable for later prompts.
 
 Prefix-cache keys: a full block's key is a 128-bit BLAKE2b digest of its parent block's key and
 its own token ids, so equal keys mean equal whole prefixes up to the block's end. A collision
@@ -23,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kernels.attention import NULL_BLOCK
@@ -36,6 +42,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
+    num_released: int = 0  # leading entries released to the null block (sliding window)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -154,17 +161,35 @@ class BlockManager:
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A child's table sharing every block of ``table``."""
-        for block in table.blocks:
+        for block in table.blocks[table.num_released:]:
             self.ref_counts[block] += 1
-        return BlockTable(list(table.blocks), list(table.keys))
+        return BlockTable(list(table.blocks), list(table.keys), table.num_released)
 
     def free(self, table: BlockTable) -> None:
         """Drops one reference to each block of the table and empties it.
 
         Blocks are released last first, so a cached prefix is evicted from its leaves inward.
         """
+        self._drop(reversed(table.blocks[table.num_released:]))
+        table.blocks.clear()
+        table.keys.clear()
+        table.num_released = 0
+
+    def release_before(self, table: BlockTable, position: int) -> None:
+        """Releases the table's blocks that hold only tokens before ``position`` (wholly
+        outside a sliding window); their entries become the null block."""
+        end = min(max(position, 0) // self.block_size, len(table.blocks))
+        if end <= table.num_released:
+            return
+        dropped = table.blocks[table.num_released:end]
+        table.blocks[table.num_released:end] = [NULL_BLOCK] * len(dropped)
+        table.num_released = end
+        self._drop(dropped)
+
+    def _drop(self, blocks: Iterable[int]) -> None:
+        """Drops one reference to each of ``blocks``; those no longer referenced are free."""
         released = set()
-        for block in reversed(table.blocks):
+        for block in blocks:
             count = self.ref_counts[block] - 1
             if count < 0:
                 raise AssertionError(f"block {block} freed more often than referenced")
@@ -178,8 +203,6 @@ class BlockManager:
         if released and self._copies:
             # A copy into a block that is free again would clobber its next owner's tokens.
             self._copies = [c for c in self._copies if c[1] not in released]
-        table.blocks.clear()
-        table.keys.clear()
 
     def _take_free_block(self) -> int:
         if self._free:
@@ -254,7 +277,7 @@ class BlockManager:
             key = block_key(table.keys[-1] if table.keys else _ROOT_KEY, tokens)
             table.keys.append(key)
             block = table.blocks[i]
-            if key not in self._cached and block not in self._key_of:
+            if block != NULL_BLOCK and key not in self._cached and block not in self._key_of:
                 self._cached[key] = block
                 self._key_of[block] = key
                 self._tokens_of[block] = tuple(tokens)

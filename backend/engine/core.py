@@ -26,8 +26,8 @@ from backend.engine.scheduler import Scheduler, SchedulerOutput
 from backend.engine.sequence import Request, Sequence
 from backend.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
 from backend.model.batch import ModelInput, ModelOutput, SeqChunk
-from backend.model.llama import LlamaModel
 from backend.model.loader import LoadedModel, load_model
+from backend.model.registry import build_model, family_of
 from backend.model.runner import ModelRunner, num_kv_blocks
 from backend.model.sampler import Sampler, SamplerOutput, SamplingRow
 from backend.outputs import RequestOutput, TokenLogprobs
@@ -81,15 +81,17 @@ class EngineCore:
         loaded = loaded or load_model(self.config.model)
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
-        self.model = LlamaModel(loaded.config, loaded.weights, self.config.torch_dtype,
-                                self.config.device)
+        self.model_family = family_of(loaded.config).name
+        self.dtype = self.config.resolved_dtype
+        self.model = build_model(loaded.config, loaded.weights, self.config.torch_dtype,
+                                 self.config.device)
         num_blocks = num_kv_blocks(self.model, self.config)
         self.block_manager = BlockManager(num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.max_model_len = min(self.config.max_model_len or self.model.max_positions,
                                  self.model.max_positions,
                                  self.block_manager.num_usable_blocks * self.config.block_size)
-        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.model.sliding_window)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size,
                                   self.config.attention_backend)
         self.sampler = Sampler()

@@ -11,7 +11,8 @@ request whose next prefix block is being computed by another request right now w
 to find it cached instead of computing it again (vLLM would compute it twice). When a
 running sequence cannot get a block, the newest running request is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed (mostly from the prefix
-cache).
+cache). Under a sliding window (every layer of the model attends over at most W trailing
+tokens) a sequence's blocks wholly before its window are released before each of its steps.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
 class Scheduler:
     """Owns the waiting and running queues (of requests) and the block manager."""
 
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 sliding_window: int | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.sliding_window = sliding_window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
@@ -143,6 +146,7 @@ class Scheduler:
         taken = 0
         for seq in request.live_seqs:
             self._take_cached_prefix(seq)
+            self._release_outside_window(seq)
             n = min(seq.num_uncomputed_tokens, budget - taken)
             if n == 0:  # done for this step (a beam waiting for its siblings), or no budget
                 continue
@@ -175,6 +179,7 @@ class Scheduler:
                     bm.free(s.block_table)
                     s.num_computed_tokens = 0
                 return None
+            self._release_outside_window(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             # Without chunked prefill a sequence waits for a step with room for all of it,
             # unless it could never fit whole (a preempted one that outgrew the budget).
@@ -195,6 +200,13 @@ class Scheduler:
         if seq.num_computed_tokens == 0 and not seq.block_table.blocks:
             seq.block_table = self.block_manager.match_prefix(seq.token_ids)
             seq.num_computed_tokens = len(seq.block_table) * self.block_manager.block_size
+
+    def _release_outside_window(self, seq: Sequence) -> None:
+        """Frees the blocks no query of the sequence will read again: its next token, at
+        position ``num_computed_tokens``, sees positions from ``num_computed_tokens - W + 1``."""
+        if self.sliding_window is not None:
+            self.block_manager.release_before(
+                seq.block_table, seq.num_computed_tokens - self.sliding_window + 1)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         victims = set(request.live_seqs)

@@ -1,5 +1,10 @@
 """The Llama architecture in plain torch over a flattened token batch and a paged KV cache.
 
+The families that are Llama with small additions share it: Mistral (a sliding window in every
+layer), Qwen2 (q/k/v biases, sliding windows on some layers where configured) and Qwen3
+(per-head RMSNorm of q and k before the rotation). Each addition is read from the weights or the
+config, so one layer class serves them all.
+
 Weights are read from a ``transformers`` state dict. The math follows ``transformers``'
 ``LlamaForCausalLM`` operation by operation (fp32 RMSNorm, rotary tables computed the same way)
 so that greedy decoding matches it token for token; the q|k|v projections are fused into one
@@ -12,12 +17,13 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
+from backend.model.base import KVCache, common_window, layer_windows, tied_lm_head
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.linear import linear, silu_gated
 from kernels.norm import add_rms_norm
 from kernels.rotary import rotary_write_kv
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+__all__ = ["KVCache", "LlamaLayer", "LlamaModel", "rotary_tables"]
 
 
 def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
@@ -42,7 +48,7 @@ class LlamaLayer:
     """One decoder layer: attention and SwiGLU MLP, each behind an RMSNorm with a residual."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
-                 head_dim: int) -> None:
+                 head_dim: int, sliding_window: int | None = None) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
 
@@ -54,6 +60,9 @@ class LlamaLayer:
         self.head_dim = head_dim
         self.eps = config.rms_norm_eps
         self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.q_norm = maybe("self_attn.q_norm.weight")  # Qwen3
+        self.k_norm = maybe("self_attn.k_norm.weight")
         self.input_norm = w("input_layernorm.weight")
         self.post_attention_norm = w("post_attention_layernorm.weight")
         self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
@@ -80,8 +89,10 @@ class LlamaLayer:
         x = add_rms_norm(h, delta, self.input_norm, self.eps, meta.backend)
         qkv = linear(x, self.qkv, self.qkv_bias)
         q, k, v = rotary_write_kv(qkv, cos, sin, cache[0], cache[1], meta.slot_mapping,
-                                  self.num_heads, self.num_kv_heads, meta.backend)
-        attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
+                                  self.num_heads, self.num_kv_heads, meta.backend,
+                                  q_norm=self.q_norm, k_norm=self.k_norm, norm_eps=self.eps)
+        attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale,
+                               sliding_window=self.sliding_window)
         out = linear(attn.reshape(tokens, self.num_heads * self.head_dim), self.o_proj,
                      self.o_bias)
         x = add_rms_norm(h, out, self.post_attention_norm, self.eps, meta.backend)
@@ -103,24 +114,32 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         self.embed = weights["model.embed_tokens.weight"]
-        self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim)
+        windows = layer_windows(config)
+        self.sliding_window = common_window(windows)
+        self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim, windows[i])
                        for i in range(self.num_layers)]
         self.norm = weights["model.norm.weight"]
         self.eps = config.rms_norm_eps
-        self.lm_head = weights.get("lm_head.weight", self.embed)
+        self.lm_head = tied_lm_head(config, weights, self.embed)
         self.max_positions = config.max_position_embeddings
         cos, sin = rotary_tables(config, self.head_dim, self.max_positions, dtype)
         self.cos, self.sin = cos.to(device), sin.to(device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden]`` after the final norm."""
+                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm; with a
+        ``hidden_states`` list, the embeddings and each layer's output are appended to it."""
         h = self.embed[input_ids]  # a copy: the layers add into it in place
         cos, sin = self.cos[positions], self.sin[positions]
         delta = None
         for layer, cache in zip(self.layers, caches):
+            if hidden_states is not None:
+                hidden_states.append(h.clone() if delta is None else h + delta)
             h, delta = layer(h, delta, cos, sin, cache, meta)
+        if hidden_states is not None and delta is not None:
+            hidden_states.append(h + delta)
         return add_rms_norm(h, delta, self.norm, self.eps, meta.backend)
 
     @torch.inference_mode()

@@ -1,7 +1,9 @@
 """Finds a model's files and reads its config, tokenizer and weights with ``transformers``.
 
 Sources: the embedded SmolLM2 GGUF (default), a local Hugging Face directory (``config.json`` plus
-safetensors), or a local ``.gguf`` file. Nothing is ever fetched from a network.
+safetensors, sharded or not), or a local ``.gguf`` file. Nothing is ever fetched from a network,
+and no model's own code is ever run (``trust_remote_code`` stays off): the architecture must be
+one of :mod:`backend.model.registry`'s families, else ``UnsupportedModelError`` names it.
 
 Parsing a GGUF file in Python takes ~20 s, so the first load of a GGUF converts it once into a
 Hugging Face directory under the cache folder (dequantized fp32 weights, tokenizer, config) and
@@ -24,8 +26,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from backend.model.registry import UnsupportedModelError, find_family, supported
+
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 @dataclass
@@ -81,9 +84,18 @@ def _converted_gguf(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except ValueError as exc:
+            if "architecture" not in str(exc):
+                raise
+            # transformers' GGUF reader knows llama (and Mistral under it), qwen2, qwen3 and
+            # falcon among our families; its message names the file's architecture.
+            raise UnsupportedModelError(f"{gguf.name}: {exc} (supported: {supported()})"
+                                        ) from exc
+        find_family(model.config.architectures, model.config.model_type)
         # save_pretrained refuses models that came through the GGUF quantizer, although their
         # weights are plain dequantized tensors by now: write the files ourselves.
         config = model.config
@@ -122,9 +134,10 @@ def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_model(model: str | None = None) -> LoadedModel:
     """Reads config, tokenizer and weights of ``model`` (default: the embedded SmolLM2)."""
     model_dir = Path(resolve_model_dir(model))
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {config.model_type!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    # Checked on the raw file first: a model that would need trust_remote_code is refused by
+    # its architecture's name, not by transformers' remote-code error.
+    raw = json.loads((model_dir / "config.json").read_text())
+    find_family(raw.get("architectures"), raw.get("model_type"))
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return LoadedModel(str(model_dir), config, tokenizer, _read_weights(model_dir))

@@ -7,13 +7,13 @@ import os
 import torch
 
 from backend.config import EngineConfig
+from backend.model.base import CausalLM, KVCache
 from backend.model.batch import ModelInput, ModelOutput
-from backend.model.llama import KVCache, LlamaModel
 from kernels.attention import NULL_BLOCK, AttentionMetadata
 from kernels.dispatch import to_device
 
 
-def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
+def kv_block_bytes(model: CausalLM, block_size: int) -> int:
     """Bytes one block takes across all layers, keys and values."""
     per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim
     return per_token * block_size * torch.empty(0, dtype=model.dtype).element_size()
@@ -56,20 +56,21 @@ def check_kv_cache_bytes(requested: int, device: str, setting: str = "kv_cache_b
                          f"({available / 2**30:.1f} GiB)")
 
 
-def activation_bytes(model: LlamaModel, config: EngineConfig) -> int:
+def activation_bytes(model: CausalLM, config: EngineConfig) -> int:
     """A bound on what one step's activations take beside weights and cache: the widest
     per-token tensors of a layer for a full token budget, and the fp32 logits of a full batch
     with the sampler's copies of them."""
     hf = model.config
     q_size = hf.num_attention_heads * model.head_dim
     kv_size = model.num_kv_heads * model.head_dim
-    per_token = 4 * hf.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * hf.intermediate_size
+    mlp = getattr(hf, "intermediate_size", None) or hf.ffn_hidden_size  # Falcon's name
+    per_token = 4 * hf.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * mlp
     element = torch.empty(0, dtype=model.dtype).element_size()
     logits = 6 * min(config.max_num_seqs, config.max_num_batched_tokens) * hf.vocab_size * 4
     return config.max_num_batched_tokens * per_token * element + logits
 
 
-def gpu_kv_budget_bytes(model: LlamaModel, config: EngineConfig) -> int:
+def gpu_kv_budget_bytes(model: CausalLM, config: EngineConfig) -> int:
     """KV bytes under ``gpu_memory_utilization``: that share of the GPU's total memory, less
     what is in use already (these weights, the CUDA context, other processes) and the
     activations of a full step."""
@@ -83,7 +84,7 @@ def gpu_kv_budget_bytes(model: LlamaModel, config: EngineConfig) -> int:
     return budget
 
 
-def num_kv_blocks(model: LlamaModel, config: EngineConfig) -> int:
+def num_kv_blocks(model: CausalLM, config: EngineConfig) -> int:
     """Blocks that fit the configured KV budget (a budget beyond the device's memory is
     refused with ``ValueError``)."""
     budget = config.kv_cache_bytes
@@ -99,7 +100,7 @@ def num_kv_blocks(model: LlamaModel, config: EngineConfig) -> int:
 class ModelRunner:
     """Owns the model and its paged KV cache; executes one scheduled batch per call."""
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  attention_backend: str = "auto") -> None:
         self.model = model
         self.block_size = block_size

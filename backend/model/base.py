@@ -1,0 +1,70 @@
+"""What the engine needs of a model family: the ``CausalLM`` interface, and what the families
+share in reading a ``transformers`` config."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+from kernels.attention import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class CausalLM(Protocol):
+    """A causal LM over a flattened token batch and a paged KV cache (one per layer)."""
+
+    config: PretrainedConfig
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: str
+    max_positions: int
+    # Every layer attends over at most this many trailing tokens (None: some layer sees all):
+    # blocks wholly before a sequence's window can be released.
+    sliding_window: int | None
+    lm_head: torch.Tensor
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm. With a
+        ``hidden_states`` list, appends the embeddings and each layer's output to it (as
+        ``transformers``' ``output_hidden_states``, before the final norm)."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores in fp32 for the given hidden states."""
+        ...
+
+
+def layer_windows(config: PretrainedConfig) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), read as ``transformers`` reads it:
+    ``layer_types`` where the config has them (Qwen2, Qwen3), else ``sliding_window`` for every
+    layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * config.num_hidden_layers
+    if types is None:
+        return [window] * config.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def common_window(windows: list[int | None]) -> int | None:
+    """The window every layer keeps to (the widest), or None when a layer sees everything."""
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(w for w in windows if w is not None)
+
+
+def tied_lm_head(config: PretrainedConfig, weights: dict[str, torch.Tensor],
+                 embed: torch.Tensor) -> torch.Tensor:
+    """The output projection: the input embeddings when the config ties them (as
+    ``transformers`` does, whatever the file holds), else ``lm_head.weight``."""
+    if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights:
+        return embed
+    return weights["lm_head.weight"]

@@ -1,0 +1,204 @@
+"""The Falcon architecture over a flattened token batch and a paged KV cache.
+
+What sets Falcon apart from Llama, all read from its ``transformers`` config:
+
+* one fused ``query_key_value`` projection whose rows interleave the heads in one of three
+  layouts (multi-head ``[q k v]`` per head; multi-query all q heads then one k and one v; the
+  ``new_decoder_architecture`` groups of q heads each followed by their k and v). They are
+  reordered once at load into ``[all q | all k | all v]``, the layout the shared rotary and
+  attention kernels read, with query head ``h`` using KV head ``h // group`` as ``transformers``
+  broadcasts them;
+* LayerNorm (with bias) instead of RMSNorm, and a GELU MLP;
+* attention and MLP in parallel on the same normalised input (``parallel_attn``; the new
+  architecture with two norms, ``ln_attn`` and ``ln_mlp``), or one after the other;
+* rotary embedding, or ALiBi (``alibi``): a per-head linear bias on the key distance instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from backend.model.base import KVCache, tied_lm_head
+from backend.model.llama import rotary_tables
+from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.linear import linear
+from kernels.norm import add_layer_norm
+from kernels.rotary import rotary_write_kv
+
+Norm = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def num_kv_heads(config: PretrainedConfig) -> int:
+    """KV heads of the cache: grouped in the new architecture, one for multi-query, else one
+    per query head."""
+    if config.new_decoder_architecture:
+        return int(config.num_kv_heads)
+    return 1 if config.multi_query else int(config.num_attention_heads)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes ``[num_heads]`` as ``transformers``' Falcon makes them: the geometric series
+    of the ALiBi paper (interleaved for head counts that are not powers of two), rounded to bf16
+    as it rounds them."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * remaining, 2,
+                                                                   dtype=torch.int32))])
+    return slopes.bfloat16().float()
+
+
+def _split_fused_qkv(t: torch.Tensor, config: PretrainedConfig, head_dim: int) -> torch.Tensor:
+    """Rows of ``query_key_value`` (weight or bias) reordered to ``[q heads | k | v]``."""
+    heads = config.num_attention_heads
+    rest = t.shape[1:]
+    if config.new_decoder_architecture:
+        kv = config.num_kv_heads
+        grouped = t.view(kv, heads // kv + 2, head_dim, *rest)
+        parts = [grouped[:, :-2], grouped[:, -2], grouped[:, -1]]
+    elif config.multi_query:
+        return t
+    else:
+        interleaved = t.view(heads, 3, head_dim, *rest)
+        parts = [interleaved[:, 0], interleaved[:, 1], interleaved[:, 2]]
+    return torch.cat([p.reshape(-1, *rest) for p in parts])
+
+
+class FalconLayer:
+    """One decoder layer: attention and GELU MLP behind LayerNorms, parallel or sequential."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
+                 head_dim: int, slopes: torch.Tensor | None) -> None:
+        def w(name: str) -> torch.Tensor:
+            return weights[f"{prefix}.{name}"]
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return weights.get(f"{prefix}.{name}")
+
+        def norm(name: str) -> Norm:
+            return w(f"{name}.weight"), maybe(f"{name}.bias")
+
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = num_kv_heads(config)
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.eps = config.layer_norm_epsilon
+        # transformers adds the bias before scaling the scores: the slopes scale with them.
+        self.alibi_slopes = None if slopes is None else slopes * self.scale
+        self.qkv = _split_fused_qkv(w("self_attention.query_key_value.weight"), config, head_dim)
+        bias = maybe("self_attention.query_key_value.bias")
+        self.qkv_bias = None if bias is None else _split_fused_qkv(bias, config, head_dim)
+        self.dense = w("self_attention.dense.weight")
+        self.dense_bias = maybe("self_attention.dense.bias")
+        self.up = w("mlp.dense_h_to_4h.weight")
+        self.up_bias = maybe("mlp.dense_h_to_4h.bias")
+        self.down = w("mlp.dense_4h_to_h.weight")
+        self.down_bias = maybe("mlp.dense_4h_to_h.bias")
+        self.mlp_norm: Norm | None = None  # the MLP's own norm, when it has one
+        self.sequential = False
+        if config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2:
+            self.attn_norm, self.mlp_norm = norm("ln_attn"), norm("ln_mlp")
+        else:
+            self.attn_norm = norm("input_layernorm")
+            if not config.new_decoder_architecture and not config.parallel_attn:
+                self.sequential = True
+                self.mlp_norm = norm("post_attention_layernorm")
+
+    def _attention(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                   cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        qkv = linear(x, self.qkv, self.qkv_bias)
+        if cos is None or sin is None:  # ALiBi: no rotation, the bias is in the attention
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_size: q_size + kv_size].view(tokens, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+            write_kv(k, v, cache[0], cache[1], meta.slot_mapping, meta.backend)
+        else:
+            q, k, v = rotary_write_kv(qkv, cos, sin, cache[0], cache[1], meta.slot_mapping,
+                                      self.num_heads, self.num_kv_heads, meta.backend)
+        attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale,
+                               alibi_slopes=self.alibi_slopes)
+        return linear(attn.reshape(tokens, self.num_heads * self.head_dim), self.dense,
+                      self.dense_bias)
+
+    def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None, cache: KVCache, meta: AttentionMetadata
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the previous layer's output ``delta`` into the residual stream ``h`` (fused
+        with the norm that reads it) and runs the layer: returns ``h`` and this layer's
+        output, which the next layer (or the final norm) adds."""
+        x = add_layer_norm(h, delta, *self.attn_norm, self.eps, meta.backend)
+        attn = self._attention(x, cos, sin, cache, meta)
+        if self.sequential:
+            assert self.mlp_norm is not None
+            x = add_layer_norm(h, attn, *self.mlp_norm, self.eps, meta.backend)
+            return h, self._mlp(x)
+        if self.mlp_norm is not None:
+            x = add_layer_norm(h, None, *self.mlp_norm, self.eps, meta.backend)
+        out = self._mlp(x)
+        out += attn  # transformers' order: mlp + attention, then the residual
+        return h, out
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(F.gelu(linear(x, self.up, self.up_bias)), self.down, self.down_bias)
+
+
+class FalconModel:
+    """Falcon as a ``CausalLM`` (:mod:`backend.model.base`)."""
+
+    sliding_window: int | None = None  # Falcon attends over the whole context
+
+    def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: str = "cpu") -> None:
+        weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = num_kv_heads(config)
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dtype = dtype
+        self.device = device
+        self.max_positions = config.max_position_embeddings
+        slopes = alibi_slopes(config.num_attention_heads).to(device) if config.alibi else None
+        self.embed = weights["transformer.word_embeddings.weight"]
+        self.layers = [FalconLayer(weights, f"transformer.h.{i}", config, self.head_dim, slopes)
+                       for i in range(self.num_layers)]
+        self.final_norm: Norm = (weights["transformer.ln_f.weight"],
+                                 weights.get("transformer.ln_f.bias"))
+        self.eps = config.layer_norm_epsilon
+        self.lm_head = tied_lm_head(config, weights, self.embed)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+        if not config.alibi:
+            cos, sin = rotary_tables(config, self.head_dim, self.max_positions, dtype)
+            self.cos, self.sin = cos.to(device), sin.to(device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm; with a
+        ``hidden_states`` list, the embeddings and each layer's output are appended to it."""
+        h = self.embed[input_ids]  # a copy: the layers add into it in place
+        cos = None if self.cos is None else self.cos[positions]
+        sin = None if self.sin is None else self.sin[positions]
+        delta = None
+        for layer, cache in zip(self.layers, caches):
+            if hidden_states is not None:
+                hidden_states.append(h.clone() if delta is None else h + delta)
+            h, delta = layer(h, delta, cos, sin, cache, meta)
+        if hidden_states is not None and delta is not None:
+            hidden_states.append(h + delta)
+        return add_layer_norm(h, delta, *self.final_norm, self.eps, meta.backend)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores in fp32 for the given hidden states."""
+        return linear(hidden, self.lm_head).float()
