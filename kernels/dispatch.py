@@ -7,8 +7,11 @@ forces the torch references, ``"cpu"`` the C kernels (an error where they are no
 path through the engine can be checked on a machine without a GPU.
 
 ``triton`` is only needed for the Triton path: its modules are imported on first use. The
-interpreter is chosen when a kernel is decorated, i.e. when its module is imported, so
-``TRITON_INTERPRET=1`` is set before that when the first Triton kernel runs on a CPU.
+interpreter is chosen when a kernel is decorated, triton's own library functions included, so
+``TRITON_INTERPRET=1`` must be set before ``triton`` is first imported; :func:`triton_module`
+sets it when it is first to import triton, and refuses clearly when triton was already imported
+for GPUs (``transformers`` imports it through ``torch._dynamo``: processes that run the Triton
+kernels on a CPU set the variable when they start).
 """
 
 from __future__ import annotations
@@ -54,18 +57,22 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
     module = importlib.import_module(f"kernels.{name}")
     if device.type != "cuda" and not interpreted(module):
         raise RuntimeError(
-            f"Triton kernels on {device} need TRITON_INTERPRET=1 when kernels.{name} is first "
-            f"imported; it was {os.environ.get('TRITON_INTERPRET')!r} (set it before the first "
-            "Triton kernel runs, or run this process's Triton kernels on CUDA only)")
+            f"Triton kernels on {device} run in Triton's interpreter, which needs "
+            "TRITON_INTERPRET=1 in the environment before triton is first imported; triton was "
+            f"imported with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}. Start the "
+            "process with TRITON_INTERPRET=1 (or run the Triton kernels on CUDA tensors)")
     return module
 
 
 def interpreted(module: ModuleType) -> bool:
-    """Whether the Triton kernels of ``module`` were decorated for the interpreter."""
+    """Whether ``module``'s Triton kernels, and triton's library functions they call, were
+    decorated for the interpreter."""
+    import triton.language.standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
-    return bool(kernels) and all(isinstance(k, InterpretedFunction) for k in kernels)
+    functions = [v for k, v in vars(module).items() if k.endswith("_kernel")]
+    functions.append(triton.language.standard.cdiv)
+    return all(isinstance(f, InterpretedFunction) for f in functions)
 
 
 def to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -56,6 +56,14 @@ def _find_sequence(query_start_loc, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, FP32: tl.constexpr):
+    # fp32 operands in full precision (not TF32), so fp32 caches give fp32 results.
+    if FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -65,7 +73,7 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,6 +97,8 @@ def _paged_attention_kernel(
     q_rows = (q_start + q_pos).to(tl.int64) * stride_q_t + head * stride_q_h
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
     # Row r sees keys at positions <= context + q_pos[r]; the block needs keys < kv_end.
     last_pos = context + q_pos
     kv_end = context + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
@@ -113,7 +123,9 @@ def _paged_attention_kernel(
         k_rows = block * stride_k_b + in_block * stride_k_s + kv_head * stride_k_h
         k = tl.load(k_cache_ptr + k_rows[None, :] + offs_d[:, None],
                     mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        scores = _dot(q, k, DOT_FP32) * scale_log2
         visible = (key[None, :] <= last_pos[:, None]) & key_ok[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -125,7 +137,11 @@ def _paged_attention_kernel(
         v_rows = block * stride_v_b + in_block * stride_v_s + kv_head * stride_v_h
         v = tl.load(v_cache_ptr + v_rows[:, None] + offs_d[None, :],
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        probs = probs.to(v.dtype)
+        if DOT_FP32:
+            probs = probs.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(probs, v, DOT_FP32)
         running_max = new_max
 
     tokens = (q_start + q_pos).to(tl.int64)
@@ -252,7 +268,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size, TILE_N=cfg.tile_n, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q,
         NUM_SEGMENTS=cfg.num_segments,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # The interpreter's bf16 dot is wrong: it takes fp32 operands there (rounded as the
+        # GPU's would be).
+        DOT_FP32=q.dtype == torch.float32 or q.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.num_segments > 1:
         _merge_segments_kernel[(num_tokens, num_heads)](

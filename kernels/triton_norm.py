@@ -23,15 +23,17 @@ def _add_rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < DIM
+    # Each operation in fp32, rounded to the storage dtype where torch's bf16/fp16 ops round.
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
     if HAS_RESIDUAL:
-        x = x + tl.load(residual_ptr + row * stride_r + offs, mask=ok, other=0.0)
+        r = tl.load(residual_ptr + row * stride_r + offs, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(x_ptr + row * stride_x + offs, x, mask=ok)
     h = x.to(tl.float32)
     h = h * tl.math.rsqrt(tl.sum(h * h, axis=0) / DIM + eps)
-    weight = tl.load(weight_ptr + offs, mask=ok, other=0.0)
-    out = weight * h.to(x_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+    h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+    weight = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (weight * h).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
