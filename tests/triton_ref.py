@@ -28,12 +28,10 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +39,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
+
+from backend.python_backend.host import make_backend_directory, tritonserver_env, wheel_dirs
 
 # The vLLM backend's tensors (shared/reference/triton-wire.md §3), minus ``image`` and
 # ``embedding_request``, which an echo has no use for.
@@ -178,33 +178,6 @@ ECHO_MODELS = {
 }
 
 
-def _wheel_dirs() -> tuple[Path, Path]:
-    """The ``pytriton/tritonserver`` folder and its bundled ``nvidia_pytriton.libs``."""
-    site = Path(sysconfig.get_paths()["purelib"])
-    server = site / "pytriton" / "tritonserver"
-    if not (server / "bin" / "tritonserver").exists():
-        raise RuntimeError(f"no tritonserver under {server}: run `make setup-dev` "
-                           "(installs nvidia-pytriton --no-deps)")
-    return server, site / "nvidia_pytriton.libs"
-
-
-def tritonserver_env() -> dict[str, str]:
-    """Environment under which Triton's Python-backend stub can import numpy from this venv.
-
-    The stub embeds libpython3.11 and takes its packages from the ``python3`` first on PATH, so
-    the venv's ``bin`` leads PATH; the interpreter's own ``lib`` (pyenv's, where
-    libpython3.11.so.1.0 lies) comes before the wheel's bundled libraries on LD_LIBRARY_PATH.
-    """
-    _, libs = _wheel_dirs()
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    lib_path = [str(sysconfig.get_config_var("LIBDIR")), str(libs)]
-    if env.get("LD_LIBRARY_PATH"):
-        lib_path.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_path)
-    return env
-
-
 def make_echo_repository(root: Path, models: Sequence[str] = tuple(ECHO_MODELS)) -> Path:
     """Writes the echo models (see the module docstring) under ``root/repo``; returns the repo."""
     repo = root / "repo"
@@ -240,22 +213,12 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="triton-ref-"))
         self.log_path = self._workdir / "tritonserver.log"
 
-    def _backend_dir(self) -> Path:
-        """A private backends folder: the wheel's Python backend plus the 3.11 stub beside it
-        (Triton looks for ``triton_python_backend_stub`` next to ``libtriton_python.so``)."""
-        server, _ = _wheel_dirs()
-        backends = self._workdir / "backends"
-        shutil.copytree(server / "backends" / "python", backends / "python",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub",
-                     backends / "python")
-        return backends
-
     def start(self, timeout: float = 90.0) -> None:
         """Starts the server and waits until it reports ready (all models loaded)."""
-        server, _ = _wheel_dirs()
+        server, _ = wheel_dirs()
+        backends = make_backend_directory(self._workdir / "backends")
         cmd = [str(server / "bin" / "tritonserver"), f"--model-repository={self.repo}",
-               f"--backend-directory={self._backend_dir()}",
+               f"--backend-directory={backends}",
                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                # Only gRPC is compared; HTTP and metrics would take more ports.
                "--allow-http=false", "--allow-metrics=false", "--allow-gpu-metrics=false",
