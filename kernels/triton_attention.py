@@ -15,7 +15,7 @@ unnormalised partial output with its running max and sum, and a second kernel me
 Scores, softmax and accumulation are fp32 whatever the cache dtype; exponentials are base 2
 with the scale folded in.
 
-This module imports ``triton``: it is only imported through :mod:`kernels.backend`, which sets
+This module imports ``triton``: it is only imported through :mod:`kernels.dispatch`, which sets
 ``TRITON_INTERPRET=1`` first when the tensors are on a CPU.
 """
 
@@ -37,33 +37,6 @@ _PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _find_sequence(query_start_loc, q_block, num_seqs, BLOCK_Q: tl.constexpr):
-    """The sequence whose query blocks contain global block ``q_block``.
-
-    Sequence ``i``'s blocks start at ``query_start_loc[i] // BLOCK_Q + i``, an increasing
-    function of ``i``: the answer is the last ``i`` where it is ``<= q_block``.
-    """
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first = tl.load(query_start_loc + mid) // BLOCK_Q + mid
-        if first <= q_block:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
-
-
-@triton.jit
-def _dot(a, b, FP32: tl.constexpr):
-    # fp32 operands in full precision (not TF32), so fp32 caches give fp32 results.
-    if FP32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _paged_attention_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -78,7 +51,18 @@ def _paged_attention_kernel(
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
-    seq = _find_sequence(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q)
+    # The sequence holding this query block: sequence i's blocks start at
+    # query_start_loc[i] // BLOCK_Q + i, increasing in i; binary search for the last start
+    # <= q_block_global. (Inline: a helper call costs much in the interpreter.)
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_block_global:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     q_block = q_block_global - (q_start // BLOCK_Q + seq)
@@ -102,12 +86,12 @@ def _paged_attention_kernel(
     # Row r sees keys at positions <= context + q_pos[r]; the block needs keys < kv_end.
     last_pos = context + q_pos
     kv_end = context + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
-    num_tiles = tl.cdiv(kv_end, TILE_N)
+    num_tiles = (kv_end + TILE_N - 1) // TILE_N
     if NUM_SEGMENTS == 1:
         tile_lo = 0
         tile_hi = num_tiles
     else:
-        per_segment = tl.cdiv(tl.cdiv(seq_len, TILE_N), NUM_SEGMENTS)
+        per_segment = ((seq_len + TILE_N - 1) // TILE_N + NUM_SEGMENTS - 1) // NUM_SEGMENTS
         tile_lo = segment * per_segment
         tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
 
@@ -125,7 +109,8 @@ def _paged_attention_kernel(
                     mask=key_ok[None, :] & d_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
-        scores = _dot(q, k, DOT_FP32) * scale_log2
+        # fp32 operands in full precision (not TF32); the precision does not apply to others.
+        scores = tl.dot(q, k, input_precision="ieee") * scale_log2
         visible = (key[None, :] <= last_pos[:, None]) & key_ok[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -141,7 +126,7 @@ def _paged_attention_kernel(
         if DOT_FP32:
             probs = probs.to(tl.float32)
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(probs, v, DOT_FP32)
+        acc = acc * alpha[:, None] + tl.dot(probs, v, input_precision="ieee")
         running_max = new_max
 
     tokens = (q_start + q_pos).to(tl.int64)

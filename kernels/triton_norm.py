@@ -5,7 +5,7 @@ stream is updated in place) and the normalised row: one pass where the torch ops
 Rounding follows ``transformers``' ``LlamaRMSNorm``: the sum in the stream's dtype, the
 normalisation in fp32, cast back before the weight multiplies it.
 
-Imported through :mod:`kernels.backend` only, which sets ``TRITON_INTERPRET=1`` first on CPUs.
+Imported through :mod:`kernels.dispatch` only, which sets ``TRITON_INTERPRET=1`` first on CPUs.
 """
 
 from __future__ import annotations
