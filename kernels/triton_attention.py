@@ -98,7 +98,7 @@ def _paged_attention_kernel(
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    table = block_tables_ptr + tl.cast(seq, tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         key = tile * TILE_N + offs_n
         key_ok = key < kv_end
