@@ -12,8 +12,7 @@ everywhere and is the reference of the kernels behind the same two functions: on
 bf16, fp16), decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is
 built (torch ops must first gather each context into a copy); on CUDA the whole batch goes to
 the Triton kernels of :mod:`kernels.triton_attention` and :mod:`kernels.triton_cache`.
-:mod:`kernels.dispatch`
-chooses (``AttentionMetadata.backend``).
+:mod:`kernels.dispatch` chooses (``AttentionMetadata.backend``).
 """
 
 from __future__ import annotations

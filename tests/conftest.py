@@ -17,7 +17,12 @@ if not torch.cuda.is_available():
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from backend import LLM
+from backend.model.dtypes import AUTO_ENV
 from backend.model.loader import LoadedModel, load_model
+
+# The tests compare with transformers in fp32: "auto" must not pick bf16 on CPUs that have it
+# (servers the tests start inherit this).
+os.environ.setdefault(AUTO_ENV, "float32")
 
 
 @pytest.fixture(scope="session")
