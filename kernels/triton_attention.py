@@ -54,8 +54,8 @@ def _paged_attention_kernel(
     # The sequence holding this query block: sequence i's blocks start at
     # query_start_loc[i] // BLOCK_Q + i, increasing in i; binary search for the last start
     # <= q_block_global. (Inline: a helper call costs much in the interpreter.)
-    lo = 0
-    hi = num_seqs
+    lo: tl.int32 = 0  # type: ignore[valid-type]
+    hi: tl.int32 = num_seqs  # type: ignore[valid-type]
     while lo < hi:
         mid = (lo + hi) // 2
         if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_block_global:
