@@ -29,6 +29,7 @@ counts its fastest rep; every run's wall time is printed and recorded.
 Usage (from the repository root)::
 
     python -m bench.throughput [--quick] [--repeat N] [--out FILE]
+    python -m bench.throughput --dtype bfloat16   # bf16 vs fp32 engine, speed and agreement
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ import torch
 import transformers
 
 from backend import LLM, SamplingParams
+from backend.model.dtypes import cpu_flags
 from kernels.linear import linear
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
 SEED = 0
+AGREEMENT_PROMPTS = 20  # --dtype: requests whose greedy outputs are compared with fp32's
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure instead what tracing every step and request costs: "
                              "traced vs untraced engine, spans exported over OTLP/gRPC to a "
                              "receiver process (bench/tracing.py)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"],
+                        help="measure instead this dtype against fp32: engine throughput of "
+                             "each on the workload, and the share of greedy tokens identical "
+                             f"to fp32's over the first {AGREEMENT_PROMPTS} requests")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUT})")
     return parser.parse_args(argv)
@@ -410,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tracing:
         return tracing_main(args, spec, repeat)
+    if args.dtype:
+        return dtype_main(args, spec, repeat)
     llm = LLM(**ENGINE_ARGS)
     config = llm.engine.model.config
     requests = build_workload(spec, llm.tokenizer, config.vocab_size)
@@ -488,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {**asdict(spec), "prompt_tokens": prompt_tokens,
                      "output_tokens": output_tokens},
         "engine_args": ENGINE_ARGS,
-        "model": {"path": llm.engine.model_path, "dtype": "float32",
+        "model": {"path": llm.engine.model_path, "dtype": llm.engine.dtype,
                   "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
                   "vocab_size": config.vocab_size},
         "engine": asdict(engine),
@@ -541,6 +550,55 @@ def tracing_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> i
         "repeat": repeat, **asdict(result), "overhead": result.overhead}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0 if result.spans_received == result.spans_expected else 1
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of output positions where two runs' greedy tokens are the same."""
+    same = sum(x == y for out_a, out_b in zip(a, b) for x, y in zip(out_a, out_b))
+    return same / max(sum(max(len(x), len(y)) for x, y in zip(a, b)), 1)
+
+
+def dtype_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int:
+    """``--dtype``: the engine in fp32 and in ``args.dtype`` on the same workload, one run."""
+    from backend.model.loader import load_model
+
+    loaded = load_model()
+    requests = build_workload(spec, loaded.tokenizer, loaded.config.vocab_size)
+    results: dict[str, EngineResult] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    for dtype in ("float32", args.dtype):
+        llm = LLM(loaded=loaded, **{**ENGINE_ARGS, "dtype": dtype})
+        results[dtype], outputs[dtype] = run_engine(llm, requests, repeat)
+        print(f"{dtype:9} {results[dtype].tokens_per_s:9.1f} generated tok/s   walls "
+              f"{', '.join(f'{w:.2f}' for w in results[dtype].wall_runs_s)} s", flush=True)
+        del llm
+    first = slice(0, AGREEMENT_PROMPTS)
+    agreement = greedy_agreement(outputs[args.dtype][first], outputs["float32"][first])
+    tokens = token_agreement(outputs[args.dtype][first], outputs["float32"][first])
+    ratio = results[args.dtype].tokens_per_s / results["float32"].tokens_per_s
+    print()
+    print("=" * 72)
+    print(f"speed     {ratio:9.3f}x  ({args.dtype} / float32 generated tok/s, best of {repeat})")
+    print(f"agreement {tokens:9.3f}  of greedy tokens identical to fp32's over "
+          f"{AGREEMENT_PROMPTS} requests ({agreement['exact_match_fraction']:.2f} of the "
+          f"requests entirely, mean common prefix "
+          f"{agreement['mean_common_prefix_fraction']:.3f})")
+    print("=" * 72)
+    out = args.out.with_name(f"{args.out.stem}_{args.dtype}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": f"throughput --dtype {args.dtype}",
+        "timestamp": datetime.now(UTC).isoformat(), "command": sys.orig_argv,
+        "git": git_state(), "workload": asdict(spec), "repeat": repeat,
+        "engine_args": ENGINE_ARGS, "engine": {d: asdict(r) for d, r in results.items()},
+        "speed_ratio": ratio, "token_agreement": tokens, "greedy_agreement": agreement,
+        "agreement_prompts": AGREEMENT_PROMPTS,
+        "cpu_flags": sorted(f for f in cpu_flags() if "avx" in f or "amx" in f),
+        "environment": {"torch_threads": torch.get_num_threads(),
+                        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                        "loadavg_1m_after": os.getloadavg()[0]}}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
