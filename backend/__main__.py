@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -20,8 +21,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton(args: argparse.Namespace) -> int:
+    from backend.python_backend.host import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend")
+    # The same commands as the ``pagedserve`` console script (pyproject.toml).
+    prog = "pagedserve" if Path(sys.argv[0]).name == "pagedserve" else "python -m backend"
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["bench"]:  # every flag after it is bench.throughput's own
+        from bench.throughput import main as throughput
+
+        return throughput(arguments[1:])
+    parser = argparse.ArgumentParser(prog=prog)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="print a completion of a prompt")
     gen.add_argument("prompt")
@@ -41,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(srv)
     srv.set_defaults(run=serve_run)
-    args = parser.parse_args(argv)
+    commands.add_parser("bench", help="offline engine throughput: bench.throughput, with its "
+                                      "flags (bench --help)")
+    triton = commands.add_parser("triton", help="real tritonserver (the nvidia-pytriton wheel's) "
+                                                "serving a repository with our backend")
+    from backend.python_backend.host import add_arguments as triton_arguments
+
+    triton_arguments(triton)
+    triton.set_defaults(run=_triton)
+    args = parser.parse_args(arguments)
     try:
         return int(args.run(args))
     except ValueError as e:

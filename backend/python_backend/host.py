@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 
 import backend
+from backend.repository.default import default_repository
 
 BACKEND_NAME = "pagedserve"
 SHIM = ('"""pagedserve\'s engine as a Triton Python-based backend '
@@ -169,8 +170,7 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    default = Path(backend.__file__).resolve().parents[1] / "model_repository"
-    parser.add_argument("--model-repository", type=Path, default=default)
+    parser.add_argument("--model-repository", type=Path, default=default_repository())
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000, help="0 disables")
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 disables")

@@ -7,12 +7,13 @@ import asyncio
 import logging
 from pathlib import Path
 
+from backend.repository.default import default_repository
 from backend.server.access import GRPC_HEADER_PREFIX, parse_restrictions
 from backend.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
 from backend.server.tls import TlsOptions
 from backend.server.tracing import parse_trace_config
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+DEFAULT_REPOSITORY = default_repository()
 _MAX_GRPC_INT = 2**31 - 1  # gRPC's message-size options are C ints
 
 log = logging.getLogger("pagedserve")
