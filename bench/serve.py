@@ -27,9 +27,18 @@ much CPU other processes took (``/proc/stat``, less the processes of the phase) 
 the run warns above 10% of the machine. ``--rounds N`` alternates the two phases N times and
 reports the median of each.
 
+``--compare-triton`` measures instead our server against **real Triton hosting the same engine**
+(the nvidia-pytriton wheel's ``tritonserver`` with the ``pagedserve`` Python-based backend,
+``backend.python_backend.host``), both serving ``model_repository/`` at once, on the same
+concurrent workload through the same client: output tokens/s and TTFT p50/p95 of each, and the
+ratio ours/Triton (target >= 1.0, with a lower TTFT). The Triton figure includes its Python
+backend's costs (every response crosses from the stub process to the server by shared memory
+and a message queue; docs/benchmarks.md).
+
 Usage (from the repository root)::
 
     python -m bench.serve [--quick] [--rounds N] [--requests 64] [--max-tokens 64] [--out FILE]
+    python -m bench.serve --compare-triton [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -53,15 +62,18 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 
+from backend.python_backend.host import Ports, TritonHost
 from bench.throughput import _proc_stat_cpu, git_state
 from clients.load import LoadRequest, make_requests, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "serve.json"
+TRITON_OUT = ROOT / "bench" / "results" / "serve_triton.json"
 REPOSITORY = ROOT / "model_repository"
 MODEL = "smollm2"
 TARGET_RATIO = 0.95
 TARGET_TTFT_OVERHEAD_S = 0.005
+TARGET_RATIO_OVER_TRITON = 1.0
 
 
 @dataclass(frozen=True)
@@ -175,12 +187,25 @@ class Server:
         return int(self.proc.returncode)
 
 
-async def grpc_phase(server: Server, requests: list[LoadRequest], streams: int) -> PhaseResult:
-    monitor = Contention((server.proc.pid,))
-    report = await run_load(server.url, MODEL, requests, streams=streams)
-    return PhaseResult("grpc", report.wall_s, report.output_tokens, report.tokens_per_s,
+def _children(pid: int) -> tuple[int, ...]:
+    """The processes ``pid`` started (Triton's Python-backend stubs)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return tuple(found)
+
+
+async def grpc_phase(url: str, pids: tuple[int, ...], requests: list[LoadRequest], streams: int,
+                     path: str = "grpc") -> PhaseResult:
+    monitor = Contention(pids)
+    report = await run_load(url, MODEL, requests, streams=streams)
+    return PhaseResult(path, report.wall_s, report.output_tokens, report.tokens_per_s,
                        report.ttft_p50_s, report.ttft_p95_s, report.latency_p50_s,
-                       monitor.stop())
+                       monitor.stop(), report.ttfts_s)
 
 
 class DirectWorker:
@@ -236,8 +261,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, help="gRPC streams (default 16)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the two phases this many times; medians are reported")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"where to write the JSON result (default: {DEFAULT_OUT})")
+    parser.add_argument("--compare-triton", action="store_true",
+                        help="our server against real Triton hosting the same engine")
+    parser.add_argument("--out", type=Path,
+                        help=f"where to write the JSON result (default: {DEFAULT_OUT}, "
+                             f"{TRITON_OUT} with --compare-triton)")
     return parser.parse_args(argv)
 
 
@@ -263,7 +291,8 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
             order = ("grpc", "direct") if i % 2 == 0 else ("direct", "grpc")
             for path in order:
                 if path == "grpc":
-                    last = await grpc_phase(server, requests, workload.streams)
+                    last = await grpc_phase(server.url, (server.proc.pid,), requests,
+                                            workload.streams)
                     grpc_runs.append(last)
                 else:
                     last = direct.run(requests, f"r{i}")
@@ -328,6 +357,82 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
     }
 
 
+async def compare_triton(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    """Our server and real Triton hosting the same engine, both up at once, alternating."""
+    requests = make_requests(workload.num_requests, workload.max_tokens)
+    warmup = make_requests(WARMUP.num_requests, WARMUP.max_tokens)
+    server = Server(REPOSITORY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        triton = TritonHost(REPOSITORY, Ports(grpc=int(sock.getsockname()[1])))
+    runs: dict[str, list[PhaseResult]] = {"ours": [], "triton": []}
+    try:
+        triton.start()
+        server.wait_ready()
+        assert triton.proc is not None
+        pids = {"ours": (server.proc.pid,),
+                "triton": (triton.proc.pid, *_children(triton.proc.pid))}
+        urls = {"ours": server.url, "triton": triton.grpc_url}
+        for path in runs:  # first-call allocations and lazy imports, outside the timing
+            await run_load(urls[path], MODEL, warmup, streams=WARMUP.streams)
+        for i in range(args.rounds):
+            # Alternate which goes first so a drift in machine speed hits both alike.
+            for path in ("ours", "triton") if i % 2 == 0 else ("triton", "ours"):
+                last = await grpc_phase(urls[path], pids[path], requests, workload.streams,
+                                        path)
+                runs[path].append(last)
+                print(f"round {i + 1} {path:6s} {last.tokens_per_s:8.1f} tok/s  TTFT p50 "
+                      f"{last.ttft_p50_s * 1e3:7.1f} ms  p95 {last.ttft_p95_s * 1e3:7.1f} ms  "
+                      f"wall {last.wall_s:6.2f} s", flush=True)
+    finally:
+        exit_code = server.stop()
+        triton.stop()
+    ours_tps, triton_tps = _median(runs["ours"], "tokens_per_s"), _median(runs["triton"],
+                                                                          "tokens_per_s")
+    return {
+        "benchmark": "serve --compare-triton",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "workload": asdict(workload),
+        "rounds": args.rounds,
+        "ours": [asdict(p) for p in runs["ours"]],
+        "triton": [asdict(p) for p in runs["triton"]],
+        "ours_tokens_per_s": ours_tps,
+        "triton_tokens_per_s": triton_tps,
+        "ratio_ours_over_triton": ours_tps / triton_tps,
+        "ours_ttft_p50_s": _median(runs["ours"], "ttft_p50_s"),
+        "triton_ttft_p50_s": _median(runs["triton"], "ttft_p50_s"),
+        "ours_ttft_p95_s": _median(runs["ours"], "ttft_p95_s"),
+        "triton_ttft_p95_s": _median(runs["triton"], "ttft_p95_s"),
+        "targets": {"ratio_min": TARGET_RATIO_OVER_TRITON, "ttft": "ours < triton"},
+        "server_exit_code": exit_code,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "loadavg_at_end": os.getloadavg()},
+        "git": git_state(),
+    }
+
+
+def report_triton(result: dict[str, Any]) -> None:
+    ratio = result["ratio_ours_over_triton"]
+    print()
+    print("=" * 72)
+    for path, name in (("ours", "ours"), ("triton", "Triton")):
+        print(f"{name:9s} {result[f'{path}_tokens_per_s']:9.1f} output tok/s   TTFT p50 "
+              f"{result[f'{path}_ttft_p50_s'] * 1e3:7.1f} ms  p95 "
+              f"{result[f'{path}_ttft_p95_s'] * 1e3:7.1f} ms")
+    print(f"ratio     {ratio:9.3f}  ours / Triton (target >= {TARGET_RATIO_OVER_TRITON})  "
+          f"{'OK' if ratio >= TARGET_RATIO_OVER_TRITON else 'BELOW TARGET'}")
+    lower = result["ours_ttft_p50_s"] < result["triton_ttft_p50_s"]
+    print(f"TTFT p50  {'lower' if lower else 'NOT lower'} than Triton's")
+    fractions = [p["contention"]["others_fraction_of_machine"]
+                 for p in result["ours"] + result["triton"]]
+    known = [f for f in fractions if f is not None]
+    if known:
+        print(f"others    {max(known):9.1%}  most CPU other processes took during a phase")
+    if any(f > 0.1 for f in known):
+        print("warning: the CPU was shared with other work; figures are skewed", file=sys.stderr)
+    print("=" * 72)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -336,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     print(f"workload: {workload.num_requests} streaming requests x {workload.max_tokens} tokens, "
           f"gRPC over {workload.streams} streams; {args.rounds} round(s)", flush=True)
+    if args.compare_triton:
+        result = asyncio.run(compare_triton(args, workload))
+        report_triton(result)
+        out = args.out or TRITON_OUT
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     result = asyncio.run(run(args, workload))
 
     ratio, overhead = result["ratio_grpc_over_direct"], result["ttft_overhead_p50_s"]
@@ -361,9 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: the CPU was shared with other work; figures are skewed", file=sys.stderr)
     print("=" * 72)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or DEFAULT_OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
