@@ -56,6 +56,16 @@ class EngineStats:
     num_evictions: int
 
 
+@dataclass(frozen=True)
+class ModelSummary:
+    """What the engine serves, for start-up reports: family, dtype and KV capacity."""
+
+    family: str
+    dtype: str
+    kv_blocks: int  # usable blocks of the paged cache
+    kv_tokens: int  # tokens they hold (blocks x block size)
+
+
 @dataclass
 class _StepTiming:
     """Phase boundaries and the latencies a step completed, gathered as it runs."""
@@ -130,6 +140,11 @@ class EngineCore:
         """
         return self.input_processor.make_request(request_id, prompt, params, prompt_token_ids,
                                                  trace_headers=trace_headers)
+
+    def summary(self) -> ModelSummary:
+        blocks = self.block_manager.num_usable_blocks
+        return ModelSummary(self.model_family, self.dtype, blocks,
+                            blocks * self.config.block_size)
 
     def shutdown(self) -> None:
         """Flushes the observers (buffered spans); the engine takes no more steps after it."""

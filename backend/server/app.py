@@ -128,6 +128,11 @@ async def serve(options: ServeOptions) -> int:
     rows = [(n, v or "-", s or "UNLOADED", r) for n, v, s, r in repository.index()]
     log.info("\n%s", _table(rows, ("Model", "Version", "Status", "Reason")) if rows else
              "no models in the repository")
+    engines = [(m.name, str(m.version), m.engine.core.summary()) for m in repository.all_ready()]
+    if engines:
+        log.info("\n%s", _table([(n, v, s.family, s.dtype, f"{s.kv_blocks} blocks",
+                                  f"{s.kv_tokens} tokens") for n, v, s in engines],
+                                ("Model", "Version", "Family", "Dtype", "KV cache", "KV tokens")))
 
     endpoints: list[tuple[str, HttpEndpoint]] = []
     for kind, port in (("HTTPService", options.http_port), ("Metrics Service",
