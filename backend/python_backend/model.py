@@ -164,6 +164,9 @@ class TritonPythonModel:
             self._fail(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
         except RuntimeError as e:  # engine shut down, a failed step, or this request's failure
             self._fail(sender, str(e), pb_utils.TritonError.INTERNAL)
+        except Exception as e:  # a bug must fail its request, never leave it unanswered
+            log.exception("request failed")
+            self._fail(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
 
     @staticmethod
     def _send(sender: Any, arrays: dict[str, np.ndarray], final: bool) -> None:
