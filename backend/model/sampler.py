@@ -5,6 +5,11 @@ need (penalties, filters, logprobs) is skipped when no row asks for it. Draws us
 race (``argmax(p / q)`` with ``q ~ Exp(1)``), which samples exactly from ``p``; rows with a seed
 draw their noise from their own generator, so their results do not depend on the batch around
 them.
+
+On a GPU the step waits for the device once: the per-row settings reach it without blocking
+(:func:`kernels.dispatch.to_device`), which work to skip is decided from the requests' settings
+rather than from device values, and the sampled tokens come back with their logprobs in one
+copy.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 from backend.outputs import TokenLogprobs
 from backend.sampling_params import SamplingParams
+from kernels.dispatch import to_device
 
 
 @dataclass
@@ -46,8 +52,7 @@ class SamplerOutput:
 def _padded(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """Token lists as a ``[rows, max_len]`` tensor padded with ``vocab`` (an out-of-range id)."""
     width = max((len(r) for r in rows), default=0) or 1
-    return torch.tensor([r + [vocab] * (width - len(r)) for r in rows], dtype=torch.long,
-                        device=device)
+    return to_device([r + [vocab] * (width - len(r)) for r in rows], torch.long, device)
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -60,15 +65,18 @@ def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> to
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Repetition (over prompt and output, as in transformers), presence and frequency (output)."""
     vocab, device = logits.shape[1], logits.device
-    rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
-    if (rep != 1.0).any():
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        rep = to_device([r.params.repetition_penalty for r in rows], torch.float32,
+                        device)[:, None]
         seen = _token_counts([r.token_ids for r in rows], vocab,
                              device) > 0
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalized, logits)
-    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
-    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
-    if (presence != 0).any() or (frequency != 0).any():
+    if any(r.params.presence_penalty or r.params.frequency_penalty for r in rows):
+        presence = to_device([r.params.presence_penalty for r in rows], torch.float32,
+                             device)[:, None]
+        frequency = to_device([r.params.frequency_penalty for r in rows], torch.float32,
+                              device)[:, None]
         counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
         logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
     return logits
@@ -112,29 +120,32 @@ class Sampler:
         greedy = [r.params.is_greedy for r in rows]
         tokens = logits.argmax(dim=-1)
         if not all(greedy):
-            temperature = torch.tensor([1.0 if g else r.params.temperature
-                                        for g, r in zip(greedy, rows)], device=device)
+            temperature = to_device([1.0 if g else r.params.temperature
+                                     for g, r in zip(greedy, rows)], torch.float32, device)
             probs = torch.softmax(logits / temperature[:, None], dim=-1)
             if any(r.params.top_k or r.params.top_p < 1.0 or r.params.min_p for r in rows):
                 probs = filter_probs(
                     probs,
-                    torch.tensor([r.params.top_k for r in rows], device=device),
-                    torch.tensor([r.params.top_p for r in rows], device=device),
-                    torch.tensor([r.params.min_p for r in rows], device=device))
+                    to_device([r.params.top_k for r in rows], torch.long, device),
+                    to_device([r.params.top_p for r in rows], torch.float32, device),
+                    to_device([r.params.min_p for r in rows], torch.float32, device))
             noise = torch.empty_like(probs).exponential_()
             for i, r in enumerate(rows):
                 if r.generator is not None and not greedy[i]:
                     noise[i].exponential_(generator=r.generator)
             drawn = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(torch.tensor(greedy, device=device), tokens, drawn)
+            tokens = torch.where(to_device(greedy, torch.bool, device), tokens, drawn)
 
         sampled_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+        # One copy to the host (float64 holds every token id exactly).
+        host = torch.stack((tokens.double(), sampled_logprobs.double())).cpu()
+        token_list = [int(t) for t in host[0].tolist()]
+        lp_list = host[1].tolist()
         top: list[TokenLogprobs | None] = [None] * len(rows)
         wanted = [r.params.logprobs for r in rows]
         if any(w is not None for w in wanted):
             k = max(w or 0 for w in wanted)
             top_values, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
-            token_list, lp_list = tokens.tolist(), sampled_logprobs.tolist()
             for i, w in enumerate(wanted):
                 if w is None:
                     continue
@@ -143,7 +154,7 @@ class Sampler:
                     entry = dict(zip(top_ids[i, :w].tolist(), top_values[i, :w].tolist()))
                 entry.setdefault(token_list[i], lp_list[i])
                 top[i] = entry
-        return SamplerOutput(tokens.tolist(), sampled_logprobs.tolist(), top)
+        return SamplerOutput(token_list, lp_list, top)
 
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
