@@ -364,7 +364,11 @@ async def compare_triton(args: argparse.Namespace, workload: Workload) -> dict[s
     server = Server(REPOSITORY)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        triton = TritonHost(REPOSITORY, Ports(grpc=int(sock.getsockname()[1])))
+        # The log outlives the run, for a post-mortem.
+        triton = TritonHost(REPOSITORY, Ports(grpc=int(sock.getsockname()[1])),
+                            log_path=Path(tempfile.mkstemp(prefix="triton-bench-",
+                                                           suffix=".log")[1]))
+        print(f"tritonserver log: {triton.log_path}", flush=True)
     runs: dict[str, list[PhaseResult]] = {"ours": [], "triton": []}
     try:
         triton.start()
