@@ -572,7 +572,8 @@ def dtype_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int
         print(f"{dtype:9} {results[dtype].tokens_per_s:9.1f} generated tok/s   walls "
               f"{', '.join(f'{w:.2f}' for w in results[dtype].wall_runs_s)} s", flush=True)
         del llm
-    first = slice(0, AGREEMENT_PROMPTS)
+    compared = min(AGREEMENT_PROMPTS, len(requests))
+    first = slice(0, compared)
     agreement = greedy_agreement(outputs[args.dtype][first], outputs["float32"][first])
     tokens = token_agreement(outputs[args.dtype][first], outputs["float32"][first])
     ratio = results[args.dtype].tokens_per_s / results["float32"].tokens_per_s
@@ -580,7 +581,7 @@ def dtype_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int
     print("=" * 72)
     print(f"speed     {ratio:9.3f}x  ({args.dtype} / float32 generated tok/s, best of {repeat})")
     print(f"agreement {tokens:9.3f}  of greedy tokens identical to fp32's over "
-          f"{AGREEMENT_PROMPTS} requests ({agreement['exact_match_fraction']:.2f} of the "
+          f"{compared} requests ({agreement['exact_match_fraction']:.2f} of the "
           f"requests entirely, mean common prefix "
           f"{agreement['mean_common_prefix_fraction']:.3f})")
     print("=" * 72)
@@ -592,7 +593,7 @@ def dtype_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int
         "git": git_state(), "workload": asdict(spec), "repeat": repeat,
         "engine_args": ENGINE_ARGS, "engine": {d: asdict(r) for d, r in results.items()},
         "speed_ratio": ratio, "token_agreement": tokens, "greedy_agreement": agreement,
-        "agreement_prompts": AGREEMENT_PROMPTS,
+        "agreement_prompts": compared,
         "cpu_flags": sorted(f for f in cpu_flags() if "avx" in f or "amx" in f),
         "environment": {"torch_threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "torch": torch.__version__,
