@@ -1,0 +1,31 @@
+"""bench.gpu_check runs every step in its CPU smoke mode (kernels interpreted, tiny shapes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_check
+
+
+def test_gpu_check_smoke_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and result["copy_bandwidth_bytes_per_s"] > 0
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["kernel tests"]["note"].startswith("passed: 1 passed")
+    kernel_rows = [r for r in result["rows"] if r["bytes_moved"] is not None]
+    assert len(kernel_rows) == 4
+    for row in kernel_rows:
+        assert row["triton_ms"] > 0 and row["torch_ms"] > 0 and row["fraction_of_copy"] > 0
+    for row in kernel_rows[:2]:  # the two attention shapes agree with the torch path
+        assert float(row["note"].rsplit(" ", 1)[1]) < 1e-2
+    assert rows["greedy = transformers (fp32)"]["note"] == "2/2 prompts identical"
+    engine = rows["engine vs transformers (bf16)"]
+    assert engine["triton_ms"] > 0 and engine["torch_ms"] > 0
+    table = capsys.readouterr().out
+    assert "device-to-device copy" in table and "engine vs transformers" in table
