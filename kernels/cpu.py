@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-
 from typing import Any
 
 import torch
