@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 # vLLM / model.json name -> EngineConfig field.
 _RENAMES = {
-    "gpu_memory_utilization": "kv_cache_memory_fraction",
     "kv_cache_memory_bytes": "kv_cache_bytes",
 }
 # vLLM dtype spellings -> EngineConfig dtypes ("auto" keeps the engine's default).

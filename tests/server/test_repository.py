@@ -105,7 +105,7 @@ def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
     settings = engine_config(config, folder / "1")
     assert settings.block_size == 32  # from parameters (strings cast)
     assert settings.max_num_seqs == 8  # model.json wins
-    assert settings.kv_cache_memory_fraction == 0.5
+    assert settings.gpu_memory_utilization == 0.5  # an EngineConfig field of its own
     assert settings.enable_chunked_prefill is False
     assert settings.dtype == "float32"
 
