@@ -272,13 +272,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """
     out = torch.empty_like(q)
     biased = sliding_window is not None or alibi_slopes is not None
-    if meta.backend == "triton" and biased:
-        raise NotImplementedError("the Triton attention kernel has no sliding window or ALiBi")
     if meta.backend == "triton":
         assert meta._seq_lens_i32 is not None and meta._query_start_loc is not None
         dispatch.triton_module("triton_attention", q.device).paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta._seq_lens_i32, meta._query_start_loc,
-            max(meta.query_lens), max(meta.seq_lens), scale, out)
+            max(meta.query_lens), max(meta.seq_lens), scale, out,
+            sliding_window=sliding_window, alibi_slopes=alibi_slopes)
         return out
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])

@@ -36,17 +36,20 @@ _MIN_KEYS_PER_SEGMENT = 256
 _PROGRAMS_PER_SM = 4
 
 
+_LOG2E: tl.constexpr = tl.constexpr(_LOG2_E)
+
+
 @triton.jit
 def _paged_attention_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2, num_seqs,
+    alibi_ptr, scale_log2, num_seqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, SLIDING_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,12 +92,16 @@ def _paged_attention_kernel(
     num_tiles = (kv_end + TILE_N - 1) // TILE_N
     if NUM_SEGMENTS == 1:
         tile_lo = 0
+        if SLIDING_WINDOW > 0:  # skip the tiles no row of the block can see
+            tile_lo = tl.maximum(context + q_block * BLOCK_Q - SLIDING_WINDOW + 1, 0) // TILE_N
         tile_hi = num_tiles
     else:
         per_segment = ((seq_len + TILE_N - 1) // TILE_N + NUM_SEGMENTS - 1) // NUM_SEGMENTS
         tile_lo = segment * per_segment
         tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
 
+    if HAS_ALIBI:  # slope * (key - query position), in the log2 domain of the scores
+        slope = tl.load(alibi_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
@@ -112,6 +119,10 @@ def _paged_attention_kernel(
         # fp32 operands in full precision (not TF32); the precision does not apply to others.
         scores = tl.dot(q, k, input_precision="ieee") * scale_log2
         visible = (key[None, :] <= last_pos[:, None]) & key_ok[None, :]
+        if SLIDING_WINDOW > 0:
+            visible = visible & (key[None, :] > last_pos[:, None] - SLIDING_WINDOW)
+        if HAS_ALIBI:
+            scores += slope[:, None] * (key[None, :] - last_pos[:, None]).to(tl.float32)
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         # A row with nothing visible yet keeps -inf: exponentiate against 0 so it stays 0.
@@ -157,7 +168,7 @@ def _merge_segments_kernel(
     part = (token * NUM_HEADS + head) * NUM_SEGMENTS + offs_s
     seg_max = tl.load(part_max_ptr + part, mask=s_ok, other=float("-inf"))
     seg_sum = tl.load(part_sum_ptr + part, mask=s_ok, other=0.0)
-    # Segment 0 always holds key 0, which every query sees: the overall max is finite.
+    # The segment holding a query's own key has a finite max, so the overall max is finite.
     weight = tl.math.exp2(seg_max - tl.max(seg_max, axis=0))
     total = tl.sum(seg_sum * weight, axis=0)
     acc = tl.load(part_out_ptr + part[:, None] * HEAD_PAD + offs_d[None, :],
@@ -214,7 +225,9 @@ def _num_sms(device: torch.device) -> int:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
-                    scale: float, out: torch.Tensor, num_segments: int | None = None) -> None:
+                    scale: float, out: torch.Tensor, num_segments: int | None = None,
+                    sliding_window: int | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> None:
     """Writes into ``out`` the causal attention of the step's query tokens over their contexts.
 
     ``q``/``out`` ``[num_tokens, num_heads, head_dim]`` (heads contiguous); caches
@@ -222,6 +235,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ``seq_lens`` ``[num_seqs]`` (context plus new tokens) and ``query_start_loc``
     ``[num_seqs + 1]`` (cumulative query counts) int32. The new tokens' K/V must already be in
     the cache. ``max_query_len`` and ``max_seq_len`` are the batch's, known on the host.
+    With ``sliding_window`` W a query sees the keys of its last W positions only;
+    ``alibi_slopes`` ``[num_heads]`` adds ``slope * (key position - query position)`` to the
+    scaled scores.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -246,7 +262,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_out = part_max = part_sum = out
     _paged_attention_kernel[grid](
         out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, seq_lens,
-        query_start_loc, scale * _LOG2_E, num_seqs,
+        query_start_loc, alibi_slopes if alibi_slopes is not None else seq_lens,
+        scale * _LOG2_E, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -256,6 +273,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # The interpreter's bf16 dot is wrong: it takes fp32 operands there (rounded as the
         # GPU's would be).
         DOT_FP32=q.dtype == torch.float32 or q.device.type != "cuda",
+        SLIDING_WINDOW=sliding_window or 0, HAS_ALIBI=alibi_slopes is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.num_segments > 1:
         _merge_segments_kernel[(num_tokens, num_heads)](

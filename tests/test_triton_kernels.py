@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def dense_reference(batch: Batch, scale: float) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def torch_reference(batch: Batch, scale: float) -> torch.Tensor:
+def torch_reference(batch: Batch, scale: float, **bias: Any) -> torch.Tensor:
     """``kernels.attention.paged_attention`` on its torch path (decodes must come first)."""
     num_decodes = 0
     while num_decodes < len(batch.query_lens) and batch.query_lens[num_decodes] == 1:
@@ -110,11 +111,11 @@ def torch_reference(batch: Batch, scale: float) -> torch.Tensor:
     kv = batch.k_cache.shape[2:]
     k = batch.k_cache.reshape(-1, *kv)[slots]
     v = batch.v_cache.reshape(-1, *kv)[slots]
-    return paged_attention(batch.q, k, v, batch.k_cache, batch.v_cache, meta, scale)
+    return paged_attention(batch.q, k, v, batch.k_cache, batch.v_cache, meta, scale, **bias)
 
 
-def triton_attention(batch: Batch, scale: float, num_segments: int | None = None
-                     ) -> torch.Tensor:
+def triton_attention(batch: Batch, scale: float, num_segments: int | None = None,
+                     **bias: Any) -> torch.Tensor:
     out = torch.full_like(batch.q, float("nan"))
     starts = [0]
     for n in batch.query_lens:
@@ -123,7 +124,7 @@ def triton_attention(batch: Batch, scale: float, num_segments: int | None = None
         batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
         torch.tensor(batch.seq_lens, dtype=torch.int32, device=DEVICE),
         torch.tensor(starts, dtype=torch.int32, device=DEVICE), max(batch.query_lens),
-        max(batch.seq_lens), scale, out, num_segments=num_segments)
+        max(batch.seq_lens), scale, out, num_segments=num_segments, **bias)
     return out
 
 
@@ -259,3 +260,17 @@ def test_launch_config_splits_only_long_decodes_that_underfill_the_gpu() -> None
     # Query rows: a tensor-core tile for decodes (the whole group when larger), 64 otherwise.
     assert (config(8, 128, 1, 64, 8, 2048, 132).block_m, config(32, 64, 1, 1, 1, 64, 1).block_m,
             config(3, 64, 9, 2, 2, 64, 1).block_q) == (16, 32, 21)
+
+
+@pytest.mark.parametrize("num_segments", [1, 2])
+def test_sliding_window_and_alibi(num_segments: int) -> None:
+    """Mistral's window and Falcon's ALiBi slopes, as the torch path applies them."""
+    shapes = [(70, 1), (40, 1)] if num_segments > 1 else [(70, 1), (21, 9), (0, 13)]
+    batch = make_batch(shapes, heads=4, kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, seed=num_segments)
+    scale = 64 ** -0.5
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)
+    for bias in ({"sliding_window": 20}, {"alibi_slopes": slopes},
+                 {"sliding_window": 5, "alibi_slopes": slopes}):
+        got = triton_attention(batch, scale, num_segments, **bias)
+        assert _relative_error(got, torch_reference(batch, scale, **bias)) < 1e-5
