@@ -73,10 +73,29 @@ def resolve_model_dir(model: str | None) -> str:
         f"model {str(source)!r} is neither a Hugging Face directory nor a .gguf file")
 
 
+# Bytes of a GGUF file read to recognise it: its header and tensor index, its end, and samples
+# in between. Reading a multi-gigabyte file whole at every start would cost seconds.
+_FINGERPRINT_EDGE = 1 << 20
+_FINGERPRINT_SAMPLES = 16
+_FINGERPRINT_SAMPLE = 1 << 16
+
+
+def gguf_fingerprint(gguf: Path) -> str:
+    """A digest of a GGUF file's size and content, not of its path or time stamps, so the same
+    file installed again (a new venv, a reinstalled package) finds its earlier conversion."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"{size}|{transformers.__version__}".encode())
+    offsets = [0, max(0, size - _FINGERPRINT_EDGE)]
+    offsets += [size * (i + 1) // (_FINGERPRINT_SAMPLES + 1) for i in range(_FINGERPRINT_SAMPLES)]
+    with open(gguf, "rb") as f:
+        for i, offset in enumerate(offsets):
+            f.seek(offset)
+            digest.update(f.read(_FINGERPRINT_EDGE if i < 2 else _FINGERPRINT_SAMPLE))
+    return digest.hexdigest()[:16]
+
+
 def _converted_gguf(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM
