@@ -82,6 +82,20 @@ class EngineConfig:
             raise ValueError(f"max_queue_size must be non-negative, got {self.max_queue_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        """``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where one exists: refused
+        here, before any weights load, rather than by the first tensor sent there."""
+        kind, _, index = self.device.partition(":") if isinstance(self.device, str) else ("",) * 3
+        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (
+                index and not index.isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if kind == "cuda":
+            count = torch.cuda.device_count()
+            if int(index or 0) >= count:
+                raise ValueError(f"device {self.device!r} is not available: this machine has "
+                                 f"{count} CUDA device(s)")
 
     def _check_size_types_and_bounds(self) -> None:
         """Sizes are integers (not bools, not floats) under their upper bounds; the lower bounds

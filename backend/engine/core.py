@@ -88,7 +88,8 @@ class EngineCore:
                  loaded: LoadedModel | None = None,
                  observers: Seq[EngineObserver] = ()) -> None:
         self.config = config or EngineConfig()
-        loaded = loaded or load_model(self.config.model)
+        loaded = loaded or load_model(self.config.model, self.config.device,
+                                      self.config.torch_dtype)
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
         self.model_family = family_of(loaded.config).name

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from backend.model.registry import UnsupportedModelError, find_family, supported
@@ -136,7 +137,10 @@ def _converted_gguf(gguf: Path) -> Path:
     return target
 
 
-def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def _read_weights(model_dir: Path, device: str, dtype: torch.dtype | None
+                  ) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files, read onto ``device`` and cast to ``dtype`` one
+    at a time, so a GPU never holds the file's dtype and the engine's side by side."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -146,12 +150,18 @@ def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no safetensors weights in {model_dir}")
     weights: dict[str, torch.Tensor] = {}
     for name in files:
-        weights.update(load_file(str(model_dir / name)))
+        with safe_open(str(model_dir / name), framework="pt", device=device) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensor = f.get_tensor(key)
+                cast = dtype is not None and tensor.is_floating_point()
+                weights[key] = tensor.to(dtype) if cast else tensor
     return weights
 
 
-def load_model(model: str | None = None) -> LoadedModel:
-    """Reads config, tokenizer and weights of ``model`` (default: the embedded SmolLM2)."""
+def load_model(model: str | None = None, device: str = "cpu",
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Reads config, tokenizer and weights of ``model`` (default: the embedded SmolLM2), the
+    weights straight onto ``device`` in ``dtype`` (default: as stored)."""
     model_dir = Path(resolve_model_dir(model))
     # Checked on the raw file first: a model that would need trust_remote_code is refused by
     # its architecture's name, not by transformers' remote-code error.
@@ -159,4 +169,5 @@ def load_model(model: str | None = None) -> LoadedModel:
     find_family(raw.get("architectures"), raw.get("model_type"))
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return LoadedModel(str(model_dir), config, tokenizer, _read_weights(model_dir))
+    return LoadedModel(str(model_dir), config, tokenizer,
+                       _read_weights(model_dir, device, dtype))

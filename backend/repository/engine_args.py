@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
 from backend.config import EngineConfig
 from backend.model.runner import check_kv_cache_bytes
@@ -149,8 +150,11 @@ def engine_config(config: mc.ModelConfig, version_dir: Path,
             if _DTYPES[value] is not None:
                 kwargs["dtype"] = _DTYPES[value]
             continue
+        if key == "device" and value == "auto":  # vLLM's default: the accelerator if any
+            kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+            continue
         target = _RENAMES.get(key, key)
-        if target not in fields or target == "device":
+        if target not in fields:
             log.warning("model '%s': ignoring engine setting '%s' (not used by pagedserve)",
                         config.name, shown(key))
             continue

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 
 from backend.config import EngineConfig
 from backend.protocol import model_config_pb2 as mc
@@ -107,7 +108,14 @@ def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
     assert settings.max_num_seqs == 8  # model.json wins
     assert settings.gpu_memory_utilization == 0.5  # an EngineConfig field of its own
     assert settings.enable_chunked_prefill is False
-    assert settings.dtype == "float32"
+    assert settings.dtype == "auto"  # vLLM's "auto": the engine picks for the device
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_device_from_model_json(tmp_path: Path, device: str) -> None:
+    folder = _model(tmp_path, "m", [1], model_json={"device": device})
+    expected = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    assert engine_config(load_config(folder), folder / "1").device == expected
 
 
 @pytest.mark.parametrize(("values", "message"), [
@@ -115,6 +123,8 @@ def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
     ({"dtype": "int8"}, "'dtype' must be one of"),
     ({"block_size": "big"}, "'block_size' must be of type int"),
     ({"block_size": 12}, "block_size must be a positive power of two"),
+    ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    ({"device": "cuda:999"}, "device 'cuda:999' is not available"),
 ])
 def test_bad_engine_settings(tmp_path: Path, values: dict[str, Any], message: str) -> None:
     folder = _model(tmp_path, "m", [1], model_json=values)
