@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.model.dtypes import auto_dtype
+from backend.model.dtypes import DTYPES, auto_dtype
 from kernels.dispatch import BACKENDS, ENV_VAR
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Upper bounds far beyond any real deployment: past them a size is a typo or an attack (a
 # load override), and tables and budgets would be sized from it.
 MAX_BLOCK_SIZE = 1024
@@ -58,8 +57,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, "
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, "
                              f"got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
@@ -121,4 +120,4 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.resolved_dtype]
+        return DTYPES[self.resolved_dtype]
