@@ -170,7 +170,8 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", type=Path, default=default_repository())
+    parser.add_argument("--model-repository", type=Path,
+                        help="default: the checkout's model_repository/, or the installed copy")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000, help="0 disables")
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 disables")
@@ -180,7 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serves in the foreground until SIGTERM or SIGINT; the exit status is Triton's."""
-    host = TritonHost(args.model_repository.resolve(),
+    host = TritonHost((args.model_repository or default_repository()).resolve(),
                       Ports(args.grpc_port, args.http_port, args.metrics_port),
                       args.tritonserver_args)
     host.start()

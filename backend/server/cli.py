@@ -13,7 +13,6 @@ from backend.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
 from backend.server.tls import TlsOptions
 from backend.server.tracing import parse_trace_config
 
-DEFAULT_REPOSITORY = default_repository()
 _MAX_GRPC_INT = 2**31 - 1  # gRPC's message-size options are C ints
 
 log = logging.getLogger("pagedserve")
@@ -46,8 +45,9 @@ def _add_tls(parser: argparse.ArgumentParser, proto: str, what: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
-                        help="model repository folder (default: the repo's model_repository/)")
+    parser.add_argument("--model-repository", type=Path,
+                        help="model repository folder (default: the checkout's "
+                             "model_repository/, or the installed copy)")
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to bind (default 0.0.0.0, as Triton; 127.0.0.1 keeps the "
                              "server local)")
@@ -118,7 +118,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         raise ValueError("--http-idle-timeout must be more than 0 seconds")
     parse_trace_config(args.trace_config)  # refused here, before anything starts
     return ServeOptions(
-        model_repository=args.model_repository, host=args.host, grpc_port=args.grpc_port,
+        model_repository=args.model_repository or default_repository(), host=args.host,
+        grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port,
         model_control_mode=args.model_control_mode, load_models=tuple(args.load_model),
         poll_secs=args.repository_poll_secs, grace_period=args.grace_period,
