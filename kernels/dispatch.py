@@ -81,4 +81,6 @@ def to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> to
     host = torch.tensor(values, dtype=dtype)
     if device.type == "cpu":
         return host
+    if device.type == "cuda":  # from pageable memory the "non-blocking" copy may still wait
+        host = host.pin_memory()
     return host.to(device, non_blocking=True)

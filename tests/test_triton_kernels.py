@@ -274,3 +274,27 @@ def test_sliding_window_and_alibi(num_segments: int) -> None:
                  {"sliding_window": 5, "alibi_slopes": slopes}):
         got = triton_attention(batch, scale, num_segments, **bias)
         assert _relative_error(got, torch_reference(batch, scale, **bias)) < 1e-5
+
+
+def test_to_device_pins_host_memory_before_a_cuda_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-blocking copy from pageable memory may still wait for the stream: the host tensor
+    is pinned first, and only when the copy goes to a GPU."""
+    calls: list[str] = []
+    real_to = torch.Tensor.to
+
+    def pin_memory(self: torch.Tensor) -> torch.Tensor:
+        calls.append("pin")
+        return self
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            calls.append(f"copy non_blocking={kwargs.get('non_blocking')}")
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    assert dispatch.to_device([1, 2], torch.int32, torch.device("cpu")).tolist() == [1, 2]
+    assert calls == []
+    dispatch.to_device([1, 2], torch.int32, torch.device("cuda", 1))
+    assert calls == ["pin", "copy non_blocking=True"]
