@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import uuid
+from concurrent.futures import Future
 from contextlib import aclosing
 from typing import Any
 
@@ -90,12 +91,13 @@ class TritonPythonModel:
         gauges = TritonEngineGauges(pb_utils, args["model_name"], args["model_version"])
         engine, tokenizer = build_engine(settings, [gauges])
         self.engine: AsyncEngine = engine
+        self._name = args["model_name"]
         self._decode = token_decoder(tokenizer)
         self._loop = LoopThread("pagedserve-requests")
         self._tasks: dict[asyncio.Task[None], Any] = {}  # task -> its response sender
         self._closing = False
         self._watcher = self._loop.submit(self._watch_cancellations())
-        self._name = args["model_name"]
+        self._watcher.add_done_callback(self._watcher_ended)
         pb_utils.Logger.log_info(f"pagedserve: engine of '{self._name}' started")
 
     def execute(self, requests: list[Any]) -> None:
@@ -185,8 +187,22 @@ class TritonPythonModel:
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
             for task, sender in list(self._tasks.items()):
-                if sender.is_cancelled():
+                if task.done():  # answered; Triton may have released its sender
+                    continue
+                try:
+                    cancelled = sender.is_cancelled()
+                except Exception:  # one request's failure must not blind the watch to the rest
+                    log.exception("could not ask a request whether its client cancelled it")
+                    continue
+                if cancelled:
                     task.cancel()
+
+    def _watcher_ended(self, watcher: Future[None]) -> None:
+        # Without the watcher no cancellation is seen again: cancelled requests keep their blocks.
+        if watcher.cancelled() or self._closing:
+            return
+        pb_utils.Logger.log_error(f"pagedserve: '{self._name}' no longer sees cancellations: "
+                                  f"the watch ended ({watcher.exception()!r})")
 
     async def _cancel_all(self) -> None:
         self._closing = True
