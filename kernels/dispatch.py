@@ -16,6 +16,7 @@ kernels on a CPU set the variable when they start).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
@@ -73,6 +74,14 @@ def interpreted(module: ModuleType) -> bool:
     functions = [v for k, v in vars(module).items() if k.endswith("_kernel")]
     functions.append(triton.language.standard.cdiv)
     return all(isinstance(f, InterpretedFunction) for f in functions)
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """The context a Triton launch on ``t`` runs in: Triton launches on the thread's current
+    CUDA device, not the tensors', so a tensor on ``cuda:1`` needs that device made current."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

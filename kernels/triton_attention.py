@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import on_device
+
 _LOG2_E = 1.4426950408889634
 # Upper bound on KV segments per sequence: more would make the merge cost more than it saves.
 MAX_SEGMENTS = 16
@@ -260,24 +262,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_sum = torch.empty_like(part_max)
     else:  # unused by the kernel in this mode
         part_out = part_max = part_sum = out
-    _paged_attention_kernel[grid](
-        out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, seq_lens,
-        query_start_loc, alibi_slopes if alibi_slopes is not None else seq_lens,
-        scale * _LOG2_E, num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size, TILE_N=cfg.tile_n, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q,
-        NUM_SEGMENTS=cfg.num_segments,
-        # The interpreter's bf16 dot is wrong: it takes fp32 operands there (rounded as the
-        # GPU's would be).
-        DOT_FP32=q.dtype == torch.float32 or q.device.type != "cuda",
-        SLIDING_WINDOW=sliding_window or 0, HAS_ALIBI=alibi_slopes is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.num_segments > 1:
-        _merge_segments_kernel[(num_tokens, num_heads)](
-            out, part_out, part_max, part_sum, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+    with on_device(q):
+        _paged_attention_kernel[grid](
+            out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, seq_lens,
+            query_start_loc, alibi_slopes if alibi_slopes is not None else seq_lens,
+            scale * _LOG2_E, num_seqs,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+            BLOCK_SIZE=block_size, TILE_N=cfg.tile_n, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q,
             NUM_SEGMENTS=cfg.num_segments,
-            SEGMENTS_PAD=max(2, triton.next_power_of_2(cfg.num_segments)), num_warps=4)
+            # The interpreter's bf16 dot is wrong: it takes fp32 operands there (rounded as the
+            # GPU's would be).
+            DOT_FP32=q.dtype == torch.float32 or q.device.type != "cuda",
+            SLIDING_WINDOW=sliding_window or 0, HAS_ALIBI=alibi_slopes is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.num_segments > 1:
+            _merge_segments_kernel[(num_tokens, num_heads)](
+                out, part_out, part_max, part_sum, out.stride(0), out.stride(1),
+                NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+                NUM_SEGMENTS=cfg.num_segments,
+                SEGMENTS_PAD=max(2, triton.next_power_of_2(cfg.num_segments)), num_warps=4)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import on_device
+
 
 @triton.jit
 def _cache_write_kernel(
@@ -90,13 +92,15 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, cos: torch
     ss = sin if sin is not None else k
     heads_pad = triton.next_power_of_2(max(num_heads, kv_heads))
     half_pad = triton.next_power_of_2(head_dim // 2)
-    _cache_write_kernel[(tokens,)](
-        qq, k, v, cc, ss, k_cache, v_cache, slot_mapping,
-        qq.stride(0), qq.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cc.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
-        v_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HEADS_PAD=heads_pad, HEAD_DIM=head_dim,
-        HALF_PAD=half_pad, ROTARY=rotary, num_warps=min(8, max(1, heads_pad * half_pad // 512)))
+    with on_device(k):
+        _cache_write_kernel[(tokens,)](
+            qq, k, v, cc, ss, k_cache, v_cache, slot_mapping,
+            qq.stride(0), qq.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cc.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
+            v_cache.stride(2),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HEADS_PAD=heads_pad,
+            HEAD_DIM=head_dim, HALF_PAD=half_pad, ROTARY=rotary,
+            num_warps=min(8, max(1, heads_pad * half_pad // 512)))
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

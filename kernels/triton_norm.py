@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import on_device
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -52,8 +54,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return out
     block = triton.next_power_of_2(dim)
     r = residual if residual is not None else x
-    _add_rms_norm_kernel[(rows,)](
-        x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), eps,
-        DIM=dim, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=min(16, max(1, block // 256)))
+    with on_device(x):
+        _add_rms_norm_kernel[(rows,)](
+            x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), eps,
+            DIM=dim, BLOCK=block, HAS_RESIDUAL=residual is not None,
+            num_warps=min(16, max(1, block // 256)))
     return out

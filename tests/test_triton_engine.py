@@ -4,12 +4,17 @@ with chunked prefill, prefix-cache hits and beam search in the batch."""
 from __future__ import annotations
 
 import random
+import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from backend import LLM, SamplingParams
+from backend.config import EngineConfig
+from backend.engine.async_engine import AsyncEngine
+from backend.engine.core import EngineCore
 from kernels import dispatch
 from tests.conftest import TinyFactory, assert_all_blocks_free
 
@@ -52,3 +57,21 @@ def test_triton_path_matches_torch_path(tiny_llama: TinyFactory,
         # Every layer of every step went through the Triton kernel, none on the torch path.
         assert len(launches) == (llm.stats().num_steps * 2 if backend == "triton" else 0)
     assert results["triton"] == results["torch"]
+
+
+def test_core_thread_makes_the_models_gpu_current(tiny_llama: TinyFactory,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads start on CUDA device 0: the engine's core thread switches to the model's GPU
+    before its first step (``cuda:1`` here, faked: no GPU is needed)."""
+    core = EngineCore(EngineConfig(model=str(tiny_llama(num_heads=4, num_kv_heads=1,
+                                                        head_dim=16, intermediate=128)),
+                                   kv_cache_bytes=2**20))
+    core.make_device_current()  # the model is on the CPU: nothing to switch
+    calls: list[tuple[str, torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: calls.append((threading.current_thread().name, d)))
+    monkeypatch.setattr(core.model, "lm_head",
+                        SimpleNamespace(device=torch.device("cuda", 1), shape=(1,)))
+    engine = AsyncEngine(core)
+    engine.shutdown()
+    assert calls == [("engine-core", torch.device("cuda", 1))]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -298,3 +299,13 @@ def test_to_device_pins_host_memory_before_a_cuda_copy(monkeypatch: pytest.Monke
     assert calls == []
     dispatch.to_device([1, 2], torch.int32, torch.device("cuda", 1))
     assert calls == ["pin", "copy non_blocking=True"]
+
+
+def test_launches_on_a_gpu_make_the_tensors_device_current() -> None:
+    """Triton launches on the thread's current CUDA device, not the tensors': on ``cuda:1``
+    the launch must switch to it; on a CPU there is nothing to switch."""
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 1))  # no GPU needed to ask
+    ctx = dispatch.on_device(on_gpu)  # type: ignore[arg-type]
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert not isinstance(dispatch.on_device(torch.zeros(1)), torch.cuda.device)
+

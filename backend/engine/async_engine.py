@@ -201,6 +201,7 @@ class AsyncEngine:
         return True
 
     def _loop(self) -> None:
+        self.core.make_device_current()
         running = True
         while running:
             try:

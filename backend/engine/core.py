@@ -147,6 +147,14 @@ class EngineCore:
         return ModelSummary(self.model_family, self.dtype, blocks,
                             blocks * self.config.block_size)
 
+    def make_device_current(self) -> None:
+        """Makes the model's GPU the calling thread's current CUDA device: a new thread starts
+        on device 0, and work that names no device (synchronisation, memory queries) runs on
+        the current one."""
+        device = self.model.lm_head.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
     def shutdown(self) -> None:
         """Flushes the observers (buffered spans); the engine takes no more steps after it."""
         for observer in self._observers:
