@@ -55,7 +55,19 @@ from backend import LLM, SamplingParams
 from backend.model.dtypes import cpu_flags
 from kernels.linear import linear
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def default_out(bench_dir: Path = BENCH_DIR) -> Path:
+    """``bench/results/throughput.json`` in a checkout; installed (``pagedserve bench``), the
+    package's folder is site-packages', so the current directory's ``throughput.json``."""
+    root = bench_dir.parent
+    if (root / ".git").exists() or (root / "pyproject.toml").exists():
+        return bench_dir / "results" / "throughput.json"
+    return Path("throughput.json")
+
+
+DEFAULT_OUT = default_out()
 SEED = 0
 AGREEMENT_PROMPTS = 20  # --dtype: requests whose greedy outputs are compared with fp32's
 
