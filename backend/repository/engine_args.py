@@ -162,6 +162,12 @@ def engine_config(config: mc.ModelConfig, version_dir: Path,
         written_as[target] = key
     try:
         engine = EngineConfig(**kwargs)
+        if "gpu_memory_utilization" in written_as and not engine.device.startswith("cuda"):
+            # A share of a GPU's total memory: on a CPU it would silently change nothing.
+            log.warning("model '%s': %s applies to CUDA devices only; on the CPU the KV cache "
+                        "takes kv_cache_memory_fraction (%s) of the memory free after the "
+                        "weights load", config.name, written_as["gpu_memory_utilization"],
+                        engine.kv_cache_memory_fraction)
         if engine.kv_cache_bytes is not None:  # refused here, before any weights load
             check_kv_cache_bytes(engine.kv_cache_bytes, engine.device,
                                  written_as.get("kv_cache_bytes", "kv_cache_bytes"))

@@ -111,6 +111,19 @@ def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
     assert settings.dtype == "auto"  # vLLM's "auto": the engine picks for the device
 
 
+def test_gpu_memory_utilization_on_a_cpu_warns(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    folder = _model(tmp_path, "m", [1], model_json={"device": "cpu",
+                                                    "gpu_memory_utilization": 0.5})
+    engine_config(load_config(folder), folder / "1")
+    assert "kv_cache_memory_fraction" in caplog.text and "gpu_memory_utilization" in caplog.text
+    caplog.clear()
+    folder = _model(tmp_path, "quiet", [1], model_json={"device": "cpu",
+                                                        "kv_cache_memory_fraction": 0.2})
+    engine_config(load_config(folder), folder / "1")
+    assert "gpu_memory_utilization" not in caplog.text
+
+
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_device_from_model_json(tmp_path: Path, device: str) -> None:
     folder = _model(tmp_path, "m", [1], model_json={"device": device})
