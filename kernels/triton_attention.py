@@ -92,14 +92,18 @@ def _paged_attention_kernel(
     last_pos = context + q_pos
     kv_end = context + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
     num_tiles = (kv_end + TILE_N - 1) // TILE_N
+    # Keys before the window of the block's first row are seen by no row: their blocks may
+    # already be released (null), so their tiles are skipped and the rest never loaded.
+    kv_start = 0
+    if SLIDING_WINDOW > 0:
+        kv_start = tl.maximum(context + q_block * BLOCK_Q - SLIDING_WINDOW + 1, 0)
+    first_tile = kv_start // TILE_N
     if NUM_SEGMENTS == 1:
-        tile_lo = 0
-        if SLIDING_WINDOW > 0:  # skip the tiles no row of the block can see
-            tile_lo = tl.maximum(context + q_block * BLOCK_Q - SLIDING_WINDOW + 1, 0) // TILE_N
+        tile_lo = first_tile
         tile_hi = num_tiles
     else:
-        per_segment = ((seq_len + TILE_N - 1) // TILE_N + NUM_SEGMENTS - 1) // NUM_SEGMENTS
-        tile_lo = segment * per_segment
+        per_segment = (num_tiles - first_tile + NUM_SEGMENTS - 1) // NUM_SEGMENTS
+        tile_lo = first_tile + segment * per_segment
         tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
 
     if HAS_ALIBI:  # slope * (key - query position), in the log2 domain of the scores
@@ -110,7 +114,7 @@ def _paged_attention_kernel(
     table = block_tables_ptr + tl.cast(seq, tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         key = tile * TILE_N + offs_n
-        key_ok = key < kv_end
+        key_ok = (key < kv_end) & (key >= kv_start)
         block = tl.load(table + key // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         in_block = key % BLOCK_SIZE
         k_rows = block * stride_k_b + in_block * stride_k_s + kv_head * stride_k_h
@@ -194,12 +198,14 @@ class LaunchConfig:
 
 def launch_config(group: int, head_dim: int, max_query_len: int, num_seqs: int,
                   num_kv_heads: int, max_seq_len: int, num_sms: int,
-                  num_segments: int | None = None) -> LaunchConfig:
+                  num_segments: int | None = None,
+                  sliding_window: int | None = None) -> LaunchConfig:
     """Tiles for the head size and the batch's shape.
 
     Decode-only batches take the fewest query rows that fill a tensor-core tile (16, or the GQA
-    group when larger) and may split the context; batches with prefills take 64 rows, where the
-    K/V tile is reused across many queries. ``num_segments`` forces the split (tests).
+    group when larger) and may split the context (a decode under ``sliding_window`` reads that
+    many keys at most); batches with prefills take 64 rows, where the K/V tile is reused across
+    many queries. ``num_segments`` forces the split (tests).
     """
     head_pad = triton.next_power_of_2(head_dim)
     decode_only = max_query_len == 1
@@ -210,8 +216,9 @@ def launch_config(group: int, head_dim: int, max_query_len: int, num_seqs: int,
         programs = num_seqs * num_kv_heads
         if decode_only and programs < _PROGRAMS_PER_SM * num_sms:
             wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
+            keys = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
             num_segments = max(1, min(MAX_SEGMENTS, wanted,
-                                      max_seq_len // _MIN_KEYS_PER_SEGMENT))
+                                      keys // _MIN_KEYS_PER_SEGMENT))
     big_tiles = block_m * head_pad >= 64 * 256
     return LaunchConfig(block_m=block_m, block_q=max(1, block_m // group), tile_n=tile_n,
                         num_segments=num_segments, num_warps=8 if big_tiles else 4,
@@ -251,7 +258,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     cfg = launch_config(group, head_dim, max_query_len, num_seqs, num_kv_heads, max_seq_len,
-                        _num_sms(q.device), num_segments)
+                        _num_sms(q.device), num_segments, sliding_window)
     head_pad = triton.next_power_of_2(head_dim)
     grid = (num_tokens // cfg.block_q + num_seqs, num_kv_heads, cfg.num_segments)
     if cfg.num_segments > 1:

@@ -258,6 +258,8 @@ def test_launch_config_splits_only_long_decodes_that_underfill_the_gpu() -> None
     assert config(4, 128, 1, 1, 8, 200, 132).num_segments == 1
     assert config(4, 128, 7, 1, 8, 32768, 132).num_segments == 1
     assert config(4, 128, 1, 256, 8, 2048, 132).num_segments == 1
+    # A sliding window bounds the keys a decode reads, whatever its context.
+    assert config(4, 128, 1, 1, 8, 32768, 132, sliding_window=512).num_segments == 2
     # Query rows: a tensor-core tile for decodes (the whole group when larger), 64 otherwise.
     assert (config(8, 128, 1, 64, 8, 2048, 132).block_m, config(32, 64, 1, 1, 1, 64, 1).block_m,
             config(3, 64, 9, 2, 2, 64, 1).block_q) == (16, 32, 21)
@@ -275,6 +277,26 @@ def test_sliding_window_and_alibi(num_segments: int) -> None:
                  {"sliding_window": 5, "alibi_slopes": slopes}):
         got = triton_attention(batch, scale, num_segments, **bias)
         assert _relative_error(got, torch_reference(batch, scale, **bias)) < 1e-5
+
+
+@pytest.mark.parametrize("num_segments", [1, 3])
+def test_sliding_window_skips_released_blocks(num_segments: int) -> None:
+    """Blocks wholly before the window are released and their table entries become the null
+    block: the kernel must not read them. The null block is poisoned with NaN here, so a read
+    shows; contexts span several key tiles before the window, and a short one has none."""
+    window = 20
+    batch = make_batch([(140, 1), (45, 1), (6, 1)], heads=4, kv_heads=2, head_dim=64,
+                       block_size=16, dtype=torch.float32, seed=5)
+    scale = 64 ** -0.5
+    expected = torch_reference(batch, scale, sliding_window=window)
+    bs = batch.k_cache.shape[1]
+    for table, length in zip(batch.tables, batch.seq_lens):
+        released = max(length - window, 0) // bs
+        table[:released] = [0] * released
+    batch.k_cache[0] = float("nan")
+    batch.v_cache[0] = float("nan")
+    got = triton_attention(batch, scale, num_segments, sliding_window=window)
+    assert _relative_error(got, expected) < 1e-5
 
 
 def test_to_device_pins_host_memory_before_a_cuda_copy(monkeypatch: pytest.MonkeyPatch) -> None:
