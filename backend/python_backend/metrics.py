@@ -2,8 +2,9 @@
 
 Inside Triton our own ``/metrics`` does not run; Triton's ``pb_utils.MetricFamily`` puts these
 gauges on its own Prometheus endpoint (port 8002) beside ``nv_inference_*``, with vLLM's names
-and the labels of Triton's vLLM backend (``model``, ``version``). Every update is a message to
-the Triton process, so a gauge is set only when its value changes.
+and the labels of Triton's vLLM backend (``model``, ``version``) plus ``instance``: each model
+instance has an engine of its own, so each writes (and on unload removes) its own series. Every
+update is a message to the Triton process, so a gauge is set only when its value changes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ GAUGES = {
 class TritonEngineGauges:
     """An ``EngineObserver`` writing one model version's engine gauges to Triton's metrics."""
 
-    def __init__(self, pb_utils: Any, model: str, version: str) -> None:
-        labels = {"model": model, "version": version}
+    def __init__(self, pb_utils: Any, model: str, version: str, instance: str) -> None:
+        labels = {"model": model, "version": version, "instance": instance}
         self._families = [pb_utils.MetricFamily(name=name, description=text,
                                                 kind=pb_utils.MetricFamily.GAUGE)
                           for name, text in GAUGES.items()]

@@ -88,7 +88,8 @@ class TritonPythonModel:
             settings = engine_settings(args)
         except RepositoryError as e:
             raise pb_utils.TritonModelException(e.message) from None
-        gauges = TritonEngineGauges(pb_utils, args["model_name"], args["model_version"])
+        gauges = TritonEngineGauges(pb_utils, args["model_name"], args["model_version"],
+                                    args["model_instance_name"])
         engine, tokenizer = build_engine(settings, [gauges])
         self.engine: AsyncEngine = engine
         self._name = args["model_name"]

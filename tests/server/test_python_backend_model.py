@@ -82,3 +82,25 @@ def test_an_unexpected_watch_exit_is_logged(model: tuple[Any, list[str]]) -> Non
     failed.set_exception(MemoryError("boom"))
     instance._watcher_ended(failed)
     assert len(errors) == 1 and "no longer sees cancellations" in errors[0] and "boom" in errors[0]
+
+
+def test_each_instance_writes_its_own_gauge_series() -> None:
+    from backend.python_backend.metrics import TritonEngineGauges
+
+    created: list[dict[str, str]] = []
+
+    class Family:
+        GAUGE = 0
+
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def Metric(self, labels: dict[str, str]) -> Any:  # pb_utils' name
+            created.append(labels)
+            return types.SimpleNamespace(set=lambda _: None)
+
+    fake = types.SimpleNamespace(MetricFamily=Family)
+    TritonEngineGauges(fake, "m", "1", "m_0_0")
+    TritonEngineGauges(fake, "m", "1", "m_0_1")
+    assert {labels["instance"] for labels in created} == {"m_0_0", "m_0_1"}
+    assert all(labels["model"] == "m" and labels["version"] == "1" for labels in created)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
 import subprocess
 import time
@@ -158,8 +159,13 @@ def _gauge(triton: TritonHost, name: str) -> float:
     url = f"http://127.0.0.1:{triton.ports.metrics}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith(f'{name}{{model="{MODEL}",version="1"}}'):
-                return float(line.rsplit(" ", 1)[1])
+            series, _, value = line.rpartition(" ")
+            if not series.startswith(name + "{"):
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', series))
+            if labels.get("model") == MODEL and labels.get("version") == "1":
+                assert labels.get("instance"), series  # each instance has a series of its own
+                return float(value)
     raise AssertionError(f"{name} not on Triton's metrics page")
 
 
