@@ -2,7 +2,8 @@
 
 Triton hands ``initialize`` the model's configuration as JSON and the model's folder; the
 settings come from the same places as for ``python -m backend serve``: config ``parameters``
-first, then ``<version>/model.json`` (``backend.repository.engine_args``).
+first, then ``<version>/model.json`` (``backend.repository.engine_args``). Where neither names a
+``device``, the engine runs where Triton placed the instance (``instance_group``'s kind and GPUs).
 """
 
 from __future__ import annotations
@@ -25,11 +26,23 @@ def config_parameters(model_config: dict[str, Any]) -> mc.ModelConfig:
     return config
 
 
+def instance_device(args: dict[str, str]) -> str | None:
+    """The device of a ``KIND_GPU`` instance as ``EngineConfig`` names it (``cuda:N``); None for
+    any other kind."""
+    if args.get("model_instance_kind") != "GPU":
+        return None
+    return f"cuda:{int(args.get('model_instance_device_id') or 0)}"
+
+
 def engine_settings(args: dict[str, str]) -> EngineConfig:
     """``EngineConfig`` of the model version ``initialize(args)`` is loading.
 
     Raises ``RepositoryError`` naming a bad setting, as our server does at load.
     """
-    model_config = json.loads(args["model_config"])
+    config = config_parameters(json.loads(args["model_config"]))
+    device = instance_device(args)
+    if device is not None and "device" not in config.parameters:
+        # As a parameter: model.json overrides parameters, so its own device still wins.
+        config.parameters["device"].string_value = device
     version_dir = Path(args["model_repository"]) / args["model_version"]
-    return engine_config(config_parameters(model_config), version_dir)
+    return engine_config(config, version_dir)
