@@ -9,9 +9,9 @@ the models are random-weight Llamas built on the spot, the tokenizer is the embe
 2. measures the device-to-device copy bandwidth (``triton.testing.do_bench``, median) and times
    each Triton kernel against the torch path, reporting the bytes each must move divided by
    its time as a fraction of that bandwidth;
-3. checks the engine's greedy tokens against ``transformers``' ``generate`` on a tiny fp32
-   model, and times the engine against ``transformers``' batched ``generate`` on a ~1B-shaped
-   bf16 model (Llama 3.2 1B's shapes, SmolLM2's vocabulary);
+3. checks the engine's greedy tokens and beam search against ``transformers``' ``generate``
+   on a tiny fp32 model, and times the engine against ``transformers``' batched ``generate``
+   on a ~1B-shaped bf16 model (Llama 3.2 1B's shapes, SmolLM2's vocabulary);
 4. prints one table (and writes it as JSON with ``--out``).
 
 ``--smoke`` runs every step on the CPU with the kernels interpreted and tiny shapes, in
@@ -262,6 +262,22 @@ def _hf_generate(model: LlamaForCausalLM, prompts: list[list[int]], max_new: int
     return outs
 
 
+def _hf_beams(model: LlamaForCausalLM, prompt: list[int], width: int, max_new: int
+              ) -> list[list[int]]:
+    """transformers' ``width`` best beams of ``prompt``, each through its first EOS."""
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    ids = torch.tensor([prompt], device=device)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             num_beams=width, num_return_sequences=width,
+                             max_new_tokens=max_new, pad_token_id=eos, eos_token_id=eos)
+    beams = []
+    for beam in out[:, len(prompt):].tolist():
+        beams.append(beam[: beam.index(eos) + 1] if eos in beam else beam)
+    return beams
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -285,6 +301,15 @@ def engine_rows(shapes: Shapes, device: torch.device, smoke: bool) -> list[Row]:
                                                         use_tqdm=False)]
     same = sum(a == b for a, b in zip(got, reference))
     rows = [Row("greedy = transformers (fp32)", note=f"{same}/{len(prompts)} prompts identical")]
+    # Beam search keeps its scores on the host while the logits come from the device.
+    width = 3
+    beams = SamplingParams(beam_width=width, n=width, max_tokens=shapes.output_len)
+    got = [[c.token_ids for c in o.outputs]
+           for o in llm.generate(prompt_token_ids=prompts, sampling_params=beams,
+                                 use_tqdm=False)]
+    same = sum(g == _hf_beams(tiny, p, width, shapes.output_len) for g, p in zip(got, prompts))
+    rows.append(Row("beam search = transformers (fp32)",
+                    note=f"width {width}: {same}/{len(prompts)} prompts identical"))
     del llm, tiny
 
     # Throughput on a 1B-shaped bf16 model (tiny in smoke mode).

@@ -25,6 +25,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path, capsys: pytest.CaptureF
     for row in kernel_rows[:2]:  # the two attention shapes agree with the torch path
         assert float(row["note"].rsplit(" ", 1)[1]) < 1e-2
     assert rows["greedy = transformers (fp32)"]["note"] == "2/2 prompts identical"
+    assert rows["beam search = transformers (fp32)"]["note"] == "width 3: 2/2 prompts identical"
     engine = rows["engine vs transformers (bf16)"]
     assert engine["triton_ms"] > 0 and engine["torch_ms"] > 0
     table = capsys.readouterr().out

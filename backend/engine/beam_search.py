@@ -59,12 +59,14 @@ class BeamSearch:
     def step(self, log_probs: torch.Tensor, outputs: list[list[int]]) -> list[Continuation]:
         """Advances the search by one token.
 
-        ``log_probs`` is ``[beams, vocab]`` (log-softmax of the live beams' logits), ``outputs``
-        the beams' generated tokens so far (all of one length). Returns the next step's live
-        beams, best first; afterwards ``done`` tells whether the search is over.
+        ``log_probs`` is ``[beams, vocab]`` (log-softmax of the live beams' logits, on any
+        device), ``outputs`` the beams' generated tokens so far (all of one length). Returns the
+        next step's live beams, best first; afterwards ``done`` tells whether the search is over.
         """
         generated = len(outputs[0])
-        log_probs = log_probs.float()
+        # The search's state lives on the host: its decisions become Python lists each step,
+        # so one copy of the scores there costs no more synchronisation than those reads.
+        log_probs = log_probs.float().cpu()
         if generated < self.min_new_tokens and self.end_token_ids:
             log_probs = log_probs.clone()
             log_probs[:, self.end_token_ids] = float("-inf")
