@@ -179,12 +179,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more tritonserver flags, after --")
 
 
+def exit_status(returncode: int | None) -> int:
+    """A child's status as a shell reports it: 128 + N for one killed by signal N."""
+    if returncode is None:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def run(args: argparse.Namespace) -> int:
     """Serves in the foreground until SIGTERM or SIGINT; the exit status is Triton's."""
     host = TritonHost((args.model_repository or default_repository()).resolve(),
                       Ports(args.grpc_port, args.http_port, args.metrics_port),
                       args.tritonserver_args)
-    host.start()
+    try:
+        host.start()
+    except RuntimeError as e:  # no wheel, or Triton died or hung starting: its log says why
+        host.stop()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"tritonserver ready: grpc {host.grpc_url}, log {host.log_path}", flush=True)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -195,14 +207,18 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, forward)
     assert host.proc is not None
     host.proc.wait()
-    return int(host.stop() or 0)
+    return exit_status(host.stop())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.python_backend.host",
                                      description=__doc__.split("\n", 1)[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ValueError as e:  # no repository given and none found
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
