@@ -12,7 +12,8 @@ the models are random-weight Llamas built on the spot, the tokenizer is the embe
 3. checks the engine's greedy tokens and beam search against ``transformers``' ``generate``
    on a tiny fp32 model, and times the engine against ``transformers``' batched ``generate``
    on a ~1B-shaped bf16 model (Llama 3.2 1B's shapes, SmolLM2's vocabulary);
-4. prints one table (and writes it as JSON with ``--out``).
+4. prints one table (and writes it as JSON with ``--out``) and exits non-zero, naming them,
+   when a check fails: a kernel test, an attention error past its bound, tokens that differ.
 
 ``--smoke`` runs every step on the CPU with the kernels interpreted and tiny shapes, in
 seconds: it checks the script's code paths, not the GPU (``tests/test_bench_gpu_check.py``).
@@ -46,6 +47,9 @@ from kernels.attention import AttentionMetadata, paged_attention
 from kernels.norm import add_rms_norm
 
 ROOT = Path(__file__).resolve().parent.parent
+# Largest relative error of the bf16 Triton attention against the torch path: bf16's rounding,
+# not a wrong key or mask.
+ATTENTION_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Row:
     bytes_moved: int | None = None
     fraction_of_copy: float | None = None
     note: str = ""
+    passed: bool | None = None  # None: a measurement, not a check
 
 
 class Timer:
@@ -165,7 +170,7 @@ def attention_row(name: str, shapes: Shapes, query_lens: list[int], seq_lens: li
     moved = context_bytes + 2 * q.numel() * dtype.itemsize
     triton_ms, torch_ms = timer(run("triton")), timer(run("torch"))
     return Row(name, triton_ms, torch_ms, moved, moved / (triton_ms / 1e3) / bandwidth,
-               f"rel. error vs torch {error:.1e}")
+               f"rel. error vs torch {error:.1e}", passed=error < ATTENTION_TOLERANCE)
 
 
 def rotary_row(shapes: Shapes, device: torch.device, timer: Timer, bandwidth: float) -> Row:
@@ -216,7 +221,8 @@ def kernel_tests(smoke: bool) -> Row:
         command += ["-k", "launch_config"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     summary = (run.stdout.strip().splitlines() or ["no output"])[-1]
-    return Row("kernel tests", note=("passed: " if run.returncode == 0 else "FAILED: ") + summary)
+    return Row("kernel tests", note=("passed: " if run.returncode == 0 else "FAILED: ") + summary,
+               passed=run.returncode == 0)
 
 
 def _tokenizer() -> Any:
@@ -300,7 +306,8 @@ def engine_rows(shapes: Shapes, device: torch.device, smoke: bool) -> list[Row]:
                                                         sampling_params=params,
                                                         use_tqdm=False)]
     same = sum(a == b for a, b in zip(got, reference))
-    rows = [Row("greedy = transformers (fp32)", note=f"{same}/{len(prompts)} prompts identical")]
+    rows = [Row("greedy = transformers (fp32)", note=f"{same}/{len(prompts)} prompts identical",
+                passed=same == len(prompts))]
     # Beam search keeps its scores on the host while the logits come from the device.
     width = 3
     beams = SamplingParams(beam_width=width, n=width, max_tokens=shapes.output_len)
@@ -309,7 +316,8 @@ def engine_rows(shapes: Shapes, device: torch.device, smoke: bool) -> list[Row]:
                                  use_tqdm=False)]
     same = sum(g == _hf_beams(tiny, p, width, shapes.output_len) for g, p in zip(got, prompts))
     rows.append(Row("beam search = transformers (fp32)",
-                    note=f"width {width}: {same}/{len(prompts)} prompts identical"))
+                    note=f"width {width}: {same}/{len(prompts)} prompts identical",
+                    passed=same == len(prompts)))
     del llm, tiny
 
     # Throughput on a 1B-shaped bf16 model (tiny in smoke mode).
@@ -393,13 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     rows.extend(engine_rows(shapes, device, args.smoke))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreted)"
     print_table(name, bandwidth, rows)
+    failed = [r.name for r in rows if r.passed is False]
+    if failed:
+        print(f"FAILED: {'; '.join(failed)}", file=sys.stderr)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "device": name, "smoke": args.smoke, "copy_bandwidth_bytes_per_s": bandwidth,
             "torch": torch.__version__, "shapes": asdict(shapes),
             "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,30 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path, capsys: pytest.CaptureF
         assert float(row["note"].rsplit(" ", 1)[1]) < 1e-2
     assert rows["greedy = transformers (fp32)"]["note"] == "2/2 prompts identical"
     assert rows["beam search = transformers (fp32)"]["note"] == "width 3: 2/2 prompts identical"
+    assert all(r["passed"] is not False for r in result["rows"])
     engine = rows["engine vs transformers (bf16)"]
     assert engine["triton_ms"] > 0 and engine["torch_ms"] > 0
     table = capsys.readouterr().out
     assert "device-to-device copy" in table and "engine vs transformers" in table
+
+
+def test_gpu_check_fails_when_a_check_fails(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Every check passing but the attention error exits non-zero, naming the failed row."""
+    def attention(name: str, *args: object) -> gpu_check.Row:
+        error = 0.5 if name.startswith("prefill") else 1e-3
+        return gpu_check.Row(name, note=f"rel. error {error}",
+                             passed=error < gpu_check.ATTENTION_TOLERANCE)
+
+    monkeypatch.setattr(gpu_check, "kernel_tests",
+                        lambda smoke: gpu_check.Row("kernel tests", passed=True))
+    monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda *args: 1e9)
+    monkeypatch.setattr(gpu_check, "attention_row", attention)
+    monkeypatch.setattr(gpu_check, "rotary_row", lambda *args: gpu_check.Row("rotary"))
+    monkeypatch.setattr(gpu_check, "norm_row", lambda *args: gpu_check.Row("norm"))
+    monkeypatch.setattr(gpu_check, "engine_rows",
+                        lambda *args: [gpu_check.Row("greedy", passed=True)])
+    assert gpu_check.main(["--smoke"]) == 1
+    captured = capsys.readouterr()
+    assert "rel. error 0.5" in captured.out  # the table is still printed
+    assert captured.err.strip() == "FAILED: prefill 1 x 20"
