@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from backend.python_backend.host import wait_ready
 from clients.load import make_requests, run_load
 from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
-from tests.triton_ref import make_echo_repository, running_triton, wait_ready
+from tests.triton_ref import make_echo_repository, running_triton
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

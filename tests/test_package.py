@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
+from backend.python_backend.host import wait_ready
 from tests.server.conftest import MODEL, free_port, is_final, llm_inputs
-from tests.triton_ref import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 

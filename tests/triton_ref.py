@@ -3,9 +3,10 @@
 The ``nvidia-pytriton`` wheel (installed with ``--no-deps`` by ``make setup-dev``) ships a real
 ``tritonserver`` 2.51 binary with its Python backend; it runs on a CPU. This module builds a
 temporary model repository of echo-style Python models that have the inputs and outputs of
-Triton's vLLM backend, starts ``tritonserver`` on free loopback ports and stops it, so tests can
-check a behaviour against Triton itself (``tests/server/test_parity.py``) and
-``docs/triton-behaviour.md`` can record what Triton answers.
+Triton's vLLM backend and runs ``tritonserver`` on it (``backend.python_backend.host``'s runner,
+on a free loopback port), so tests can check a behaviour against Triton itself
+(``tests/server/test_parity.py``) and ``docs/triton-behaviour.md`` can record what Triton
+answers.
 
 Models written by :func:`make_echo_repository`:
 
@@ -28,9 +29,7 @@ Usage::
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +37,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import tritonclient.grpc as grpcclient
-
-from backend.python_backend.host import make_backend_directory, tritonserver_env, wheel_dirs
+from backend.python_backend.host import Ports, TritonHost
 
 # The vLLM backend's tensors (shared/reference/triton-wire.md §3), minus ``image`` and
 # ``embedding_request``, which an echo has no use for.
@@ -201,89 +198,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class TritonServer:
-    """A ``tritonserver`` subprocess serving ``repo`` over gRPC on a free loopback port."""
-
-    def __init__(self, repo: Path, extra_args: Sequence[str] = ()) -> None:
-        self.repo = repo
-        self.extra_args = list(extra_args)
-        self.grpc_port = free_port()
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._workdir = Path(tempfile.mkdtemp(prefix="triton-ref-"))
-        self.log_path = self._workdir / "tritonserver.log"
-
-    def start(self, timeout: float = 90.0) -> None:
-        """Starts the server and waits until it reports ready (all models loaded)."""
-        server, _ = wheel_dirs()
-        backends = make_backend_directory(self._workdir / "backends")
-        cmd = [str(server / "bin" / "tritonserver"), f"--model-repository={self.repo}",
-               f"--backend-directory={backends}",
-               "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-               # Only gRPC is compared; HTTP and metrics would take more ports.
-               "--allow-http=false", "--allow-metrics=false", "--allow-gpu-metrics=false",
-               "--exit-timeout-secs=5", *self.extra_args]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=tritonserver_env())
-        deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    log = self.log()
-                    self.stop()
-                    raise RuntimeError(f"tritonserver exited ({self.proc.returncode}):\n" + log)
-                try:
-                    if client.is_server_ready():
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.2)
-        finally:
-            client.close()
-        log = self.log()
-        self.stop()
-        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n" + log)
-
-    def log(self) -> str:
-        """The server's output so far (the last 8000 characters)."""
-        return self.log_path.read_text(errors="replace")[-8000:]
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 15 s; removes the private folder (backends and log)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-
-def wait_ready(url: str, timeout: float = 120.0) -> None:
-    """Waits until the gRPC server at ``url`` (Triton or ours) reports ready: all models loaded."""
-    client = grpcclient.InferenceServerClient(url)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                if client.is_server_ready():
-                    return
-            except Exception:  # not listening yet
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
-            time.sleep(0.2)
-    finally:
-        client.close()
-
-
 @contextmanager
-def running_triton(repo: Path, extra_args: Sequence[str] = ()) -> Iterator[TritonServer]:
-    """``tritonserver`` serving ``repo`` for the duration of the block."""
-    server = TritonServer(repo, extra_args)
+def running_triton(repo: Path, extra_args: Sequence[str] = ()) -> Iterator[TritonHost]:
+    """``tritonserver`` serving ``repo`` over gRPC on a free loopback port (only gRPC is
+    compared: HTTP and metrics are off) for the duration of the block."""
+    server = TritonHost(repo, Ports(grpc=free_port()), extra_args)
     server.start()
     try:
         yield server

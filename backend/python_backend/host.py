@@ -148,8 +148,10 @@ class TritonHost:
         return None if self.proc is None else self.proc.returncode
 
 
-def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Waits until the gRPC server at ``url`` reports ready; fails early if ``proc`` exits."""
+def wait_ready(url: str, timeout: float = 120.0,
+               proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Waits until the gRPC server at ``url`` (Triton or ours) reports ready: all models loaded.
+    Fails early if ``proc`` exits."""
     import tritonclient.grpc as grpcclient  # a client, only needed by whoever waits
 
     client = grpcclient.InferenceServerClient(url)

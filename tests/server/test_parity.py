@@ -66,8 +66,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from backend.python_backend.host import wait_ready
 from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
-from tests.triton_ref import make_echo_repository, running_triton, wait_ready
+from tests.triton_ref import make_echo_repository, running_triton
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
-from backend.python_backend.host import Ports, TritonHost
+from backend.python_backend.host import Ports, TritonHost, wait_ready
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     MODEL,
@@ -35,7 +35,6 @@ from tests.server.conftest import (
     llm_inputs,
     tensor,
 )
-from tests.triton_ref import wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 # Small enough to load fast, big enough for every case here (beams of 4 included).
