@@ -15,6 +15,8 @@ from backend import LLM, SamplingParams
 from backend.config import EngineConfig
 from backend.engine.async_engine import AsyncEngine
 from backend.engine.core import EngineCore
+from backend.model.loader import load_model
+from backend.model.runner import num_kv_blocks
 from kernels import dispatch
 from tests.conftest import TinyFactory, assert_all_blocks_free
 
@@ -75,3 +77,30 @@ def test_core_thread_makes_the_models_gpu_current(tiny_llama: TinyFactory,
     engine = AsyncEngine(core)
     engine.shutdown()
     assert calls == [("engine-core", torch.device("cuda", 1))]
+
+
+def test_engine_drops_the_weights_it_loaded_before_sizing_the_cache(
+        tiny_llama: TinyFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model fuses q, k and v into new tensors: the loader's copies must be freed before
+    the KV cache takes the memory left, where the engine loaded them itself; weights passed
+    in stay the caller's, to build more engines from."""
+    path = str(tiny_llama(num_heads=4, num_kv_heads=1, head_dim=16, intermediate=128))
+    config = EngineConfig(model=path, kv_cache_bytes=2**20)
+    loaded = load_model(path, config.device, config.torch_dtype)
+    held_at_sizing: list[int] = []
+
+    def sizing(*args: Any) -> int:
+        held_at_sizing.append(len(loaded.weights))
+        return num_kv_blocks(*args)
+
+    monkeypatch.setattr("backend.engine.core.load_model", lambda *args: loaded)
+    monkeypatch.setattr("backend.engine.core.num_kv_blocks", sizing)
+    count = len(loaded.weights)
+    EngineCore(config, loaded=loaded)
+    assert len(loaded.weights) == count
+    core = EngineCore(config)
+    assert held_at_sizing == [count, 0] and not loaded.weights
+    core.add_request(core.make_request("r", None, SamplingParams(max_tokens=2),
+                                       prompt_token_ids=[5, 6, 7]))
+    while core.has_unfinished_requests:
+        core.step()

@@ -88,6 +88,7 @@ class EngineCore:
                  loaded: LoadedModel | None = None,
                  observers: Seq[EngineObserver] = ()) -> None:
         self.config = config or EngineConfig()
+        owns_weights = loaded is None
         loaded = loaded or load_model(self.config.model, self.config.device,
                                       self.config.torch_dtype)
         self.tokenizer = loaded.tokenizer
@@ -96,6 +97,12 @@ class EngineCore:
         self.dtype = self.config.resolved_dtype
         self.model = build_model(loaded.config, loaded.weights, self.config.torch_dtype,
                                  self.config.device)
+        # The KV cache is sized from the memory left free: tensors the model replaced (q, k and
+        # v projections fused into one) must be gone by then. A caller's weights are its own.
+        if owns_weights:
+            loaded.weights.clear()
+        if self.config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         num_blocks = num_kv_blocks(self.model, self.config)
         self.block_manager = BlockManager(num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
