@@ -5,8 +5,8 @@ serves a copy of ``model_repository/`` with a small engine, in explicit model-co
 our server is the session's. The same greedy requests through ``tritonclient`` must give the
 same texts, finish reasons, token counts and logprobs from both. Then, through Triton: a
 cancelled request frees its KV blocks (our gauge on Triton's metrics port), a bad
-``sampling_parameters`` gets our error, perf_analyzer streams, and unloading releases the engine.
-The unload test is last: it takes the model away.
+``sampling_parameters`` gets our error, perf_analyzer streams, and unloading releases the engine
+(the test loads the model again, so the tests may run in any order).
 """
 
 from __future__ import annotations
@@ -239,4 +239,9 @@ def test_unload_releases_the_engine(triton: TritonHost) -> None:
                   == ["UNAVAILABLE"], "Triton reports the model unloaded")
         assert not client.is_model_ready(MODEL)
     finally:
+        # The module's other tests share this Triton: they find the model as they left it.
+        client.load_model(MODEL)
+        _wait_for(lambda: client.is_model_ready(MODEL), "the model is loaded again", 300)
         client.close()
+    (after,) = _run(triton.grpc_url, [CASES["whole"]])
+    assert after["finish"] == ["length"]
