@@ -47,7 +47,8 @@ def _check_batches(llm: LLM, prompt_ids, reference, batch_size: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [1, 7, 32])
+# Mid-size batches are the tiny models' case below; here the extremes.
+@pytest.mark.parametrize("batch_size", [1, 32])
 def test_smollm_matches_transformers(smollm, prompt_ids, reference, batch_size):
     llm = LLM(loaded=smollm, kv_cache_bytes=256 * 2**20)
     _check_batches(llm, prompt_ids, reference, batch_size)
