@@ -3,7 +3,8 @@ share in reading a ``transformers`` config."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 import torch
 from transformers import PretrainedConfig
@@ -68,3 +69,28 @@ def tied_lm_head(config: PretrainedConfig, weights: dict[str, torch.Tensor],
     if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights:
         return embed
     return weights["lm_head.weight"]
+
+
+# The rotary tables a family's layers take: tensors, or None where the family has no rotary.
+Rotary = TypeVar("Rotary", torch.Tensor, torch.Tensor | None)
+# A decoder layer: (residual stream, previous layer's output, cos, sin, cache, metadata) ->
+# (residual stream, this layer's output); the next layer or the final norm adds the output in.
+Layer = Callable[[torch.Tensor, torch.Tensor | None, Rotary, Rotary, KVCache, AttentionMetadata],
+                 tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_layers(layers: Sequence[Layer[Rotary]], h: torch.Tensor, cos: Rotary, sin: Rotary,
+               caches: list[KVCache], meta: AttentionMetadata,
+               hidden_states: list[torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs the decoder layers over the residual stream ``h``; returns it with the last
+    layer's output, not yet added. With a ``hidden_states`` list, appends the embeddings and
+    each layer's output to it, as ``transformers``' ``output_hidden_states``."""
+    delta = None
+    for layer, cache in zip(layers, caches):
+        if hidden_states is not None:
+            hidden_states.append(h.clone() if delta is None else h + delta)
+        h, delta = layer(h, delta, cos, sin, cache, meta)
+    if hidden_states is not None and delta is not None:
+        hidden_states.append(h + delta)
+    return h, delta

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from backend.model.base import KVCache, tied_lm_head
+from backend.model.base import KVCache, run_layers, tied_lm_head
 from backend.model.llama import rotary_tables
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 from kernels.linear import linear
@@ -189,13 +189,7 @@ class FalconModel:
         h = self.embed[input_ids]  # a copy: the layers add into it in place
         cos = None if self.cos is None else self.cos[positions]
         sin = None if self.sin is None else self.sin[positions]
-        delta = None
-        for layer, cache in zip(self.layers, caches):
-            if hidden_states is not None:
-                hidden_states.append(h.clone() if delta is None else h + delta)
-            h, delta = layer(h, delta, cos, sin, cache, meta)
-        if hidden_states is not None and delta is not None:
-            hidden_states.append(h + delta)
+        h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
         return add_layer_norm(h, delta, *self.final_norm, self.eps, meta.backend)
 
     @torch.inference_mode()

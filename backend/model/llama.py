@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from backend.model.base import KVCache, common_window, layer_windows, tied_lm_head
+from backend.model.base import (
+    KVCache,
+    common_window,
+    layer_windows,
+    run_layers,
+    tied_lm_head,
+)
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.linear import linear, silu_gated
 from kernels.norm import add_rms_norm
@@ -133,13 +139,7 @@ class LlamaModel:
         ``hidden_states`` list, the embeddings and each layer's output are appended to it."""
         h = self.embed[input_ids]  # a copy: the layers add into it in place
         cos, sin = self.cos[positions], self.sin[positions]
-        delta = None
-        for layer, cache in zip(self.layers, caches):
-            if hidden_states is not None:
-                hidden_states.append(h.clone() if delta is None else h + delta)
-            h, delta = layer(h, delta, cos, sin, cache, meta)
-        if hidden_states is not None and delta is not None:
-            hidden_states.append(h + delta)
+        h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
         return add_rms_norm(h, delta, self.norm, self.eps, meta.backend)
 
     @torch.inference_mode()
