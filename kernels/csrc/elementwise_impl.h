@@ -7,6 +7,14 @@
 #define RND(v) LOAD(STORE(v))
 #define FN(name) PS_CAT(name, PS_CAT(_, T))
 
+/* x += residual for one row, rounded to T as torch's in-place add rounds. */
+static inline void FN(add_row)(ELEM *x, const ELEM *residual, int64_t dim)
+{
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d)
+        x[d] = STORE(LOAD(x[d]) + LOAD(residual[d]));
+}
+
 void FN(add_rms_norm)(ELEM *x, int64_t x_stride, const ELEM *residual, int64_t residual_stride,
                       const ELEM *weight, ELEM *out, int64_t out_stride, int64_t rows,
                       int64_t dim, float eps, int num_threads)
@@ -15,12 +23,8 @@ void FN(add_rms_norm)(ELEM *x, int64_t x_stride, const ELEM *residual, int64_t r
     for (int64_t r = 0; r < rows; ++r) {
         ELEM *xr = x + r * x_stride;
         ELEM *o = out + r * out_stride;
-        if (residual != NULL) {
-            const ELEM *res = residual + r * residual_stride;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d)
-                xr[d] = STORE(LOAD(xr[d]) + LOAD(res[d]));
-        }
+        if (residual != NULL)
+            FN(add_row)(xr, residual + r * residual_stride, dim);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t d = 0; d < dim; ++d)
@@ -41,12 +45,8 @@ void FN(add_layer_norm)(ELEM *x, int64_t x_stride, const ELEM *residual,
     for (int64_t r = 0; r < rows; ++r) {
         ELEM *xr = x + r * x_stride;
         ELEM *o = out + r * out_stride;
-        if (residual != NULL) {
-            const ELEM *res = residual + r * residual_stride;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d)
-                xr[d] = STORE(LOAD(xr[d]) + LOAD(res[d]));
-        }
+        if (residual != NULL)
+            FN(add_row)(xr, residual + r * residual_stride, dim);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t d = 0; d < dim; ++d)
