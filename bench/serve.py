@@ -60,9 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import tritonclient.grpc as grpcclient
-
-from backend.python_backend.host import Ports, TritonHost
+from backend.python_backend.host import Ports, TritonHost, wait_ready
 from bench.throughput import _proc_stat_cpu, git_state
 from clients.load import LoadRequest, make_requests, run_load
 
@@ -158,22 +156,10 @@ class Server:
              "--metrics-port", "0"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        client = grpcclient.InferenceServerClient(self.url)
-        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}); see "
-                                       f"{self.log.name}")
-                try:
-                    if client.is_server_ready():
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.2)
-        finally:
-            client.close()
-        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log.name}")
+            wait_ready(self.url, timeout, self.proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {self.log.name}") from None
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -159,7 +159,7 @@ def wait_ready(url: str, timeout: float = 120.0,
     try:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({proc.returncode})")
+                raise RuntimeError(f"server exited ({proc.returncode})")
             try:
                 if client.is_server_ready():
                     return
