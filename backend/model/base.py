@@ -27,7 +27,8 @@ class CausalLM(Protocol):
     # Every layer attends over at most this many trailing tokens (None: some layer sees all):
     # blocks wholly before a sequence's window can be released.
     sliding_window: int | None
-    lm_head: torch.Tensor
+    lm_head: torch.Tensor  # under tensor parallelism, this rank's rows of it
+    vocab_size: int  # the scores ``logits`` returns per row: the whole vocabulary
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
                 meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
@@ -38,7 +39,8 @@ class CausalLM(Protocol):
         ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary scores in fp32 for the given hidden states."""
+        """Vocabulary scores in fp32 for the given hidden states: ``[..., vocab_size]`` on
+        every rank of a tensor-parallel group."""
         ...
 
 

@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 
 from backend.model.base import KVCache, run_layers, tied_lm_head
 from backend.model.llama import rotary_tables
+from backend.model.parallel import ParallelGroup, check_tensor_parallel
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 from kernels.linear import linear
 from kernels.norm import add_layer_norm
@@ -157,7 +158,10 @@ class FalconModel:
     sliding_window: int | None = None  # Falcon attends over the whole context
 
     def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor],
-                 dtype: torch.dtype, device: str = "cpu") -> None:
+                 dtype: torch.dtype, device: str = "cpu",
+                 parallel: ParallelGroup | None = None) -> None:
+        # Its layers do not shard: one rank only.
+        check_tensor_parallel(config, 1 if parallel is None else parallel.world_size)
         weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.config = config
         self.num_layers = config.num_hidden_layers
@@ -174,6 +178,7 @@ class FalconModel:
                                  weights.get("transformer.ln_f.bias"))
         self.eps = config.layer_norm_epsilon
         self.lm_head = tied_lm_head(config, weights, self.embed)
+        self.vocab_size = int(self.lm_head.shape[0])
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         if not config.alibi:

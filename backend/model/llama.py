@@ -10,6 +10,11 @@ Weights are read from a ``transformers`` state dict. The math follows ``transfor
 so that greedy decoding matches it token for token; the q|k|v projections are fused into one
 matmul, and the MLP's activation and product run inside its projections where the GEMM library
 allows (``kernels.linear``).
+
+Under tensor parallelism (a :class:`~backend.model.parallel.ParallelGroup` of more than one
+rank) the weights are sliced at load and the layers run unchanged on the smaller shards: this
+rank's q, k and v heads, its share of the MLP width and of the vocabulary; the attention output
+and down projections sum their partial products over the group.
 """
 
 from __future__ import annotations
@@ -24,12 +29,42 @@ from backend.model.base import (
     run_layers,
     tied_lm_head,
 )
+from backend.model.parallel import (
+    ParallelGroup,
+    all_gather_last_dim,
+    check_tensor_parallel,
+    row_parallel_linear,
+    shard,
+    vocab_parallel_embedding,
+    vocab_shard,
+)
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.linear import linear, silu_gated
 from kernels.norm import add_rms_norm
 from kernels.rotary import rotary_write_kv
 
-__all__ = ["KVCache", "LlamaLayer", "LlamaModel", "rotary_tables"]
+__all__ = ["KVCache", "LlamaLayer", "LlamaModel", "rotary_tables", "shard_weights"]
+
+# The dimension along which each kind of weight is split: output rows for the column-parallel
+# projections (whole heads, since rows are head-major), input columns for the row-parallel ones.
+# Row-parallel biases, norms and Qwen3's per-head norms are replicated.
+_SHARD_DIM = {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0,
+              "v_proj.weight": 0, "v_proj.bias": 0, "o_proj.weight": 1,
+              "gate_proj.weight": 0, "gate_proj.bias": 0, "up_proj.weight": 0,
+              "up_proj.bias": 0, "down_proj.weight": 1}
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def shard_weights(weights: dict[str, torch.Tensor], pg: ParallelGroup
+                  ) -> dict[str, torch.Tensor]:
+    """This rank's slices of a Llama-family state dict (copies: the full tensors can go)."""
+    def local(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in _VOCAB:
+            return vocab_shard(t, pg)
+        dim = _SHARD_DIM.get(".".join(name.split(".")[-2:]))
+        return t if dim is None else shard(t, dim, pg)
+
+    return {name: local(name, t) for name, t in weights.items()}
 
 
 def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
@@ -54,15 +89,18 @@ class LlamaLayer:
     """One decoder layer: attention and SwiGLU MLP, each behind an RMSNorm with a residual."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
-                 head_dim: int, sliding_window: int | None = None) -> None:
+                 head_dim: int, sliding_window: int | None = None,
+                 parallel: ParallelGroup | None = None) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
 
         def maybe(name: str) -> torch.Tensor | None:
             return weights.get(f"{prefix}.{name}")
 
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        ranks = 1 if parallel is None else parallel.world_size
+        self.parallel = parallel
+        self.num_heads = config.num_attention_heads // ranks
+        self.num_kv_heads = config.num_key_value_heads // ranks
         self.head_dim = head_dim
         self.eps = config.rms_norm_eps
         self.scale = head_dim ** -0.5
@@ -99,22 +137,36 @@ class LlamaLayer:
                                   q_norm=self.q_norm, k_norm=self.k_norm, norm_eps=self.eps)
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale,
                                sliding_window=self.sliding_window)
-        out = linear(attn.reshape(tokens, self.num_heads * self.head_dim), self.o_proj,
-                     self.o_bias)
+        out = row_parallel_linear(attn.reshape(tokens, self.num_heads * self.head_dim),
+                                  self.o_proj, self.o_bias, self.parallel)
         x = add_rms_norm(h, out, self.post_attention_norm, self.eps, meta.backend)
         act = silu_gated(x, self.gate, self.up, self.gate_bias, self.up_bias)
-        return h, linear(act, self.down, self.down_bias)
+        return h, row_parallel_linear(act, self.down, self.down_bias, self.parallel)
 
 
 class LlamaModel:
-    """A causal LM over flattened tokens: ``forward`` gives hidden states, ``logits`` the scores."""
+    """A causal LM over flattened tokens: ``forward`` gives hidden states, ``logits`` the scores.
+
+    With a ``parallel`` group of more than one rank it holds this rank's shards only, and
+    ``num_kv_heads`` is this rank's share (its part of the paged KV cache); ``logits`` still
+    gives every rank the whole vocabulary.
+    """
 
     def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor],
-                 dtype: torch.dtype, device: str = "cpu") -> None:
+                 dtype: torch.dtype, device: str = "cpu",
+                 parallel: ParallelGroup | None = None) -> None:
+        self.parallel = parallel if parallel is not None and parallel.world_size > 1 else None
+        if self.parallel is not None:
+            check_tensor_parallel(config, self.parallel.world_size)
+        self.vocab_size = int(tied_lm_head(config, weights,
+                                           weights["model.embed_tokens.weight"]).shape[0])
+        if self.parallel is not None:
+            weights = shard_weights(weights, self.parallel)
         weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.config = config
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
+        ranks = 1 if self.parallel is None else self.parallel.world_size
+        self.num_kv_heads = config.num_key_value_heads // ranks
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.dtype = dtype
@@ -122,7 +174,8 @@ class LlamaModel:
         self.embed = weights["model.embed_tokens.weight"]
         windows = layer_windows(config)
         self.sliding_window = common_window(windows)
-        self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim, windows[i])
+        self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim, windows[i],
+                                  self.parallel)
                        for i in range(self.num_layers)]
         self.norm = weights["model.norm.weight"]
         self.eps = config.rms_norm_eps
@@ -137,12 +190,18 @@ class LlamaModel:
                 ) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm; with a
         ``hidden_states`` list, the embeddings and each layer's output are appended to it."""
-        h = self.embed[input_ids]  # a copy: the layers add into it in place
+        # A copy either way: the layers add into it in place.
+        h = (self.embed[input_ids] if self.parallel is None
+             else vocab_parallel_embedding(input_ids, self.embed, self.parallel))
         cos, sin = self.cos[positions], self.sin[positions]
         h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
         return add_rms_norm(h, delta, self.norm, self.eps, meta.backend)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary scores in fp32 for the given hidden states."""
-        return linear(hidden, self.lm_head).float()
+        """Vocabulary scores in fp32 for the given hidden states (the whole vocabulary, on every
+        rank)."""
+        if self.parallel is None:
+            return linear(hidden, self.lm_head).float()
+        scores = all_gather_last_dim(linear(hidden, self.lm_head), self.parallel)
+        return scores[..., : self.vocab_size].float().contiguous()

@@ -16,8 +16,10 @@ from transformers import PretrainedConfig
 from backend.model.base import CausalLM
 from backend.model.falcon import FalconModel
 from backend.model.llama import LlamaModel
+from backend.model.parallel import ParallelGroup
 
-ModelBuilder = Callable[[PretrainedConfig, dict[str, torch.Tensor], torch.dtype, str], CausalLM]
+ModelBuilder = Callable[[PretrainedConfig, dict[str, torch.Tensor], torch.dtype, str,
+                         ParallelGroup | None], CausalLM]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def family_of(config: PretrainedConfig) -> Family:
 
 
 def build_model(config: PretrainedConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: str = "cpu") -> CausalLM:
-    """The engine's implementation of the model ``config`` describes, holding ``weights``."""
-    return family_of(config).build(config, weights, dtype, device)
+                device: str = "cpu", parallel: ParallelGroup | None = None) -> CausalLM:
+    """The engine's implementation of the model ``config`` describes, holding ``weights``: with
+    a ``parallel`` group of more than one rank, only this rank's shards of them (a shape that
+    does not split over the group is refused with ``ValueError`` naming the numbers)."""
+    return family_of(config).build(config, weights, dtype, device, parallel)
