@@ -3,14 +3,16 @@
 TLS credentials, restricted protocol groups and the gRPC limits (message size, concurrent RPCs)
 come from ``ServeOptions``; bad TLS files stop the start before any model loads.
 
-SIGTERM/SIGINT: readiness turns false and new requests are refused; streams with requests in
-flight may finish within the grace period, idle streams close at once; then engines stop and
-the process exits 0.
+SIGTERM/SIGINT: readiness turns false and new requests are refused with UNAVAILABLE (the gRPC
+port stays open to say so); streams with requests in flight may finish within the grace period,
+idle streams close at once, and the streams still running when it ends are cut; then engines
+stop and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Sequence
@@ -34,13 +36,14 @@ from backend.server.http_endpoint import HttpEndpoint, HttpSettings
 from backend.server.metrics import MetricFamilies, RepositoryCollector, metrics_observers
 from backend.server.service import InferenceService
 from backend.server.state import SERVER_NAME, SERVER_VERSION, ServerState
-from backend.server.streaming import DRAIN
+from backend.server.streaming import CUT, DRAIN
 from backend.server.tls import TlsOptions, grpc_credentials, ssl_context
 from backend.server.tracing import ServerTracing, parse_trace_config
 
 log = logging.getLogger("pagedserve")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+CUT_WRITE_SECONDS = 2.0
 
 
 @dataclass
@@ -158,12 +161,24 @@ async def serve(options: ServeOptions) -> int:
     await stop.wait()
 
     log.info("Signal received: draining (grace period %.0f s)", options.grace_period)
+    deadline = loop.time() + options.grace_period
     state.draining = True
     for queue in list(state.streams):
         queue.put_nowait(DRAIN)
     if poller is not None:
         poller.cancel()
-    await server.stop(options.grace_period)
+    # The gRPC server keeps answering while streams finish, so probes see "not ready" and new
+    # requests get UNAVAILABLE rather than a refused connection; stopping it ends the rest.
+    try:
+        await asyncio.wait_for(state.no_streams.wait(), options.grace_period)
+    except TimeoutError:
+        log.warning("Grace period over: cutting %d streams", len(state.streams))
+        for queue in list(state.streams):
+            queue.put_nowait(CUT)
+        # Bounded: a moment for each cut request's error to be written before the server stops.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.no_streams.wait(), CUT_WRITE_SECONDS)
+    await server.stop(max(deadline - loop.time(), 0))
     for _, endpoint in endpoints:
         endpoint.stop()
     await repository.shutdown()

@@ -15,7 +15,7 @@ from backend.repository import ModelRepository, ModelVersion, RepositoryError
 from backend.repository.names import shown
 from backend.server.inference import Inference, InferError, trace_headers
 from backend.server.state import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ServerState
-from backend.server.streaming import StreamHandler
+from backend.server.streaming import SHUTTING_DOWN, StreamHandler
 from backend.server.tracing import ServerTracing, TraceConfigError, check_int, check_level
 from backend.server.wire import PROTOCOL_DTYPES
 
@@ -135,13 +135,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any
                          ) -> pb.ModelInferResponse:
+        if self.state.draining:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         model = await self._model(context, request.model_name, request.model_version)
         if model.decoupled:
             await _abort(context, grpc.StatusCode.UNIMPLEMENTED,
                          "ModelInfer RPC doesn't support models with decoupled transaction "
                          "policy")
-        if self.state.draining:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
         inference = Inference(model, request, trace_headers(context))
         try:
             generate, _ = inference.prepare()
@@ -157,6 +157,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # grpc.aio recognises streaming handlers as async generator functions.
+        if self.state.draining:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         handler = StreamHandler(self.repository, self.state)
         async with aclosing(handler.serve(request_iterator, context)) as responses:
             async for response in responses:

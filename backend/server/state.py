@@ -20,6 +20,12 @@ def _default_trace() -> dict[str, list[str]]:
             "trace_count": ["-1"], "log_frequency": ["0"], "trace_mode": ["triton"]}
 
 
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class ServerState:
     """Mutable server-wide settings; touched from the event loop only."""
@@ -33,6 +39,17 @@ class ServerState:
         "log_verbose_level": 0, "log_format": "default"})
     # One queue per open stream, so draining can wake idle streams up to close them.
     streams: set[asyncio.Queue[object]] = field(default_factory=set)
+    # Set while no stream is open: draining waits on it before the gRPC server stops.
+    no_streams: asyncio.Event = field(default_factory=_set_event)
+
+    def open_stream(self, queue: asyncio.Queue[object]) -> None:
+        self.streams.add(queue)
+        self.no_streams.clear()
+
+    def close_stream(self, queue: asyncio.Queue[object]) -> None:
+        self.streams.discard(queue)
+        if not self.streams:
+            self.no_streams.set()
 
     def apply_log_levels(self) -> None:
         """Maps Triton's log switches onto Python logging levels."""

@@ -6,7 +6,8 @@ one write in flight). Decoupled models' responses interleave across requests (cl
 them by ``id``); a non-decoupled model's responses keep request order, as Triton's do. A failed
 request answers with ``error_message`` and the stream stays open. When the stream ends (the
 client cancels or disconnects), every request still running on it is cancelled, which aborts
-it in the engine and returns its KV blocks.
+it in the engine and returns its KV blocks. When the server's grace period ends, each request
+still running is cancelled and answered with a final error response.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 _READER_DONE = object()
 _TASK_DONE = object()
 DRAIN = object()  # put on a stream's queue when the server starts draining
+CUT = object()  # put on a stream's queue when the grace period is over
+SHUTTING_DOWN = "Server is shutting down: not accepting new requests"
+GRACE_OVER = "Server is shutting down: the grace period ended before the request finished"
 
 
 def _error(request: pb.ModelInferRequest, message: str, version: str = "",
@@ -50,7 +54,7 @@ class StreamHandler:
         self.repository = repository
         self.state = state
         self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[asyncio.Task[None], pb.ModelInferRequest] = {}
         # Requests whose end marker the writer has not consumed yet. The task set empties as
         # tasks finish, possibly while their last responses still wait in the queue behind an
         # earlier marker, so only this count may decide that the stream is done.
@@ -92,15 +96,14 @@ class StreamHandler:
 
     def _start(self, request: pb.ModelInferRequest) -> None:
         if self.state.draining:
-            self.queue.put_nowait(_error(request, "Server is shutting down: not accepting new "
-                                                  "requests"))
+            self.queue.put_nowait(_error(request, SHUTTING_DOWN))
             return
         task = asyncio.create_task(self._run(request))
-        self.tasks.add(task)
+        self.tasks[task] = request
         self.unfinished += 1
 
         def done(t: asyncio.Task[None]) -> None:
-            self.tasks.discard(t)
+            self.tasks.pop(t, None)
             self.queue.put_nowait(_TASK_DONE)
         task.add_done_callback(done)
 
@@ -115,7 +118,7 @@ class StreamHandler:
                     context: grpc.aio.ServicerContext
                     ) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
         """Yields the stream's responses until the client is done and every request answered."""
-        self.state.streams.add(self.queue)
+        self.state.open_stream(self.queue)
         self.trace_headers = trace_headers(context)
         reader = asyncio.create_task(self._read(requests))
         reader_done = False
@@ -129,10 +132,17 @@ class StreamHandler:
                     reader_done = True
                 elif item is _TASK_DONE:
                     self.unfinished -= 1
+                elif item is CUT:
+                    cut = list(self.tasks.items())
+                    for task, _ in cut:
+                        task.cancel()
+                    for _, request in cut:
+                        yield _error(request, GRACE_OVER, request.model_version, True)
+                    return
                 if (reader_done or self.state.draining) and not self.unfinished:
                     return
         finally:
-            self.state.streams.discard(self.queue)
+            self.state.close_stream(self.queue)
             reader.cancel()
             for task in list(self.tasks):
                 task.cancel()

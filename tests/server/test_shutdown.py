@@ -1,0 +1,174 @@
+"""SIGTERM under load: not ready at once, in-flight streams finish, then a bounded exit.
+
+Each test consumes its own server (the signal ends it). Readiness, refusals and the arrival of
+tokens are observed through ``tritonclient`` and HTTP while the streams are still generating.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.server.conftest import (
+    DEFAULT_REPOSITORY,
+    MODEL,
+    ServerHandle,
+    is_final,
+    llm_inputs,
+    start_server,
+    text_of,
+)
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Count to twenty:", "Once upon a time,", "List some colors:", "def main():"]
+
+
+@dataclass
+class Stream:
+    """One ``ModelStreamInfer`` call with one request; the callback thread appends to it."""
+
+    client: grpcclient.InferenceServerClient
+    results: list[tuple[float, Any]] = field(default_factory=list)  # (arrival, result)
+    errors: list[InferenceServerException] = field(default_factory=list)
+
+    def callback(self, result: Any, error: InferenceServerException | None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        else:
+            self.results.append((time.monotonic(), result))
+
+    @property
+    def final(self) -> bool:
+        return bool(self.results) and is_final(self.results[-1][1])
+
+
+def _open(server: ServerHandle, count: int, max_tokens: int) -> list[Stream]:
+    streams = []
+    for i in range(count):
+        stream = Stream(grpcclient.InferenceServerClient(server.grpc_url))
+        stream.client.start_stream(callback=stream.callback)
+        stream.client.async_stream_infer(
+            MODEL, llm_inputs(PROMPTS[i % len(PROMPTS)], max_tokens,
+                              params={"ignore_eos": True}, return_finish_reason=True,
+                              return_num_output_tokens=True), request_id=f"s{i}")
+        streams.append(stream)
+    return streams
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def _close(streams: list[Stream]) -> None:
+    for stream in streams:
+        stream.client.stop_stream()
+        stream.client.close()
+
+
+@pytest.fixture
+def doomed(request: pytest.FixtureRequest) -> Iterator[ServerHandle]:
+    handle = start_server(DEFAULT_REPOSITORY, "--grace-period", str(request.param))
+    yield handle
+    handle.stop()
+
+
+def _refused(server: ServerHandle) -> None:
+    """A new stream and a unary request are refused with UNAVAILABLE, naming the shutdown."""
+    fresh = Stream(grpcclient.InferenceServerClient(server.grpc_url))
+    fresh.client.start_stream(callback=fresh.callback)
+    try:
+        fresh.client.async_stream_infer(MODEL, llm_inputs("Hi", 2), request_id="late")
+    except InferenceServerException:
+        pass  # the stream was refused before the request went out: the callback says why
+    _wait(lambda: bool(fresh.errors or fresh.results), 30, "the late stream is answered")
+    assert not fresh.results
+    assert fresh.errors[0].status() == "StatusCode.UNAVAILABLE", fresh.errors[0]
+    assert "Server is shutting down" in fresh.errors[0].message()
+    _close([fresh])
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, llm_inputs("Hi", 2, stream=False))
+    assert e.value.status() == "StatusCode.UNAVAILABLE", e.value
+    assert "Server is shutting down" in e.value.message()
+    client.close()
+
+
+GRACE = 60
+
+
+@pytest.mark.parametrize("doomed", [GRACE], indirect=True)
+def test_sigterm_with_16_streams_in_flight(doomed: ServerHandle) -> None:
+    max_tokens = 48
+    streams = _open(doomed, 16, max_tokens)
+    _wait(lambda: all(s.results or s.errors for s in streams), 120,
+          "every stream has its first response")
+    assert not any(s.errors for s in streams), [s.errors for s in streams]
+
+    signalled = time.monotonic()
+    doomed.process.send_signal(signal.SIGTERM)
+    _wait(lambda: doomed.http_get("/v2/health/ready")[0] != 200, 5, "HTTP reports not ready")
+    health = grpcclient.InferenceServerClient(doomed.grpc_url)
+    assert not health.is_server_ready()
+    assert health.is_server_live() and doomed.http_get("/v2/health/live")[0] == 200
+    health.close()
+    not_ready = time.monotonic()
+    assert not any(s.final for s in streams)  # every stream was still running then
+    _refused(doomed)
+
+    _wait(lambda: all(s.final or s.errors for s in streams), GRACE,
+          "every stream has its final response")
+    for i, stream in enumerate(streams):
+        assert not stream.errors, (i, stream.errors)
+        # Tokens kept coming after the server had said it was not ready.
+        assert any(arrival > not_ready for arrival, _ in stream.results), i
+        results = [result for _, result in stream.results]
+        assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in results) == max_tokens
+        reasons = [r.as_numpy("finish_reason")[0].decode() for r in results]
+        assert reasons == ["None"] * (len(results) - 1) + ["length"], (i, reasons)
+    # Greedy: the streams that share a prompt carry the same, whole completion.
+    texts = ["".join(text_of(r) for _, r in s.results) for s in streams]
+    for i, text in enumerate(texts):
+        assert text and text == texts[i % len(PROMPTS)], i
+
+    assert doomed.process.wait(GRACE) == 0
+    took = time.monotonic() - signalled
+    assert took < GRACE, took
+    assert "Server stopped" in doomed.log()
+    _close(streams)
+
+
+SHORT_GRACE = 3
+
+
+@pytest.mark.parametrize("doomed", [SHORT_GRACE], indirect=True)
+def test_sigterm_cuts_the_streams_the_grace_period_cannot_finish(doomed: ServerHandle) -> None:
+    streams = _open(doomed, 4, 1500)
+    _wait(lambda: all(s.results or s.errors for s in streams), 120,
+          "every stream has its first response")
+    signalled = time.monotonic()
+    doomed.process.send_signal(signal.SIGTERM)
+    _wait(lambda: all(s.errors for s in streams), SHORT_GRACE + 30,
+          "every stream is cut with an error")
+    cut = time.monotonic() - signalled
+    assert cut >= SHORT_GRACE, cut  # not before the grace period ran out
+    for i, stream in enumerate(streams):
+        assert stream.results and not stream.final, i
+        (error,) = stream.errors
+        assert "the grace period ended before the request finished" in error.message(), error
+    assert doomed.process.wait(30) == 0
+    took = time.monotonic() - signalled
+    assert took < SHORT_GRACE + 20, took
+    assert "Grace period over: cutting 4 streams" in doomed.log()
+    assert "Server stopped" in doomed.log()
+    _close(streams)
