@@ -186,7 +186,12 @@ def _spawn_ranks(models: Models, out_dir: Path) -> list[dict[int, dict[str, Any]
 
 def _tiny_family(path: Path, config: Any) -> str:
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # transformers starts biases at zero and norms at one
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param), alpha=0.2)
+    model.save_pretrained(path)
     return str(path)
 
 
