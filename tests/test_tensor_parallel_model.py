@@ -30,7 +30,12 @@ from transformers import (
 
 from backend.model.batch import ModelInput, SeqChunk
 from backend.model.loader import LoadedModel
-from backend.model.parallel import ParallelGroup, check_tensor_parallel
+from backend.model.parallel import (
+    ParallelGroup,
+    all_gather_last_dim,
+    all_reduce,
+    check_tensor_parallel,
+)
 from backend.model.registry import build_model
 from backend.model.runner import ModelRunner
 
@@ -139,8 +144,15 @@ def _rank_main(rank: int, port: int, models: Models, out_dir: str) -> None:
                                         "num_kv_heads": model.num_kv_heads,
                                         "cache_heads": runner.caches[0][0].shape[2],
                                         "lm_head_rows": model.lm_head.shape[0],
-                                        "vocab_size": model.vocab_size}
+                                        "vocab_size": model.vocab_size,
+                                        "layer": {name: tuple(getattr(model.layers[0], name).shape)
+                                                  for name in ("qkv", "o_proj", "gate", "down")}}
             results[world]["stats"] = pg.stats
+            half = ParallelGroup(rank, world, groups[world])  # gloo adds bf16 and fp16 itself
+            results[world]["half"] = [
+                all_reduce(torch.full((3,), rank + 1.5, dtype=dtype), half) for dtype in
+                (torch.bfloat16, torch.float16)] + [
+                all_gather_last_dim(torch.full((2, 2), rank, dtype=torch.bfloat16), half)]
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
     except BaseException:
@@ -239,12 +251,25 @@ def test_shards_give_the_unsharded_logits(world: int, models: Models, ranks) -> 
                 config.num_key_value_heads // world
             assert got["vocab_size"] == config.vocab_size
             assert got["lm_head_rows"] == -(-config.vocab_size // world)
+            heads, kv, head_dim = (config.num_attention_heads // world,
+                                   config.num_key_value_heads // world,
+                                   reference.model.head_dim)
+            hidden, mlp = config.hidden_size, config.intermediate_size // world
+            assert got["layer"] == {"qkv": ((heads + 2 * kv) * head_dim, hidden),
+                                    "o_proj": (hidden, heads * head_dim),
+                                    "gate": (mlp, hidden), "down": (hidden, mlp)}
     assert all(world not in seen for seen in ranks[world:])
     for seen in ranks[:world]:
         stats = seen[world]["stats"]
         # Per step and model: an all-reduce for the embedding, two per layer, one gather.
         assert stats.calls == len(models[world]) * 6 * (1 + 2 * 2 + 1)
         assert stats.bytes > 0 and stats.ns > 0
+        bf16, fp16, gathered = seen[world]["half"]
+        total = sum(r + 1.5 for r in range(world))
+        assert bf16.dtype == torch.bfloat16 and fp16.dtype == torch.float16
+        assert bf16.tolist() == fp16.tolist() == [total] * 3
+        assert gathered.dtype == torch.bfloat16
+        assert gathered.tolist() == [[r for r in range(world) for _ in range(2)]] * 2
 
 
 def test_a_group_of_one_is_the_unsharded_model(models: Models) -> None:
