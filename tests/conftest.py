@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from backend import LLM
 from backend.model.dtypes import AUTO_ENV
 from backend.model.loader import LoadedModel, load_model
+from tests.server.conftest import DEFAULT_REPOSITORY, ServerHandle, start_server
 
 # The tests compare with transformers in fp32: "auto" must not pick bf16 on CPUs that have it
 # (servers the tests start inherit this).
@@ -29,6 +30,15 @@ os.environ.setdefault(AUTO_ENV, "float32")
 def smollm() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct, read once per session."""
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerHandle]:
+    """``python -m backend serve`` of the default repository (the embedded model as
+    ``smollm2``), one per test session: the modules that only send it requests share it."""
+    handle = start_server(DEFAULT_REPOSITORY)
+    yield handle
+    handle.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 
 from backend.python_backend.host import wait_ready
 from clients.load import make_requests, run_load
-from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
+from tests.server.conftest import MODEL, ServerHandle
 from tests.triton_ref import make_echo_repository, running_triton
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +29,9 @@ def triton_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def ours_url() -> Iterator[str]:
-    handle = start_server(DEFAULT_REPOSITORY)
-    try:
-        wait_ready(handle.grpc_url)
-        yield handle.grpc_url
-    finally:
-        handle.stop()
+def ours_url(server: ServerHandle) -> str:
+    wait_ready(server.grpc_url)
+    return server.grpc_url
 
 
 def stream_cli(*args: str) -> subprocess.CompletedProcess[str]:

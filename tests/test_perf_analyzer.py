@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backend.python_backend.host import wait_ready
-from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
+from tests.server.conftest import MODEL
 from tests.triton_ref import make_echo_repository, running_triton
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +29,9 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
                 running_triton(make_echo_repository(Path(tmp), ["echo_vllm"])) as triton:
             yield triton.grpc_url, "echo_vllm"
     else:
-        handle = start_server(DEFAULT_REPOSITORY)
-        try:
-            wait_ready(handle.grpc_url)
-            yield handle.grpc_url, MODEL
-        finally:
-            handle.stop()
+        server = request.getfixturevalue("server")
+        wait_ready(server.grpc_url)
+        yield server.grpc_url, MODEL
 
 
 def short_input(tmp_path: Path) -> Path:

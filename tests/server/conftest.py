@@ -1,7 +1,8 @@
 """The server under test, run as a subprocess on free loopback ports.
 
 ``start_server(repo_dir, *extra_args)`` is the reusable helper (the parity tests start real
-Triton the same way); the session-scoped ``server`` fixture serves the repo's own
+Triton the same way); the session-scoped ``server`` fixture (``tests/conftest.py``, shared by
+every module that needs the default repository unchanged) serves the repo's own
 ``model_repository/``. Tests talk to it only through the official ``tritonclient``.
 """
 
@@ -118,14 +119,6 @@ def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180,
         time.sleep(0.2)
     handle.stop()
     raise RuntimeError(f"server did not start in {timeout} s:\n{handle.log()}")
-
-
-@pytest.fixture(scope="session")
-def server() -> Iterator[ServerHandle]:
-    """The default repository (the embedded model as ``smollm2``), one per test session."""
-    handle = start_server(DEFAULT_REPOSITORY)
-    yield handle
-    handle.stop()
 
 
 @pytest.fixture

@@ -26,13 +26,11 @@ from backend.engine.metrics import EngineMetrics
 from backend.repository.statistics import ModelStats
 from backend.server.metrics import MetricFamilies, RepositoryCollector
 from tests.server.conftest import (
-    DEFAULT_REPOSITORY,
     MODEL,
     ROOT,
     ServerHandle,
     is_final,
     llm_inputs,
-    start_server,
 )
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "pagedserve.json"
@@ -160,13 +158,6 @@ def test_dashboard_queries_registered_metrics() -> None:
 # ---- the server ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def metrics_server() -> Iterator[ServerHandle]:
-    handle = start_server(DEFAULT_REPOSITORY)
-    yield handle
-    handle.stop()
-
-
 def _page(server: ServerHandle) -> Page:
     with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as response:
         assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
@@ -222,19 +213,19 @@ def _delta(before: Page, after: Page) -> Callable[..., float]:
 
 
 @pytest.mark.slow
-def test_a_known_workload_moves_the_counters_exactly(metrics_server: ServerHandle) -> None:
-    before = _wait(metrics_server, _idle)
+def test_a_known_workload_moves_the_counters_exactly(server: ServerHandle) -> None:
+    before = _wait(server, _idle)
     lengths = {"a": 5, "b": 7, "c": 9}
-    prompts = _run(metrics_server, [("a", "The capital of France is", 5),
+    prompts = _run(server, [("a", "The capital of France is", 5),
                                     ("b", "def fibonacci(n):", 7),
                                     ("c", "Once upon a time,", 9)])
     # The same prompt twice, one after the other: the second finds the first's blocks.
-    prompts.update(_run(metrics_server, [("p1", SHARED_PROMPT, 3)]))
-    prompts.update(_run(metrics_server, [("p2", SHARED_PROMPT, 3)]))
+    prompts.update(_run(server, [("p1", SHARED_PROMPT, 3)]))
+    prompts.update(_run(server, [("p2", SHARED_PROMPT, 3)]))
     lengths.update(p1=3, p2=3)
     n = len(lengths)
     # Triton's statistics are recorded as each stream ends: wait for them, then read it all.
-    after = _wait(metrics_server, lambda page: page.get(
+    after = _wait(server, lambda page: page.get(
         "nv_inference_request_success", OWN) - before.get(
         "nv_inference_request_success", OWN) == n)
     delta = _delta(before, after)
@@ -268,11 +259,11 @@ def test_a_known_workload_moves_the_counters_exactly(metrics_server: ServerHandl
 
 
 @pytest.mark.slow
-def test_an_aborted_request_counts_as_abort(metrics_server: ServerHandle) -> None:
-    before = _wait(metrics_server, _idle)
+def test_an_aborted_request_counts_as_abort(server: ServerHandle) -> None:
+    before = _wait(server, _idle)
 
     async def main() -> tuple[int, int]:
-        client = aioclient.InferenceServerClient(metrics_server.grpc_url)
+        client = aioclient.InferenceServerClient(server.grpc_url)
 
         async def requests():  # type: ignore[no-untyped-def]
             yield {"model_name": MODEL, "request_id": "x",
@@ -294,7 +285,7 @@ def test_an_aborted_request_counts_as_abort(metrics_server: ServerHandle) -> Non
         return seen, prompt_tokens
 
     _, prompt_tokens = asyncio.run(asyncio.wait_for(main(), 120))
-    after = _wait(metrics_server, lambda page: page.get(
+    after = _wait(server, lambda page: page.get(
         "vllm:request_success_total", finished_reason="abort") - before.get(
         "vllm:request_success_total", finished_reason="abort") == 1)
     delta = _delta(before, after)
@@ -311,17 +302,17 @@ def test_an_aborted_request_counts_as_abort(metrics_server: ServerHandle) -> Non
 
 
 @pytest.mark.slow
-def test_gauges_return_to_zero_when_idle(metrics_server: ServerHandle) -> None:
+def test_gauges_return_to_zero_when_idle(server: ServerHandle) -> None:
     # The abort above ended the engine's last request outside a step.
-    page = _wait(metrics_server, _idle)
+    page = _wait(server, _idle)
     assert page.get("vllm:kv_cache_usage_perc") == 0
     assert page.get("pagedserve_requests_waiting", OWN) == 0
     assert page.get("pagedserve_kv_blocks_total", OWN) > 0
     assert page.get("nv_inference_request_success", OWN) >= 5
 
 
-def test_the_whole_page_parses(metrics_server: ServerHandle) -> None:
-    page = _page(metrics_server)
+def test_the_whole_page_parses(server: ServerHandle) -> None:
+    page = _page(server)
     assert {"vllm:num_requests_running", "vllm:prompt_tokens_total",
             "vllm:request_success_total", "vllm:iteration_tokens_total_bucket",
             "pagedserve_kv_blocks_total", "nv_inference_count"} <= page.names()

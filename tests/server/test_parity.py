@@ -67,7 +67,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from backend.python_backend.host import wait_ready
-from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
+from tests.server.conftest import MODEL, ServerHandle
 from tests.triton_ref import make_echo_repository, running_triton
 
 pytestmark = pytest.mark.slow
@@ -103,13 +103,9 @@ def triton_target() -> Iterator[Target]:
 
 
 @pytest.fixture(scope="module")
-def pagedserve_target() -> Iterator[Target]:
-    handle = start_server(DEFAULT_REPOSITORY)
-    try:
-        wait_ready(handle.grpc_url)
-        yield Target("pagedserve", handle.grpc_url, MODEL, "1")
-    finally:
-        handle.stop()
+def pagedserve_target(server: ServerHandle) -> Target:
+    wait_ready(server.grpc_url)
+    return Target("pagedserve", server.grpc_url, MODEL, "1")
 
 
 @pytest.fixture(params=["triton", "pagedserve"])
