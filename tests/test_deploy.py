@@ -254,6 +254,14 @@ def test_chart_values_take_effect() -> None:
             ("PodDisruptionBudget", "llm")} <= keyed.keys()
 
 
+def test_renderer_command_prints_what_helm_template_prints() -> None:
+    out = subprocess.run([sys.executable, str(DEPLOY / "helm" / "render.py"), str(CHART), "llm"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "# Source: pagedserve/templates/deployment.yaml" in out
+    docs = [doc for doc in yaml.safe_load_all(out) if doc]
+    assert docs == helm_render.render_chart(CHART, release="llm")
+
+
 def test_renderer_refuses_what_it_does_not_render() -> None:
     with pytest.raises(helm_render.TemplateError, match="include"):
         helm_render.render_template('{{ include "x" . }}', {})
