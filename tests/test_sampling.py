@@ -57,18 +57,19 @@ def test_seeded_n_sequences_differ_and_repeat(llm):
 
 def _allowed(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
     """The filtered support computed independently, one rule after another on a Python list."""
-    ranked = sorted(range(len(probs)), key=lambda t: -float(probs[t]))
+    values: list[float] = probs.tolist()
+    ranked = sorted(range(len(values)), key=lambda t: -values[t])
     if top_k:
         ranked = ranked[:top_k]
-    total = sum(float(probs[t]) for t in ranked)
+    total = sum(values[t] for t in ranked)
     kept, mass = [], 0.0
     for t in ranked:
         kept.append(t)
-        mass += float(probs[t]) / total
+        mass += values[t] / total
         if mass >= top_p:
             break
-    floor = min_p * float(probs[ranked[0]])
-    return {t for t in kept if float(probs[t]) >= floor} | {ranked[0]}
+    floor = min_p * values[ranked[0]]
+    return {t for t in kept if values[t] >= floor} | {ranked[0]}
 
 
 @pytest.mark.parametrize("top_k,top_p,min_p,temperature", [
