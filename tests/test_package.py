@@ -46,12 +46,6 @@ def test_wheel_installs_and_serves(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pagedserve = str(venv / "bin" / "pagedserve")
 
-    answer = subprocess.run([pagedserve, "generate", "The capital of France is",
-                             "--max-tokens", "4"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert answer.returncode == 0, answer.stderr[-3000:]
-    assert "Paris" in answer.stdout
-
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -59,6 +53,12 @@ def test_wheel_installs_and_serves(tmp_path: Path) -> None:
                                    str(port), "--http-port", "0", "--metrics-port", "0"],
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+        # While the server starts: the two commands are independent processes.
+        answer = subprocess.run([pagedserve, "generate", "The capital of France is",
+                                 "--max-tokens", "4"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert answer.returncode == 0, answer.stderr[-3000:]
+        assert "Paris" in answer.stdout
         wait_ready(f"127.0.0.1:{port}", timeout=300)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
