@@ -10,15 +10,38 @@ from pathlib import Path
 def _generate(args: argparse.Namespace) -> int:
     from backend import LLM, SamplingParams
 
-    llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb * 2**20)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)
-    if args.chat:
-        outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-    else:
-        outputs = llm.generate([args.prompt], params, use_tqdm=False)
+    llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb * 2**20,
+              tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        if args.chat:
+            outputs = llm.chat([{"role": "user", "content": args.prompt}], params,
+                               use_tqdm=False)
+        else:
+            outputs = llm.generate([args.prompt], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
     print(outputs[0].outputs[0].text)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from backend.model.worker import rendezvous, run_node
+
+    world = args.tensor_parallel_size
+    if world < 1 or args.nnodes < 2 or world % args.nnodes:
+        raise ValueError(f"--tensor-parallel-size ({world}) must be a positive multiple of "
+                         f"--nnodes ({args.nnodes}), and --nnodes at least 2")
+    return run_node(rendezvous(world, args.nnodes, args.device), args.node_rank)
+
+
+def _add_parallel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks (processes, GPUs) the model is split over (default 1)")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="machines the ranks are spread over; this one is node 0, the "
+                             "others run 'worker' (MASTER_ADDR, MASTER_PORT: the rendezvous)")
 
 
 def _triton(args: argparse.Namespace) -> int:
@@ -48,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt as a user message in the model's chat template")
     gen.add_argument("--kv-cache-mb", type=int, default=512)
+    _add_parallel(gen)
     gen.set_defaults(run=_generate)
+    worker = commands.add_parser("worker", help="run this node's tensor-parallel ranks of an "
+                                                "engine started on node 0 (--nnodes > 1)")
+    _add_parallel(worker)
+    worker.add_argument("--node-rank", type=int, required=True,
+                        help="this node's number, 1 to nnodes - 1")
+    worker.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="as the engine's: gloo collectives on CPUs, NCCL on GPUs")
+    worker.set_defaults(run=_worker)
     srv = commands.add_parser("serve", help="serve a model repository over Triton's gRPC protocol")
     from backend.server.cli import add_arguments
     from backend.server.cli import run as serve_run

@@ -15,8 +15,10 @@ from kernels.dispatch import BACKENDS, ENV_VAR
 MAX_BLOCK_SIZE = 1024
 MAX_NUM_SEQS = 2**16
 MAX_NUM_TOKENS = 2**24  # max_num_batched_tokens, max_model_len
+MAX_TENSOR_PARALLEL = 1024  # ranks (processes), nnodes
 _SIZES = {"block_size": MAX_BLOCK_SIZE, "max_num_batched_tokens": MAX_NUM_TOKENS,
-          "max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_NUM_TOKENS, "kv_cache_bytes": None}
+          "max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_NUM_TOKENS, "kv_cache_bytes": None,
+          "tensor_parallel_size": MAX_TENSOR_PARALLEL, "nnodes": MAX_TENSOR_PARALLEL}
 
 
 @dataclass
@@ -54,6 +56,11 @@ class EngineConfig:
     # Requests waiting beyond a full batch (``max_num_seqs``); more are refused at once
     # (RESOURCE_EXHAUSTED through the server) instead of queueing without bound.
     max_queue_size: int = 1024
+    # Ranks the model is split over, one worker process each (1: in this process). With
+    # ``nnodes`` > 1 this node runs the first tensor_parallel_size / nnodes of them and the
+    # others join from ``python -m backend worker`` on the other nodes (docs/tensor-parallel.md).
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
@@ -81,6 +88,12 @@ class EngineConfig:
             raise ValueError(f"max_queue_size must be non-negative, got {self.max_queue_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        for name in ("tensor_parallel_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be a "
+                             f"multiple of nnodes={self.nnodes} (the same ranks on every node)")
         self._check_device()
 
     def _check_device(self) -> None:

@@ -26,7 +26,8 @@ class LLM:
 
     ``LLM()`` serves the embedded SmolLM2-135M-Instruct; ``LLM(model=path)`` takes a local Hugging
     Face directory or a GGUF file. Other keyword arguments are ``EngineConfig`` fields
-    (``block_size``, ``kv_cache_bytes``, ``max_num_batched_tokens``, ``max_num_seqs``, ...).
+    (``block_size``, ``kv_cache_bytes``, ``max_num_batched_tokens``, ``max_num_seqs``,
+    ``tensor_parallel_size``, ...).
     With an OpenTelemetry ``tracer_provider`` (or an SDK provider set globally) every step and
     request is traced; ``shutdown()`` flushes the spans.
     """
@@ -109,7 +110,8 @@ class LLM:
         return [finished[r] for r in request_ids]
 
     def shutdown(self) -> None:
-        """Flushes the engine's observers (buffered trace spans)."""
+        """Flushes the engine's observers (buffered trace spans) and stops its tensor-parallel
+        worker processes, if any; the engine serves no more after it."""
         self.engine.shutdown()
 
     def reset_prefix_cache(self) -> bool:

@@ -30,6 +30,7 @@ Usage (from the repository root)::
 
     python -m bench.throughput [--quick] [--repeat N] [--out FILE]
     python -m bench.throughput --dtype bfloat16   # bf16 vs fp32 engine, speed and agreement
+    python -m bench.throughput --tensor-parallel 2   # 2 ranks vs 1: speed, communication
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ class EngineResult:
     num_decoded_tokens: int
     contention: CpuContention  # over the timed section
     wall_runs_s: list[float] = field(default_factory=list)  # every timed run; wall_s is the best
+    comm_s: float = 0.0  # inside tensor-parallel communication (rank 0's view)
 
 
 def engine_generate(llm: LLM, requests: list[Request]) -> list[list[int]]:
@@ -230,7 +232,8 @@ def _time_engine(llm: LLM, requests: list[Request]) -> tuple[EngineResult, list[
         wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
         processed_tokens=prefilled + decoded, num_steps=after.num_steps - before.num_steps,
         num_preemptions=after.num_preemptions - before.num_preemptions,
-        num_prefilled_tokens=prefilled, num_decoded_tokens=decoded, contention=contention)
+        num_prefilled_tokens=prefilled, num_decoded_tokens=decoded, contention=contention,
+        comm_s=(after.tensor_parallel_comm_ns - before.tensor_parallel_comm_ns) / 1e9)
     return result, outputs
 
 
@@ -414,6 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure instead this dtype against fp32: engine throughput of "
                              "each on the workload, and the share of greedy tokens identical "
                              f"to fp32's over the first {AGREEMENT_PROMPTS} requests")
+    parser.add_argument("--tensor-parallel", type=int, metavar="N",
+                        help="measure instead the engine split over N ranks (worker processes) "
+                             "against one, in one run: throughput of each, and the time per "
+                             "step spent communicating")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUT})")
     return parser.parse_args(argv)
@@ -431,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         return tracing_main(args, spec, repeat)
     if args.dtype:
         return dtype_main(args, spec, repeat)
+    if args.tensor_parallel is not None:
+        return tensor_parallel_main(args, spec, repeat)
     llm = LLM(**ENGINE_ARGS)
     config = llm.engine.model.config
     requests = build_workload(spec, llm.tokenizer, config.vocab_size)
@@ -609,6 +618,69 @@ def dtype_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int
         "cpu_flags": sorted(f for f in cpu_flags() if "avx" in f or "amx" in f),
         "environment": {"torch_threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                        "loadavg_1m_after": os.getloadavg()[0]}}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def tensor_parallel_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int:
+    """``--tensor-parallel N``: the engine on one rank, then on N, on the same workload.
+
+    The ranks share this machine's cores (each takes cores / N torch threads), so on a CPU the
+    figure to read is the communication cost per step, not a speed-up.
+    """
+    from backend.model.loader import load_model
+
+    size = args.tensor_parallel
+    if size < 1:
+        raise ValueError(f"--tensor-parallel must be at least 1, got {size}")
+    tokenizer = load_model(weights=False).tokenizer
+    requests = build_workload(spec, tokenizer, len(tokenizer))
+    load_before = os.getloadavg()
+    results: dict[int, EngineResult] = {}
+    outputs: dict[int, list[list[int]]] = {}
+    for ranks in dict.fromkeys((1, size)):
+        llm = LLM(**{**ENGINE_ARGS, "tensor_parallel_size": ranks})
+        try:
+            results[ranks], outputs[ranks] = run_engine(llm, requests, repeat)
+        finally:
+            llm.shutdown()
+        r = results[ranks]
+        print(f"N={ranks:<3} {r.tokens_per_s:9.1f} generated tok/s   walls "
+              f"{', '.join(f'{w:.2f}' for w in r.wall_runs_s)} s   steps {r.num_steps}",
+              flush=True)
+    tp = results[size]
+    ratio = tp.tokens_per_s / results[1].tokens_per_s
+    comm_ms = tp.comm_s / max(tp.num_steps, 1) * 1e3
+    step_ms = tp.wall_s / max(tp.num_steps, 1) * 1e3
+    # Partial sums added in another order move the last bits of the logits: near-ties among
+    # random-token prompts may then split (the tests check identity where logits are peaked).
+    tokens = token_agreement(outputs[size], outputs[1])
+    agreement = greedy_agreement(outputs[size], outputs[1])
+    print()
+    print("=" * 72)
+    print(f"speed     {ratio:9.3f}x  (N={size} / N=1 generated tok/s, best of {repeat}; "
+          f"{os.cpu_count()} cores shared by the ranks)")
+    print(f"comm      {comm_ms:9.2f} ms per step of {step_ms:.2f} ms "
+          f"({tp.comm_s / tp.wall_s:.1%} of step time; rank 0's time in the step broadcast "
+          f"and the model's all-reduces and gathers)")
+    print(f"agreement {tokens:9.3f}  of greedy tokens identical at N={size} and N=1 "
+          f"({agreement['exact_match_fraction']:.2f} of the requests entirely)")
+    print(f"load      {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
+          "(1-minute load average)")
+    print("=" * 72)
+    out = args.out.with_name(f"{args.out.stem}_tp{size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": f"throughput --tensor-parallel {size}",
+        "timestamp": datetime.now(UTC).isoformat(), "command": sys.orig_argv,
+        "git": git_state(), "workload": asdict(spec), "repeat": repeat,
+        "engine_args": ENGINE_ARGS, "engine": {str(n): asdict(r) for n, r in results.items()},
+        "speed_ratio": ratio, "comm_ms_per_step": comm_ms, "step_ms": step_ms,
+        "comm_share_of_step": tp.comm_s / tp.wall_s, "token_agreement": tokens,
+        "greedy_agreement": agreement,
+        "environment": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                        "loadavg_1m_before": load_before[0],
                         "loadavg_1m_after": os.getloadavg()[0]}}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

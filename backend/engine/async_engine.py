@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from backend.engine.core import EngineCore
 from backend.engine.input_processor import AdmissionLimits, InputProcessor
 from backend.engine.sequence import Request
+from backend.model.executor import ExecutorDied
 from backend.outputs import RequestOutput
 from backend.sampling_params import SamplingParams
 
@@ -70,6 +71,10 @@ class RequestFailed(RuntimeError):
     """The request's own step work failed; it ended there and the others went on."""
 
 
+class EngineDead(RuntimeError):
+    """The engine can run no more steps (a tensor-parallel worker died): every request fails."""
+
+
 class _Stop:
     pass
 
@@ -88,6 +93,7 @@ class AsyncEngine:
         self._commands: queue.Queue[_Admit | _Abort | _Stop] = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._active: set[str] = set()  # ids in flight, as seen from the callers' side
+        self._failure: str | None = None  # set once by the core thread when a step cannot run
         self._lock = threading.Lock()
         self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
                                               daemon=True)
@@ -111,6 +117,9 @@ class AsyncEngine:
         the request's trace span.
         """
         request_id = request_id or uuid.uuid4().hex
+        failure = self.failure()
+        if failure is not None:
+            raise EngineDead(failure)
         with self._lock:
             if request_id in self._active:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -138,6 +147,10 @@ class AsyncEngine:
                 self._incoming.put(_Abort(request_id))
             with self._lock:
                 self._active.discard(request_id)
+
+    def failure(self) -> str | None:
+        """Why this engine serves no more (a worker process died), or ``None`` while it can."""
+        return self._failure or self.core.failure()
 
     def abort(self, request_id: str) -> None:
         """Ends a request; its iterator yields a final output with finish reason ``abort``."""
@@ -219,6 +232,13 @@ class AsyncEngine:
                 break
             try:
                 outputs = self.core.step()
+            except ExecutorDied as e:  # for good: this and every later request fail with it
+                self._failure = str(e)
+                log.error("engine is dead: %s", e)
+                for request_id in list(self._sinks):
+                    self.core.abort(request_id)
+                    self._deliver(request_id, EngineDead(f"engine step failed: {e}"))
+                continue
             except Exception as e:  # a failed step must not strand the callers
                 log.exception("engine step failed")
                 for request_id in list(self._sinks):

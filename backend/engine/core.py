@@ -25,10 +25,10 @@ from backend.engine.output_processor import OutputProcessor
 from backend.engine.scheduler import Scheduler, SchedulerOutput
 from backend.engine.sequence import Request, Sequence
 from backend.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
+from backend.model.base import CausalLM
 from backend.model.batch import ModelInput, ModelOutput, SeqChunk
-from backend.model.loader import LoadedModel, load_model
-from backend.model.registry import build_model, family_of
-from backend.model.runner import ModelRunner, num_kv_blocks
+from backend.model.executor import ExecutorDied, InProcessExecutor, start_executor
+from backend.model.loader import LoadedModel
 from backend.model.sampler import Sampler, SamplerOutput, SamplingRow
 from backend.outputs import RequestOutput, TokenLogprobs
 from backend.sampling_params import SamplingParams
@@ -54,6 +54,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     num_cow_copies: int
     num_evictions: int
+    tensor_parallel_comm_ns: int  # time the steps spent in tensor-parallel communication
 
 
 @dataclass(frozen=True)
@@ -82,39 +83,35 @@ class _StepTiming:
 
 
 class EngineCore:
-    """Owns scheduler, block manager, model runner and sampler; advances all requests a step."""
+    """Owns scheduler, block manager, executor (the model) and sampler; advances all requests
+    a step."""
 
     def __init__(self, config: EngineConfig | None = None,
                  loaded: LoadedModel | None = None,
                  observers: Seq[EngineObserver] = ()) -> None:
         self.config = config or EngineConfig()
-        owns_weights = loaded is None
-        loaded = loaded or load_model(self.config.model, self.config.device,
-                                      self.config.torch_dtype)
+        self.executor, loaded = start_executor(self.config, loaded)
+        try:
+            self._setup(loaded, observers)
+        except BaseException:
+            self.executor.shutdown()  # its workers, if any, must not outlive a failed start
+            raise
+
+    def _setup(self, loaded: LoadedModel, observers: Seq[EngineObserver]) -> None:
+        facts = self.executor.facts
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
-        self.model_family = family_of(loaded.config).name
+        self.model_family = facts.family
         self.dtype = self.config.resolved_dtype
-        self.model = build_model(loaded.config, loaded.weights, self.config.torch_dtype,
-                                 self.config.device)
-        # The KV cache is sized from the memory left free: tensors the model replaced (q, k and
-        # v projections fused into one) must be gone by then. A caller's weights are its own.
-        if owns_weights:
-            loaded.weights.clear()
-        if self.config.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        num_blocks = num_kv_blocks(self.model, self.config)
-        self.block_manager = BlockManager(num_blocks, self.config.block_size,
+        self.block_manager = BlockManager(facts.num_kv_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
-        self.max_model_len = min(self.config.max_model_len or self.model.max_positions,
-                                 self.model.max_positions,
+        self.max_model_len = min(self.config.max_model_len or facts.max_positions,
+                                 facts.max_positions,
                                  self.block_manager.num_usable_blocks * self.config.block_size)
-        self.scheduler = Scheduler(self.config, self.block_manager, self.model.sliding_window)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size,
-                                  self.config.attention_backend)
+        self.scheduler = Scheduler(self.config, self.block_manager, facts.sliding_window)
         self.sampler = Sampler()
         self.eos_token_id: int | None = self.tokenizer.eos_token_id
-        self.vocab_size = int(self.model.lm_head.shape[0])
+        self.vocab_size = facts.vocab_size
         self.limits = AdmissionLimits(
             vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
@@ -133,6 +130,7 @@ class EngineCore:
         self._last_totals = (0, 0, 0, 0)  # block-manager counters at the last step report
         self._seq_ids = itertools.count()
         self._steps = 0
+        self._comm_ns = 0  # tensor-parallel communication, all steps together
         # Beam-search logits kept until every live beam of the request has its row.
         self._beam_logits: dict[Request, dict[Sequence, torch.Tensor]] = {}
 
@@ -158,14 +156,30 @@ class EngineCore:
         """Makes the model's GPU the calling thread's current CUDA device: a new thread starts
         on device 0, and work that names no device (synchronisation, memory queries) runs on
         the current one."""
-        device = self.model.lm_head.device
+        device = self.executor.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
 
+    @property
+    def model(self) -> CausalLM:
+        """The model, where it runs in this process (``tensor_parallel_size`` 1): for tests
+        and tools that look inside it."""
+        if not isinstance(self.executor, InProcessExecutor):
+            raise AttributeError("the model runs in tensor-parallel worker processes")
+        return self.executor.model
+
+    def failure(self) -> str | None:
+        """Why the engine can take no more steps (a tensor-parallel worker died), or None."""
+        return self.executor.failure()
+
     def shutdown(self) -> None:
-        """Flushes the observers (buffered spans); the engine takes no more steps after it."""
-        for observer in self._observers:
-            observer.shutdown()
+        """Flushes the observers (buffered spans) and stops the executor's workers; the engine
+        takes no more steps after it."""
+        try:
+            for observer in self._observers:
+                observer.shutdown()
+        finally:
+            self.executor.shutdown()
 
     def add_request(self, request: Request) -> None:
         """Queues a request made by ``make_request``; it starts as one sequence."""
@@ -431,21 +445,28 @@ class EngineCore:
         """
         step = batch.model_input
         try:
-            return self.runner.execute(step), {}
+            output = self.executor.execute(step)
+            self._comm_ns += output.comm_ns
+            return output, {}
+        except ExecutorDied:  # no step can run again: the engine's failure, not a request's
+            raise
         except Exception:
             log.exception("step %d failed; running its requests one at a time", self._steps)
-        self.runner.copy_blocks(step.block_copies)
         request_of = {item.seq.seq_id: item.seq.request for item in batch.scheduled}
         parts: dict[Request, list[SeqChunk]] = {}
         for chunk in step.chunks:
             parts.setdefault(request_of[chunk.seq_id], []).append(chunk)
         done: list[ModelOutput] = []
         failed: dict[Request, Exception] = {}
+        copies = step.block_copies  # made again, before any part runs
         for request, chunks in parts.items():
             try:
-                done.append(self.runner.execute(ModelInput(chunks)))
+                done.append(self.executor.execute(ModelInput(chunks, copies)))
+            except ExecutorDied:
+                raise
             except Exception as e:
                 failed[request] = e
+            copies = []
         if not done:
             return ModelOutput([], torch.empty(0, self.vocab_size)), failed
         return ModelOutput([i for d in done for i in d.seq_ids],
@@ -540,4 +561,5 @@ class EngineCore:
             num_blocks_shared=bm.num_shared_blocks, num_blocks_cached=bm.num_cached_blocks,
             prefix_cache_queried_tokens=bm.stats.prefix_queried_tokens,
             prefix_cache_hit_tokens=bm.stats.prefix_hit_tokens,
-            num_cow_copies=bm.stats.cow_copies, num_evictions=bm.stats.evictions)
+            num_cow_copies=bm.stats.cow_copies, num_evictions=bm.stats.evictions,
+            tensor_parallel_comm_ns=self._comm_ns)

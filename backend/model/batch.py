@@ -1,7 +1,8 @@
 """The contract between scheduler and runner: one step's work as plain data, and its result.
 
 The scheduler decides what runs and snapshots it here; the runner turns it into tensors and
-never sees a live sequence, so nothing it reads can change under it.
+never sees a live sequence, so nothing it reads can change under it. Being plain data, a step
+also travels as it is to tensor-parallel workers in other processes (or on other machines).
 """
 
 from __future__ import annotations
@@ -36,3 +37,5 @@ class ModelOutput:
 
     seq_ids: list[int]
     logits: torch.Tensor  # [len(seq_ids), vocab] fp32
+    # Time the step spent in tensor-parallel communication (0 on one device).
+    comm_ns: int = 0

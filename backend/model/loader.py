@@ -159,9 +159,10 @@ def _read_weights(model_dir: Path, device: str, dtype: torch.dtype | None
 
 
 def load_model(model: str | None = None, device: str = "cpu",
-               dtype: torch.dtype | None = None) -> LoadedModel:
+               dtype: torch.dtype | None = None, weights: bool = True) -> LoadedModel:
     """Reads config, tokenizer and weights of ``model`` (default: the embedded SmolLM2), the
-    weights straight onto ``device`` in ``dtype`` (default: as stored)."""
+    weights straight onto ``device`` in ``dtype`` (default: as stored). ``weights=False``
+    leaves them unread (a tensor-parallel driver, whose workers read their own)."""
     model_dir = Path(resolve_model_dir(model))
     # Checked on the raw file first: a model that would need trust_remote_code is refused by
     # its architecture's name, not by transformers' remote-code error.
@@ -170,4 +171,4 @@ def load_model(model: str | None = None, device: str = "cpu",
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return LoadedModel(str(model_dir), config, tokenizer,
-                       _read_weights(model_dir, device, dtype))
+                       _read_weights(model_dir, device, dtype) if weights else {})

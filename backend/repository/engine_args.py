@@ -40,7 +40,7 @@ _RENAMES = {
 _DTYPES = {"auto": None, "float": "float32", "float32": "float32", "half": "float16",
            "float16": "float16", "bfloat16": "bfloat16"}
 # Parallelism we cannot provide: > 1 is an error rather than a silent single-device run.
-_PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size")
+_PARALLEL = ("pipeline_parallel_size",)
 # Config parameters of the vLLM backend itself (not engine args): ignored quietly.
 _BACKEND_PARAMETERS = {"REPORT_CUSTOM_METRICS", "ENABLE_VLLM_HEALTH_CHECK"}
 DEFAULT_MODEL_NAMES = ("default", "")
@@ -136,7 +136,8 @@ def engine_config(config: mc.ModelConfig, version_dir: Path,
             if _coerce(key, value, "int") > 1:
                 raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
                                       f"{key}={shown(str(value))} is not supported: pagedserve "
-                                      "runs a model on one device")
+                                      "splits a model by tensor parallelism only "
+                                      "(tensor_parallel_size)")
             continue
         if key == "model":
             kwargs["model"] = _model_path(value, version_dir,

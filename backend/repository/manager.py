@@ -79,6 +79,19 @@ class _VersionState:
     reason: str = ""
     model: ModelVersion | None = None
 
+    def current(self) -> tuple[str, str]:
+        """State and reason now: a READY version whose engine died (a tensor-parallel worker
+        gone) is UNAVAILABLE, with the engine's error as the reason."""
+        if self.state == "READY" and self.model is not None:
+            failure = self.model.engine.failure()
+            if failure is not None:
+                return "UNAVAILABLE", failure
+        return self.state, self.reason
+
+    @property
+    def ready(self) -> bool:
+        return self.current()[0] == "READY"
+
 
 @dataclass
 class _ModelState:
@@ -256,9 +269,10 @@ class ModelRepository:
                     rows.append((name, "", "", ""))
                 continue
             for version, vs in sorted(state.versions.items()):
-                if ready_only and vs.state != "READY":
+                current, reason = vs.current()
+                if ready_only and current != "READY":
                     continue
-                rows.append((name, str(version) if version else "", vs.state, vs.reason))
+                rows.append((name, str(version) if version else "", current, reason))
         return rows
 
     def ready_versions(self, name: str) -> list[ModelVersion]:
@@ -266,14 +280,14 @@ class ModelRepository:
         if state is None:
             return []
         return [vs.model for _, vs in sorted(state.versions.items())
-                if vs.state == "READY" and vs.model is not None]
+                if vs.ready and vs.model is not None]
 
     def all_ready(self) -> list[ModelVersion]:
         return [m for name in sorted(self._models) for m in self.ready_versions(name)]
 
     def is_ready(self) -> bool:
         """Server readiness: every model that was asked to load is READY (strict readiness)."""
-        return all(all(vs.state == "READY" for vs in s.versions.values()) or
+        return all(all(vs.ready for vs in s.versions.values()) or
                    all(vs.reason == "unloaded" for vs in s.versions.values())
                    for s in self._models.values())
 
@@ -299,7 +313,7 @@ class ModelRepository:
             raise RepositoryError(grpc.StatusCode.NOT_FOUND,
                                   f"Request for unknown model: '{name}' version {number} is "
                                   "not found")
-        if vs.state != "READY" or vs.model is None:
+        if not vs.ready or vs.model is None:
             raise RepositoryError(grpc.StatusCode.UNAVAILABLE,
                                   f"Request for unknown model: '{name}' version {number} is "
                                   "not at ready state")

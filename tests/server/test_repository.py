@@ -25,9 +25,13 @@ class _StubEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.stopped = False
+        self.dead: str | None = None  # what failure() reports
 
     def shutdown(self) -> None:
         self.stopped = True
+
+    def failure(self) -> str | None:
+        return self.dead
 
 
 def _stub_factory(config: EngineConfig, observers: Any = ()) -> tuple[Any, Any]:
@@ -109,6 +113,7 @@ def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
     assert settings.gpu_memory_utilization == 0.5  # an EngineConfig field of its own
     assert settings.enable_chunked_prefill is False
     assert settings.dtype == "auto"  # vLLM's "auto": the engine picks for the device
+    assert settings.tensor_parallel_size == 1
 
 
 def test_gpu_memory_utilization_on_a_cpu_warns(tmp_path: Path,
@@ -132,7 +137,10 @@ def test_device_from_model_json(tmp_path: Path, device: str) -> None:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported"),
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2 is not supported"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be at least 1, got 0"),
+    ({"tensor_parallel_size": 4, "nnodes": 3},
+     "tensor_parallel_size=4 must be a multiple of nnodes=3"),
     ({"dtype": "int8"}, "'dtype' must be one of"),
     ({"block_size": "big"}, "'block_size' must be of type int"),
     ({"block_size": 12}, "block_size must be a positive power of two"),
@@ -144,6 +152,30 @@ def test_bad_engine_settings(tmp_path: Path, values: dict[str, Any], message: st
     with pytest.raises(RepositoryError) as e:
         engine_config(load_config(folder), folder / "1")
     assert message in e.value.message
+
+
+def test_a_dead_engine_makes_its_version_unavailable(tmp_path: Path) -> None:
+    """An engine that can run no more steps (a tensor-parallel worker died) takes its version
+    out of service: UNAVAILABLE with the engine's error, not ready, not served."""
+    _model(tmp_path, "a", [1])
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, "explicit", ["a"], engine_factory=_stub_factory)
+        await repo.start()
+        assert repo.is_ready() and repo.ready_versions("a")
+        repo.get("a").engine.dead = "worker rank 1 was killed"
+        assert repo.index() == [("a", "1", "UNAVAILABLE", "worker rank 1 was killed")]
+        assert not repo.is_ready() and not repo.ready_versions("a") and not repo.all_ready()
+        assert repo.index(ready_only=True) == []
+        for version in ("", "1"):
+            with pytest.raises(RepositoryError) as e:
+                repo.get("a", version)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        await repo.load("a")  # a reload brings a new engine
+        assert repo.is_ready() and repo.get("a").engine.dead is None
+        await repo.shutdown()
+
+    asyncio.run(main())
 
 
 def test_lookups_load_unload_and_index(tmp_path: Path) -> None:

@@ -1,0 +1,119 @@
+"""Where the model runs: one step in, its logits out, whatever the number of devices.
+
+The engine sees an ``Executor``: ``execute(step)``, the facts it plans with (KV blocks,
+vocabulary, positions, window, dtype, family, device) and ``shutdown()``. With one device the
+model and its runner live in the engine's own process (``InProcessExecutor``: nothing spawned,
+no copies); with ``tensor_parallel_size`` N > 1 they live in N worker processes, one per rank
+(``backend.model.multiproc``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+from backend.config import EngineConfig
+from backend.model.base import CausalLM
+from backend.model.batch import ModelInput, ModelOutput
+from backend.model.loader import LoadedModel, load_model
+from backend.model.registry import build_model, family_of
+from backend.model.runner import ModelRunner, num_kv_blocks
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the engine plans with, the same on every rank."""
+
+    family: str
+    num_kv_blocks: int  # blocks of the paged cache (on every rank, each its share of heads)
+    vocab_size: int  # the full vocabulary, whatever the ranks hold
+    max_positions: int
+    sliding_window: int | None  # as ``CausalLM.sliding_window``
+    dtype: torch.dtype
+    device: torch.device  # where the logits come back
+
+
+class ExecutorDied(RuntimeError):
+    """A worker process is gone: the executor runs no more steps."""
+
+
+class Executor(Protocol):
+    facts: ModelFacts
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's (rank 0's) weights are."""
+        ...
+
+    def execute(self, step: ModelInput) -> ModelOutput:
+        """Runs one step (its block copies first); ``ExecutorDied`` if it never can again."""
+        ...
+
+    def failure(self) -> str | None:
+        """Why no step can run any more (a dead worker), or ``None``; never blocks."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stops the workers, if any; idempotent."""
+        ...
+
+
+def model_facts(model: CausalLM, config: PretrainedConfig, num_blocks: int) -> ModelFacts:
+    return ModelFacts(family=family_of(config).name, num_kv_blocks=num_blocks,
+                      vocab_size=model.vocab_size, max_positions=model.max_positions,
+                      sliding_window=model.sliding_window, dtype=model.dtype,
+                      device=torch.device(model.device))
+
+
+class InProcessExecutor:
+    """The model and its paged cache in this process, on one device."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, owns_weights: bool) -> None:
+        self.model = build_model(loaded.config, loaded.weights, config.torch_dtype,
+                                 config.device)
+        # The KV cache is sized from the memory left free: tensors the model replaced (q, k and
+        # v projections fused into one) must be gone by then. A caller's weights are its own.
+        if owns_weights:
+            loaded.weights.clear()
+        if config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        num_blocks = num_kv_blocks(self.model, config)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size,
+                                  config.attention_backend)
+        self.facts = model_facts(self.model, loaded.config, num_blocks)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the weights are on now (read from them, not remembered)."""
+        return self.model.lm_head.device
+
+    def execute(self, step: ModelInput) -> ModelOutput:
+        return self.runner.execute(step)
+
+    def failure(self) -> str | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+def start_executor(config: EngineConfig, loaded: LoadedModel | None
+                   ) -> tuple[Executor, LoadedModel]:
+    """The executor ``config`` asks for, with the model's config and tokenizer for the engine.
+
+    ``loaded`` (a caller's weights, left as they are) or else ``config.model`` read here; with
+    tensor parallelism the workers read the weights themselves and this process only the
+    config and tokenizer.
+    """
+    if config.tensor_parallel_size == 1:
+        owns_weights = loaded is None
+        loaded = loaded or load_model(config.model, config.device, config.torch_dtype)
+        return InProcessExecutor(config, loaded, owns_weights), loaded
+    from backend.model.multiproc import MultiprocExecutor
+
+    described = loaded or load_model(config.model, config.device, config.torch_dtype,
+                                     weights=False)
+    return MultiprocExecutor(config, described.config, loaded), described

@@ -1,0 +1,194 @@
+"""The tensor-parallel executor's driver side: spawns this node's ranks and feeds rank 0.
+
+Ranks are ``torch.multiprocessing`` processes (spawn context, as vLLM's multiprocessing
+executor starts them), running ``backend.model.worker.run_worker``. Every wait of the driver is
+on rank 0's pipe *and* every rank's process sentinel, so a rank that dies (killed, crashed,
+failed to load) raises ``ExecutorDied`` at once, naming its rank, pid and exit code, instead of
+leaving the driver waiting for an answer that cannot come. After that the executor is dead:
+the other ranks are stopped, and every later step raises the same error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from typing import Any, NoReturn
+
+import torch
+from transformers import PretrainedConfig
+
+from backend.config import EngineConfig
+from backend.model.batch import ModelInput, ModelOutput
+from backend.model.executor import ExecutorDied, ModelFacts
+from backend.model.loader import LoadedModel
+from backend.model.parallel import check_tensor_parallel
+from backend.model.worker import SharedModel, StepReply, rendezvous, run_worker
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0  # for ranks to finish after the stop message, before they are killed
+EXIT_REPORT_TIMEOUT_S = 5.0  # for a rank whose pipe closed to be reaped, to report its code
+PEER_EXIT_GRACE_S = 0.5  # after a failed step, for a rank that died to be seen gone
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "is gone"
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class MultiprocExecutor:
+    """``tensor_parallel_size`` ranks in worker processes (this node's share of them)."""
+
+    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig,
+                 loaded: LoadedModel | None) -> None:
+        world = config.tensor_parallel_size
+        check_tensor_parallel(hf_config, world)  # refused here, before anything is spawned
+        if loaded is not None and config.nnodes > 1:
+            raise ValueError("weights passed in memory reach this node's ranks only: with "
+                             f"nnodes={config.nnodes} pass a model path every node can read")
+        rdv = rendezvous(world, config.nnodes, config.device)
+        shared = None if loaded is None else SharedModel(loaded.config, loaded.weights)
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._dead: str | None = None
+        self._stopped = False
+        self._reports: dict[int, str] = {}  # rank -> the error it reported before exiting
+        self._processes: list[Any] = []
+        self._pipes: list[Connection] = []
+        for rank in range(rdv.local_world_size):
+            ours, theirs = ctx.Pipe()
+            process = ctx.Process(target=run_worker,
+                                  args=(rdv, rank, theirs, config if rank == 0 else None,
+                                        shared),
+                                  name=f"pagedserve-tp{rank}", daemon=True)
+            process.start()
+            theirs.close()
+            self._processes.append(process)
+            self._pipes.append(ours)
+        log.info("tensor parallel: %d ranks (%s), pids %s", world, rdv.init_method,
+                 ", ".join(str(p.pid) for p in self._processes))
+        _, facts = self._receive("start-up")
+        self.facts: ModelFacts = replace(facts, device=torch.device(config.device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.facts.device
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """This node's ranks' process ids, in rank order."""
+        return [int(p.pid) for p in self._processes]
+
+    def execute(self, step: ModelInput) -> ModelOutput:
+        if self._dead is not None:
+            raise ExecutorDied(self._dead)
+        try:
+            self._pipes[0].send(step)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            self._die_of_exit("a step")
+        kind, reply = self._receive("a step")
+        assert kind == "step" and isinstance(reply, StepReply)
+        if reply.error is not None:
+            # A peer that died mid-step fails rank 0's collectives: that is the executor's end,
+            # not this step's error (whose requests the engine would retry one by one).
+            if wait([p.sentinel for p in self._processes], timeout=PEER_EXIT_GRACE_S):
+                self._die_of_exit("a step")
+            raise RuntimeError(f"tensor-parallel step failed: {reply.error}")
+        return ModelOutput(reply.seq_ids,
+                           torch.from_numpy(reply.logits).to(self.facts.device),
+                           reply.comm_ns)
+
+    def failure(self) -> str | None:
+        if self._dead is not None or self._stopped:
+            return self._dead
+        gone = wait([p.sentinel for p in self._processes], timeout=0)
+        if not gone:
+            return None
+        return self._describe(self._culprit(gone), "serving", read_report=False)
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._dead is None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError):
+                self._pipes[0].send(None)
+            for p in self._processes:
+                p.join(STOP_TIMEOUT_S)
+        self._stop_all()
+
+    # ---- failure ---------------------------------------------------------------------------
+
+    def _receive(self, phase: str) -> tuple[str, Any]:
+        """Rank 0's next message, or ``ExecutorDied`` as soon as any rank is gone."""
+        pipe = self._pipes[0]
+        ready = wait([pipe, *(p.sentinel for p in self._processes)])
+        if pipe in ready:
+            try:
+                message: tuple[str, Any] = pipe.recv()
+                if message[0] != "failed":
+                    return message
+                # Its own error, or its collectives failing because another rank went first.
+                self._reports[0] = message[1]
+            except EOFError:
+                pass
+        self._die_of_exit(phase)
+
+    def _die_of_exit(self, phase: str) -> NoReturn:
+        """Names the rank that exited and dies of it."""
+        sentinels = [p.sentinel for p in self._processes]
+        gone = wait(sentinels, timeout=EXIT_REPORT_TIMEOUT_S) or sentinels[:1]
+        self._die(self._describe(self._culprit(gone), phase))
+
+    def _culprit(self, gone: list[Any]) -> int:
+        """The rank most likely to have failed first among those gone: one killed by a signal,
+        else one other than rank 0 (whose collectives fail when a peer goes), else rank 0."""
+        ranks = [r for r, p in enumerate(self._processes) if p.sentinel in gone]
+        for r in ranks:
+            self._processes[r].join(EXIT_REPORT_TIMEOUT_S)
+        killed = [r for r in ranks if (self._processes[r].exitcode or 0) < 0]
+        return (killed or [r for r in ranks if r > 0] or ranks)[0]
+
+    def _describe(self, rank: int, phase: str, read_report: bool = True) -> str:
+        """What happened to ``rank``, with the error it reported; ``read_report`` is left off
+        outside the driver's thread, which owns the pipes."""
+        process = self._processes[rank]
+        process.join(EXIT_REPORT_TIMEOUT_S)  # its sentinel closes just before it can be reaped
+        text = (f"tensor-parallel worker rank {rank} (pid {process.pid}) "
+                f"{_exit_text(process.exitcode)} during {phase}")
+        pipe = self._pipes[rank]
+        try:
+            if read_report and rank > 0 and pipe.poll():  # rank 0's are read by _receive
+                kind, reason = pipe.recv()
+                if kind == "failed":
+                    self._reports[rank] = reason
+        except (EOFError, OSError):
+            pass
+        return text + (f": {self._reports[rank]}" if rank in self._reports else "")
+
+    def _die(self, message: str) -> NoReturn:
+        log.error("%s; stopping the other ranks", message)
+        self._dead = message
+        self._stop_all()
+        raise ExecutorDied(message)
+
+    def _stop_all(self) -> None:
+        self._stopped = True
+        for p in self._processes:
+            if p.is_alive():
+                p.terminate()
+        for p in self._processes:
+            p.join(STOP_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for pipe in self._pipes:
+            pipe.close()

@@ -1,0 +1,134 @@
+"""The server with a tensor-parallel model: SmolLM2 over 3 ranks (its 9 query heads and 3 KV
+heads split by 3) streams the single-device greedy text through ``tritonclient``; a rank killed
+mid-request fails that request with an error naming it and takes the server to not-ready;
+SmolLM2 over 2 ranks is refused at load with the numbers that do not divide."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from backend import LLM, SamplingParams
+from tests.server.conftest import (
+    DEFAULT_REPOSITORY,
+    MODEL,
+    ServerHandle,
+    is_final,
+    llm_inputs,
+    start_server,
+    text_of,
+)
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+BAD = "smollm2_tp2"
+DEADLINE_S = 60
+
+
+def _model(repo: Path, name: str, ranks: int) -> None:
+    folder = repo / name
+    (folder / "1").mkdir(parents=True)
+    shutil.copy(DEFAULT_REPOSITORY / MODEL / "config.pbtxt", folder / "config.pbtxt")
+    (folder / "1" / "model.json").write_text(json.dumps({
+        "model": "default", "dtype": "float32", "kv_cache_memory_bytes": 64 * 2**20,
+        "tensor_parallel_size": ranks}))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    repo = tmp_path_factory.mktemp("tp-repository")
+    _model(repo, MODEL, 3)
+    _model(repo, BAD, 2)
+    handle = start_server(repo, "--model-control-mode", "explicit", "--load-model", MODEL)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def client(server: ServerHandle) -> Iterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def _worker_pids(server: ServerHandle) -> list[int]:
+    found = re.search(r"tensor parallel: 3 ranks \(tcp://[^)]*\), pids ([\d, ]+)", server.log())
+    assert found, server.log()
+    return [int(pid) for pid in found.group(1).split(", ")]
+
+
+def _wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {DEADLINE_S} s"
+        time.sleep(0.1)
+
+
+def test_streams_the_single_device_greedy_text(client: grpcclient.InferenceServerClient,
+                                               smollm: Any) -> None:
+    offline = LLM(loaded=smollm, dtype="float32", kv_cache_bytes=64 * 2**20)
+    want = offline.generate([PROMPT], SamplingParams(temperature=0, max_tokens=16),
+                            use_tqdm=False)[0].outputs[0].text
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(MODEL, llm_inputs(PROMPT, 16), request_id="tp")
+    texts = []
+    while True:
+        result, error = results.get(timeout=DEADLINE_S)
+        assert error is None, error
+        texts.append(text_of(result))
+        if is_final(result):
+            break
+    client.stop_stream()
+    assert "".join(texts) == want and len(texts) > 1
+
+
+def test_a_killed_rank_fails_the_request_and_the_readiness(
+        server: ServerHandle, client: grpcclient.InferenceServerClient) -> None:
+    pids = _worker_pids(server)
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(MODEL, llm_inputs(PROMPT, 1500, params={"ignore_eos": True}),
+                              request_id="long")
+    result, error = results.get(timeout=DEADLINE_S)
+    assert error is None and not is_final(result)
+    psutil.Process(pids[1]).send_signal(signal.SIGKILL)
+    reason = rf"rank 1 \(pid {pids[1]}\) was killed by signal 9 \(SIGKILL\)"
+    deadline = time.monotonic() + DEADLINE_S
+    while error is None:
+        result, error = results.get(timeout=max(deadline - time.monotonic(), 0.1))
+    client.stop_stream()
+    assert isinstance(error, InferenceServerException) and re.search(reason, error.message())
+    _wait_for(lambda: not client.is_server_ready(), "ServerReady false")
+    assert not client.is_model_ready(MODEL)
+    assert server.http_get("/v2/health/ready")[0] == 400
+    index = {m.name: m for m in client.get_model_repository_index().models}
+    assert index[MODEL].state == "UNAVAILABLE" and re.search(reason, index[MODEL].reason)
+    _wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), "ranks reaped")
+
+
+def test_a_shape_that_does_not_divide_fails_to_load(
+        server: ServerHandle, client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException,
+                       match=r"tensor_parallel_size=2 does not divide the model: "
+                             r"9 query heads .* 3 KV heads"):
+        client.load_model(BAD)
+    index = {m.name: m for m in client.get_model_repository_index().models}
+    assert index[BAD].state == "UNAVAILABLE" and "9 query heads" in index[BAD].reason
+    process = psutil.Process(server.process.pid)
+    assert server.stop() == 0
+    assert not process.is_running()
