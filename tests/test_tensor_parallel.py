@@ -16,6 +16,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from transformers import AutoModelForCausalLM
 from backend import LLM, EngineConfig, SamplingParams
 from backend.engine.async_engine import AsyncEngine, EngineDead
 from backend.engine.core import EngineCore
+from backend.model.executor import ExecutorDied
 from backend.model.loader import LoadedModel, load_model
 from backend.model.multiproc import MultiprocExecutor
 from tests.conftest import TinyFactory, assert_all_blocks_free, hf_greedy
@@ -181,6 +183,21 @@ def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None
         assert not [pid for pid in pids if psutil.pid_exists(pid)]
     finally:
         engine.shutdown()
+    assert not multiprocessing.active_children()
+
+
+def test_a_rank_that_fails_to_load_fails_the_start(tiny_llama: TinyFactory,
+                                                   tmp_path: Path) -> None:
+    """The driver reads only the config and tokenizer; the ranks read the weights, here cut
+    short: the start fails at once with a rank's own error, nothing left running."""
+    source = tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(ExecutorDied, match=r"tensor-parallel worker rank \d \(pid \d+\) exited "
+                                           r"with code 1 during start-up: \w+Error"):
+        LLM(str(broken), tensor_parallel_size=2)
     assert not multiprocessing.active_children()
 
 
