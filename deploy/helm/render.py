@@ -235,6 +235,8 @@ if __name__ == "__main__":
     if not 1 <= len(arguments) <= 3:
         sys.exit(__doc__)
     chart_dir = Path(arguments[0])
-    for name, text in render_sources(chart_dir, *arguments[1:]).items():
+    release_name = arguments[1] if len(arguments) > 1 else "pagedserve"
+    namespace_name = arguments[2] if len(arguments) > 2 else "default"
+    for name, text in render_sources(chart_dir, release_name, namespace_name).items():
         if text.strip():
             print(f"---\n# Source: {chart_dir.name}/templates/{name}\n{text.strip()}")
