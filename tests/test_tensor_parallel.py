@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,43 @@ def test_a_rank_that_fails_to_load_fails_the_start(tiny_llama: TinyFactory,
                                            r"with code 1 during start-up: \w+Error"):
         LLM(str(broken), tensor_parallel_size=2)
     assert not multiprocessing.active_children()
+
+
+DRIVER = """
+import sys
+from backend import LLM
+llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_cache_bytes=2**22)
+print(*llm.engine.executor.worker_pids, flush=True)
+sys.stdin.read()
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # exited, not yet reaped
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_the_driver_is_killed(tiny_llama: TinyFactory) -> None:
+    path = tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(path)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert driver.stdout is not None
+        pids = [int(pid) for pid in driver.stdout.readline().split()]
+        assert len(pids) == 2 and not any(_gone(pid) for pid in pids)
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, "ranks outlived their driver"
+            time.sleep(0.1)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
 
 
 @pytest.mark.slow
