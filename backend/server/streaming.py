@@ -6,8 +6,9 @@ one write in flight). Decoupled models' responses interleave across requests (cl
 them by ``id``); a non-decoupled model's responses keep request order, as Triton's do. A failed
 request answers with ``error_message`` and the stream stays open. When the stream ends (the
 client cancels or disconnects), every request still running on it is cancelled, which aborts
-it in the engine and returns its KV blocks. When the server's grace period ends, each request
-still running is cancelled and answered with a final error response.
+it in the engine and returns its KV blocks. When the server's grace period ends, the responses
+already queued are written, then each request whose last response was not among them is
+cancelled and answered with a final error response.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -47,6 +49,15 @@ def _error(request: pb.ModelInferRequest, message: str, version: str = "",
     return response
 
 
+@dataclass
+class _Request:
+    """One request of the stream, while its task runs."""
+
+    message: pb.ModelInferRequest
+    version: str = ""  # the model version it resolved to, once it has
+    answered: bool = False  # its last response is on the queue: a cut leaves it alone
+
+
 class StreamHandler:
     """Serves one ``ModelStreamInfer`` call."""
 
@@ -54,7 +65,7 @@ class StreamHandler:
         self.repository = repository
         self.state = state
         self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self.tasks: dict[asyncio.Task[None], pb.ModelInferRequest] = {}
+        self.tasks: dict[asyncio.Task[None], _Request] = {}
         # Requests whose end marker the writer has not consumed yet. The task set empties as
         # tasks finish, possibly while their last responses still wait in the queue behind an
         # earlier marker, so only this count may decide that the stream is done.
@@ -62,13 +73,22 @@ class StreamHandler:
         self._ordered_tail: asyncio.Future[None] | None = None
         self.trace_headers: dict[str, str] | None = None  # the stream's, for every request
 
-    async def _run(self, request: pb.ModelInferRequest) -> None:
+    def _put(self, entry: _Request, response: pb.ModelStreamInferResponse,
+             last: bool = False) -> None:
+        """Queues one of the request's responses; its ``last`` or a final one answers it."""
+        self.queue.put_nowait(response)
+        parameters = response.infer_response.parameters
+        if last or ("triton_final_response" in parameters
+                    and parameters["triton_final_response"].bool_param):
+            entry.answered = True
+
+    async def _run(self, entry: _Request) -> None:
+        request = entry.message
         previous: asyncio.Future[None] | None = None
         mine: asyncio.Future[None] | None = None
-        version = request.model_version
         try:
             model = self.repository.get(request.model_name, request.model_version)
-            version = str(model.version)
+            entry.version = str(model.version)
             if not model.decoupled:
                 previous, mine = self._ordered_tail, asyncio.get_running_loop().create_future()
                 self._ordered_tail = mine
@@ -78,28 +98,41 @@ class StreamHandler:
                 if previous is not None:
                     await previous
                     previous = None
-                self.queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                self._put(entry, pb.ModelStreamInferResponse(infer_response=response))
+            entry.answered = True
         except RepositoryError as e:
-            self.queue.put_nowait(_error(request, e.message))
+            self._put(entry, _error(request, e.message), last=True)
         except InferError as e:
             if previous is not None:
                 await previous
-            self.queue.put_nowait(_error(request, e.message, version, e.started))
+            self._put(entry, _error(request, e.message, entry.version, e.started), last=True)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug must fail the request, never the stream
             log.exception("request %r failed", request.id)
-            self.queue.put_nowait(_error(request, f"internal error: {e}", version, True))
+            self._put(entry, _error(request, f"internal error: {e}", entry.version, True),
+                      last=True)
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
+
+    def _version(self, entry: _Request) -> str:
+        """The model version the request resolved to, or would have: its error names it."""
+        if entry.version:
+            return entry.version
+        try:
+            return str(self.repository.get(entry.message.model_name,
+                                           entry.message.model_version).version)
+        except RepositoryError:
+            return entry.message.model_version
 
     def _start(self, request: pb.ModelInferRequest) -> None:
         if self.state.draining:
             self.queue.put_nowait(_error(request, SHUTTING_DOWN))
             return
-        task = asyncio.create_task(self._run(request))
-        self.tasks[task] = request
+        entry = _Request(request)
+        task = asyncio.create_task(self._run(entry))
+        self.tasks[task] = entry
         self.unfinished += 1
 
         def done(t: asyncio.Task[None]) -> None:
@@ -133,18 +166,30 @@ class StreamHandler:
                 elif item is _TASK_DONE:
                     self.unfinished -= 1
                 elif item is CUT:
-                    cut = list(self.tasks.items())
-                    for task, _ in cut:
-                        task.cancel()
-                    for _, request in cut:
-                        yield _error(request, GRACE_OVER, request.model_version, True)
+                    # Cancelled before anything else runs, the unanswered requests queue
+                    # nothing more, so the queue drains to its end: what is on it is written
+                    # (the last responses of requests that just finished among it), then the
+                    # requests that never got their last response are answered with the error.
+                    # The server stops the stream if this outlasts its CUT_WRITE_SECONDS.
+                    reader.cancel()
+                    cut = [entry for entry in self.tasks.values() if not entry.answered]
+                    for task, entry in self.tasks.items():
+                        if not entry.answered:
+                            task.cancel()
+                    while not self.queue.empty():
+                        item = self.queue.get_nowait()
+                        if isinstance(item, pb.ModelStreamInferResponse):
+                            yield item
+                    for entry in cut:
+                        yield _error(entry.message, GRACE_OVER, self._version(entry), True)
                     return
                 if (reader_done or self.state.draining) and not self.unfinished:
                     return
         finally:
             self.state.close_stream(self.queue)
             reader.cancel()
-            for task in list(self.tasks):
-                task.cancel()
+            for task, entry in self.tasks.items():
+                if not entry.answered:  # an answered one only has its own end left to run
+                    task.cancel()
             if self.tasks:  # let the aborts reach the engine before the handler is gone
                 await asyncio.gather(*self.tasks, return_exceptions=True)
