@@ -36,6 +36,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -634,13 +636,44 @@ def tensor_parallel_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: i
     size = args.tensor_parallel
     if size < 1:
         raise ValueError(f"--tensor-parallel must be at least 1, got {size}")
-    tokenizer = load_model(weights=False).tokenizer
+    described = load_model(weights=False)
+    tokenizer = described.tokenizer
     requests = build_workload(spec, tokenizer, len(tokenizer))
+    with tempfile.TemporaryDirectory(prefix="tp-bench-") as scratch:
+        model = _splittable_model(described, size, Path(scratch))
+        return _tensor_parallel_run(args, spec, repeat, size, model, requests)
+
+
+def _splittable_model(described: Any, size: int, scratch: Path) -> str | None:
+    """The default model where it splits over ``size`` ranks; else (SmolLM2's 9 heads and 3 KV
+    heads split by 3 only) a random-weight Llama of its size and depth with 8 query and 2 KV
+    heads of 64 dims, written under ``scratch``."""
+    from transformers import LlamaForCausalLM
+
+    from backend.model.parallel import check_tensor_parallel
+
+    try:
+        check_tensor_parallel(described.config, size)
+        return None
+    except ValueError as e:
+        print(f"default model: {e}; measuring a random-weight Llama of its size instead "
+              "(8 query heads, 2 KV heads of 64 dims, hidden 512)", flush=True)
+    config = copy.deepcopy(described.config)
+    config.update({"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+                   "hidden_size": 512})
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(config).save_pretrained(scratch)
+    described.tokenizer.save_pretrained(scratch)
+    return str(scratch)
+
+
+def _tensor_parallel_run(args: argparse.Namespace, spec: WorkloadSpec, repeat: int, size: int,
+                         model: str | None, requests: list[Request]) -> int:
     load_before = os.getloadavg()
     results: dict[int, EngineResult] = {}
     outputs: dict[int, list[list[int]]] = {}
     for ranks in dict.fromkeys((1, size)):
-        llm = LLM(**{**ENGINE_ARGS, "tensor_parallel_size": ranks})
+        llm = LLM(model, **{**ENGINE_ARGS, "tensor_parallel_size": ranks})
         try:
             results[ranks], outputs[ranks] = run_engine(llm, requests, repeat)
         finally:
@@ -675,7 +708,8 @@ def tensor_parallel_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: i
         "benchmark": f"throughput --tensor-parallel {size}",
         "timestamp": datetime.now(UTC).isoformat(), "command": sys.orig_argv,
         "git": git_state(), "workload": asdict(spec), "repeat": repeat,
-        "engine_args": ENGINE_ARGS, "engine": {str(n): asdict(r) for n, r in results.items()},
+        "engine_args": ENGINE_ARGS, "model": model or "default",
+        "engine": {str(n): asdict(r) for n, r in results.items()},
         "speed_ratio": ratio, "comm_ms_per_step": comm_ms, "step_ms": step_ms,
         "comm_share_of_step": tp.comm_s / tp.wall_s, "token_agreement": tokens,
         "greedy_agreement": agreement,
