@@ -5,8 +5,10 @@ come from ``ServeOptions``; bad TLS files stop the start before any model loads.
 
 SIGTERM/SIGINT: readiness turns false and new requests are refused with UNAVAILABLE (the gRPC
 port stays open to say so); streams with requests in flight may finish within the grace period,
-idle streams close at once, and the streams still running when it ends are cut; then engines
-stop and the process exits 0.
+idle streams close at once, and the streams still running when it ends are cut (their last
+writes take at most ``CUT_WRITE_SECONDS``); then the gRPC and HTTP servers and the engines stop
+within ``STOP_SECONDS``, or the process exits without waiting for them, and the status is 0.
+From the signal, the exit comes within grace period + ``CUT_WRITE_SECONDS`` + ``STOP_SECONDS``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +47,10 @@ from backend.server.tracing import ServerTracing, parse_trace_config
 log = logging.getLogger("pagedserve")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+# Shutdown bounds, after the grace period: the cut streams' last writes, then everything else
+# (gRPC server, HTTP endpoints, engines, trace export). Deployments budget both (docs/deploy.md).
 CUT_WRITE_SECONDS = 2.0
+STOP_SECONDS = 10.0
 
 
 @dataclass
@@ -178,13 +185,35 @@ async def serve(options: ServeOptions) -> int:
         # Bounded: a moment for each cut request's error to be written before the server stops.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.no_streams.wait(), CUT_WRITE_SECONDS)
-    await server.stop(max(deadline - loop.time(), 0))
-    for _, endpoint in endpoints:
-        endpoint.stop()
-    await repository.shutdown()
-    tracing.shutdown()  # the last requests' spans, exported before the process exits
+    # What is left of the grace period is unary requests' (streams finished early); after it,
+    # STOP_SECONDS bounds the rest. Blocking steps run in threads, so the bound holds for them.
+    grace_left = max(deadline - loop.time(), 0)
+
+    async def stop_all() -> None:
+        await server.stop(grace_left)
+        for _, endpoint in endpoints:
+            await asyncio.to_thread(endpoint.stop)
+        await repository.shutdown()
+        # The last requests' spans, exported before the process exits.
+        await asyncio.to_thread(tracing.shutdown)
+
+    try:
+        await asyncio.wait_for(stop_all(), grace_left + STOP_SECONDS)
+    except TimeoutError:
+        log.error("Shutdown took over %.0f s after the grace period: exiting without waiting "
+                  "for the engines to stop", STOP_SECONDS)
+        _exit_now(0)
     log.info("Server stopped")
     return 0
+
+
+def _exit_now(status: int) -> None:
+    """Exits at once: a step still running in a thread (an engine stopping) would otherwise
+    hold the interpreter's exit, which waits for such threads."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 async def _poll(repository: ModelRepository, interval: float) -> None:
