@@ -54,18 +54,17 @@ def test_smollm_matches_transformers(smollm, prompt_ids, reference, batch_size):
     _check_batches(llm, prompt_ids, reference, batch_size)
 
 
-def test_smollm_small_chunked_prefill(smollm, prompt_ids, reference):
-    llm = LLM(loaded=smollm, kv_cache_bytes=256 * 2**20, max_num_batched_tokens=37)
-    _check_batches(llm, prompt_ids, reference, 32)
-    # The long prompt alone needs many chunks.
-    assert llm.stats().num_steps > len(prompt_ids[LONG_PROMPT]) // 37
-
-
-def test_smollm_preemption_under_small_cache(smollm, prompt_ids, reference):
+def test_smollm_small_chunked_prefill_and_preemption(smollm, prompt_ids, reference):
+    # One pass over the set for both: a 37-token step budget splits every longer prompt into
+    # chunks, and a 64-block cache (the long prompt alone nearly fills it) forces preemptions,
+    # whose sequences are prefilled again in chunks.
     block_bytes = 2 * 30 * 3 * 64 * 4 * 16
-    llm = LLM(loaded=smollm, kv_cache_bytes=64 * block_bytes, max_num_batched_tokens=256)
+    llm = LLM(loaded=smollm, kv_cache_bytes=64 * block_bytes, max_num_batched_tokens=37)
     _check_batches(llm, prompt_ids, reference, 32)
-    assert llm.stats().num_preemptions > 0
+    stats = llm.stats()
+    # The long prompt alone needs many chunks.
+    assert stats.num_steps > len(prompt_ids[LONG_PROMPT]) // 37
+    assert stats.num_preemptions > 0
 
 
 @pytest.mark.slow
