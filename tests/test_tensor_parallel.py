@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM
 from backend import LLM, EngineConfig, SamplingParams
 from backend.engine.async_engine import AsyncEngine, EngineDead
 from backend.engine.core import EngineCore
+from backend.model.batch import ModelInput, SeqChunk
 from backend.model.executor import ExecutorDied
 from backend.model.loader import LoadedModel, load_model
 from backend.model.multiproc import MultiprocExecutor
@@ -184,6 +185,26 @@ def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None
         assert not [pid for pid in pids if psutil.pid_exists(pid)]
     finally:
         engine.shutdown()
+    assert not multiprocessing.active_children()
+
+
+def test_a_failed_step_ends_the_ranks_at_once(tiny_llama: TinyFactory) -> None:
+    """A step that raises on the ranks (a block table past the cache) ends them, rather than
+    leaving them out of step in their collectives: the executor dies naming the rank and its
+    error, within a bounded wait, and later steps fail the same way."""
+    loaded = load_model(str(tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)))
+    executor = MultiprocExecutor(EngineConfig(dtype="float32", kv_cache_bytes=2**20,
+                                              tensor_parallel_size=2), loaded.config, loaded)
+    past = executor.facts.num_kv_blocks + 10
+    step = ModelInput([SeqChunk(0, [5, 6, 7], 0, [past], sample=True)])
+    error = r"tensor-parallel worker rank \d \(pid \d+\) exited with code 1 during a step: "
+    try:
+        with pytest.raises(ExecutorDied, match=error + r"\w+Error"):
+            executor.execute(step)
+        with pytest.raises(ExecutorDied, match=error):
+            executor.execute(ModelInput())
+    finally:
+        executor.shutdown()
     assert not multiprocessing.active_children()
 
 

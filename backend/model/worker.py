@@ -12,11 +12,15 @@ the control group (so ranks on other machines get it as the local ones do); ever
 rank 0 answers with the logits and the time spent communicating. A ``None`` step stops all.
 Rank 0 stops when the driver's pipe closes (the driver died); the others then see their
 collective fail and stop too, and every rank stops when its parent process goes.
+
+A step that raises on any rank ends that rank (after reporting the error on its pipe): the ranks
+would otherwise disagree on which collectives come next, and wait on each other for ever. Its
+peers' collectives then fail, and the driver sees a rank gone.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import socket
 import threading
@@ -37,10 +41,11 @@ from backend.model.parallel import CommStats, ParallelGroup, check_tensor_parall
 from backend.model.registry import build_model
 from backend.model.runner import ModelRunner, num_kv_blocks
 
-log = logging.getLogger(__name__)
-
 # The control group waits for the driver's next step: a server may sit idle for days.
 CONTROL_TIMEOUT = timedelta(days=365)
+# The model's collectives wait only for the peers' share of the same layer, and the rendezvous
+# for the other nodes to start: past this, a rank is stuck, not slow.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 PARENT_POLL_S = 0.5
 
 
@@ -88,12 +93,19 @@ class SharedModel:
 
 @dataclass(frozen=True)
 class StepReply:
-    """Rank 0's answer to a step: ``error`` set, or the logits of the sampling chunks."""
+    """Rank 0's answer to a step: the logits of the sampling chunks."""
 
     seq_ids: list[int]
     logits: Any  # numpy [len(seq_ids), vocab] fp32: pickled by value, not as shared memory
     comm_ns: int
-    error: str | None = None
+
+
+def threads_per_rank(local_world_size: int) -> int:
+    """This node's CPUs shared out among its ranks: the CPUs this process may run on, or
+    ``OMP_NUM_THREADS`` where set (a container's CPU limit, which affinity does not show)."""
+    cpus = os.environ.get("OMP_NUM_THREADS", "")
+    total = int(cpus) if cpus.isdigit() and int(cpus) > 0 else len(os.sched_getaffinity(0))
+    return max(1, total // local_world_size)
 
 
 def _watch_parent() -> None:
@@ -111,9 +123,9 @@ def _watch_parent() -> None:
 def _start(rdv: Rendezvous, rank: int, config: EngineConfig | None,
            shared: SharedModel | None) -> tuple[ModelRunner, ModelFacts, ParallelGroup, Any]:
     local_rank = rank % rdv.local_world_size
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.local_world_size))
+    torch.set_num_threads(threads_per_rank(rdv.local_world_size))
     dist.init_process_group(rdv.backend, init_method=rdv.init_method, rank=rank,
-                            world_size=rdv.world_size)
+                            world_size=rdv.world_size, timeout=COLLECTIVE_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     box: list[Any] = [config]
     dist.broadcast_object_list(box, src=0, group=control)
@@ -155,16 +167,17 @@ def run_worker(rdv: Rendezvous, rank: int, pipe: Connection | None,
     _watch_parent()
     try:
         runner, facts, group, control = _start(rdv, rank, config, shared)
+        if rank == 0:
+            assert pipe is not None
+            pipe.send(("ready", facts))
+            _lead(runner, group, control, pipe)
+        else:
+            _follow(runner, control)
     except BaseException as e:
         if pipe is not None:
-            pipe.send(("failed", f"{type(e).__name__}: {e}"))
+            with contextlib.suppress(OSError):
+                pipe.send(("failed", f"{type(e).__name__}: {e}"))
         raise
-    if rank == 0:
-        assert pipe is not None
-        pipe.send(("ready", facts))
-        _lead(runner, group, control, pipe)
-    else:
-        _follow(runner, control)
     dist.destroy_process_group()
 
 
@@ -180,14 +193,9 @@ def _lead(runner: ModelRunner, group: ParallelGroup, control: Any, pipe: Connect
         if step is None:
             return
         before = group.stats.ns
-        try:
-            out = runner.execute(step)
-            reply = StepReply(out.seq_ids, out.logits.cpu().numpy(),
-                              sent_ns + group.stats.ns - before)
-        except Exception as e:  # this step's failure, reported; the driver decides
-            log.exception("rank 0: step failed")
-            reply = StepReply([], None, 0, f"{type(e).__name__}: {e}")
-        pipe.send(("step", reply))
+        out = runner.execute(step)
+        pipe.send(("step", StepReply(out.seq_ids, out.logits.cpu().numpy(),
+                                     sent_ns + group.stats.ns - before)))
 
 
 def _follow(runner: ModelRunner, control: Any) -> None:
@@ -196,10 +204,7 @@ def _follow(runner: ModelRunner, control: Any) -> None:
         dist.broadcast_object_list(box, src=0, group=control)
         if box[0] is None:
             return
-        try:
-            runner.execute(box[0])
-        except Exception:  # rank 0 fails the same step and reports it
-            log.exception("rank %d: step failed", dist.get_rank())
+        runner.execute(box[0])
 
 
 def run_node(rdv: Rendezvous, node_rank: int) -> int:
