@@ -16,7 +16,7 @@ import asyncio
 import copy
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,15 +82,20 @@ class _VersionState:
     def current(self) -> tuple[str, str]:
         """State and reason now: a READY version whose engine died (a tensor-parallel worker
         gone) is UNAVAILABLE, with the engine's error as the reason."""
-        if self.state == "READY" and self.model is not None:
-            failure = self.model.engine.failure()
-            if failure is not None:
-                return "UNAVAILABLE", failure
+        failure = self.failure()
+        if failure is not None:
+            return "UNAVAILABLE", failure
         return self.state, self.reason
 
     @property
     def ready(self) -> bool:
         return self.current()[0] == "READY"
+
+    def failure(self) -> str | None:
+        """The engine's error when this version was loaded and its engine has died since."""
+        if self.state == "READY" and self.model is not None:
+            return self.model.engine.failure()
+        return None
 
 
 @dataclass
@@ -174,6 +179,7 @@ class ModelRepository:
             raise _unknown_to_load(name)
         state = self._models.setdefault(name, _ModelState())
         async with state.lock:
+            await self._drop_failed(state)
             try:
                 config = load_config(model_dir, config_override)
                 versions = select_versions(config.version_policy, available_versions(model_dir))
@@ -219,6 +225,19 @@ class ModelRepository:
             for old_state in previous.values():
                 if old_state.model is not None:
                     await asyncio.to_thread(old_state.model.engine.shutdown)
+
+    @staticmethod
+    async def _drop_failed(state: _ModelState) -> None:
+        """Stops the engines that died (a tensor-parallel rank gone): a reload then treats
+        their versions as absent, so they neither serve on if it fails nor hold the old
+        error over the load's own."""
+        for version, vs in list(state.versions.items()):
+            failure = vs.failure()
+            if failure is None or vs.model is None:
+                continue
+            state.versions[version] = _VersionState("UNAVAILABLE", failure)
+            log.info("stopping the failed engine of '%s' version %d", vs.model.name, version)
+            await asyncio.to_thread(vs.model.engine.shutdown)
 
     async def unload(self, name: str) -> None:
         """Unloads every version; requests still running on them end with an error.
@@ -290,6 +309,24 @@ class ModelRepository:
         return all(all(vs.ready for vs in s.versions.values()) or
                    all(vs.reason == "unloaded" for vs in s.versions.values())
                    for s in self._models.values())
+
+    def failed_versions(self) -> list[tuple[str, int, str]]:
+        """``(name, version, error)`` of each loaded version whose engine has died since (a
+        tensor-parallel rank gone). Cheap (no I/O, no blocking: read per liveness probe, from
+        the HTTP thread too); copies the dicts it walks, which the event loop may change."""
+        return list(self._failed())
+
+    def is_live(self) -> bool:
+        """False while a loaded version's engine has died: nothing but an unload or a load
+        brings it back, so the server asks to be restarted (its liveness probe fails)."""
+        return next(self._failed(), None) is None
+
+    def _failed(self) -> Iterator[tuple[str, int, str]]:
+        for name, s in sorted(list(self._models.items())):
+            for version, vs in sorted(list(s.versions.items())):
+                failure = vs.failure()
+                if failure is not None:
+                    yield name, version, failure
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The ready version asked for (latest ready when ``version`` is empty or -1)."""

@@ -1,7 +1,8 @@
 """``grpc.health.v1.Health/Check``: the server, or one model by name.
 
 An empty service name (or the inference service's name) answers SERVING while the server is
-live, as Triton does; a model name answers SERVING while a version of it is ready.
+live (not while a loaded version's engine has died) and not draining, as Triton does; a
+model name answers SERVING while a version of it is ready.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 from backend.protocol import health_pb2 as hpb
 from backend.protocol import health_pb2_grpc as hpb_grpc
 from backend.repository import ModelRepository
-from backend.server.state import ServerState
+from backend.server.state import ServerState, server_live
 
 _STATUS = hpb.HealthCheckResponse
 SERVICE_NAMES = ("", "inference.GRPCInferenceService")
@@ -25,7 +26,7 @@ class HealthService(hpb_grpc.HealthServicer):
     async def Check(self, request: hpb.HealthCheckRequest, context: Any
                     ) -> hpb.HealthCheckResponse:
         if request.service in SERVICE_NAMES:
-            serving = self.state.live and not self.state.draining
+            serving = server_live(self.state, self.repository) and not self.state.draining
         elif request.service in self.repository.model_names():
             serving = bool(self.repository.ready_versions(request.service))
         else:

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from backend.repository import ModelRepository
 from backend.server import metrics
 from backend.server.access import Restriction
-from backend.server.state import ServerState
+from backend.server.state import ServerState, server_live
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ class HttpSettings:
 def _handler(repository: ModelRepository, state: ServerState, settings: HttpSettings,
              registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
     routes: dict[str, Callable[[], tuple[int, bytes, str]]] = {
-        "/v2/health/live": lambda: (200 if state.live else 400, b"", "text/plain"),
-        "/v2/health/ready": lambda: (200 if state.live and not state.draining
+        # 400 when not live or not ready, as Triton answers.
+        "/v2/health/live": lambda: (200 if server_live(state, repository) else 400, b"",
+                                    "text/plain"),
+        "/v2/health/ready": lambda: (200 if server_live(state, repository) and not state.draining
                                      and repository.is_ready() else 400, b"", "text/plain"),
         "/metrics": lambda: (200, metrics.render(registry), metrics.CONTENT_TYPE_LATEST),
     }

@@ -14,7 +14,13 @@ from backend.protocol import grpc_service_pb2_grpc as pb_grpc
 from backend.repository import ModelRepository, ModelVersion, RepositoryError
 from backend.repository.names import shown
 from backend.server.inference import Inference, InferError, trace_headers
-from backend.server.state import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ServerState
+from backend.server.state import (
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    ServerState,
+    server_live,
+)
 from backend.server.streaming import SHUTTING_DOWN, StreamHandler
 from backend.server.tracing import ServerTracing, TraceConfigError, check_int, check_level
 from backend.server.wire import PROTOCOL_DTYPES
@@ -58,11 +64,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any
                          ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.state.live)
+        return pb.ServerLiveResponse(live=server_live(self.state, self.repository))
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any
                           ) -> pb.ServerReadyResponse:
-        ready = self.state.live and not self.state.draining and self.repository.is_ready()
+        ready = (server_live(self.state, self.repository) and not self.state.draining
+                 and self.repository.is_ready())
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backend.repository import ModelRepository
 
 SERVER_NAME = "pagedserve"
 SERVER_VERSION = "0.1.0"
@@ -64,3 +68,10 @@ class ServerState:
         else:
             level = logging.CRITICAL
         logging.getLogger().setLevel(level)
+
+
+def server_live(state: ServerState, repository: ModelRepository) -> bool:
+    """Liveness (``ServerLive``, ``/v2/health/live``, the gRPC health check of the server):
+    false while a loaded model version's engine has died (a tensor-parallel rank gone), which
+    only an unload or a reload mends, so that a liveness probe restarts the server."""
+    return state.live and repository.is_live()

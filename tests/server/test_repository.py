@@ -178,6 +178,65 @@ def test_a_dead_engine_makes_its_version_unavailable(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_dead_engine_fails_liveness_until_replaced(tmp_path: Path) -> None:
+    """A dead engine makes the repository not live (nothing else would bring it back: the
+    probe restarts the server); a reload stops it first and serves a new engine, a failed
+    reload reports its own error and leaves nothing of the dead engine serving, an unload
+    makes it live again too."""
+    folder = _model(tmp_path, "a", [1])
+    _model(tmp_path, "b", [1])
+    order: list[str] = []
+
+    def factory(config: EngineConfig, observers: Any = ()) -> tuple[Any, Any]:
+        order.append("build")
+        return _stub_factory(config, observers)
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, "explicit", ["a", "b"], engine_factory=factory)
+        await repo.start()
+        assert repo.is_live() and repo.failed_versions() == []
+        dead = repo.get("a").engine
+        dead.shutdown = lambda: order.append("shutdown")  # type: ignore[method-assign]
+        dead.dead = "worker rank 1 was killed"
+        assert not repo.is_live()
+        assert repo.failed_versions() == [("a", 1, "worker rank 1 was killed")]
+        order.clear()
+        await repo.load("a")
+        assert order == ["shutdown", "build"]  # the dead ranks go before new ones start
+        assert repo.is_live() and repo.is_ready() and repo.get("a").engine is not dead
+
+        dead = repo.get("a").engine
+        dead.dead = "worker rank 2 was killed"
+        assert not repo.is_live()
+        (folder / "1" / "model.json").write_text(json.dumps({"seed": 666}))
+        with pytest.raises(RepositoryError) as e:
+            await repo.load("a")
+        error = "failed to load 'a' version 1: weights not found"
+        assert e.value.message == error and dead.stopped
+        assert repo.index() == [("a", "1", "UNAVAILABLE", error), ("b", "1", "READY", "")]
+        assert repo.is_live() and not repo.is_ready()
+        with pytest.raises(RepositoryError):
+            repo.get("a")
+
+        dead = repo.get("b").engine
+        dead.dead = "worker rank 1 was killed"
+        (tmp_path / "b" / "config.pbtxt").write_text("not a config {")  # fails before engines
+        with pytest.raises(RepositoryError) as e:
+            await repo.load("b")
+        assert dead.stopped and repo.is_live()
+        assert repo.index()[1] == ("b", "", "UNAVAILABLE", e.value.message)
+        assert "failed to parse" in e.value.message
+
+        (folder / "1" / "model.json").write_text("{}")
+        await repo.load("a")
+        repo.get("a").engine.dead = "worker rank 1 was killed"
+        await repo.unload("a")
+        assert repo.is_live() and repo.index()[0] == ("a", "1", "UNAVAILABLE", "unloaded")
+        await repo.shutdown()
+
+    asyncio.run(main())
+
+
 def test_lookups_load_unload_and_index(tmp_path: Path) -> None:
     _model(tmp_path, "a", [1, 2])
     _model(tmp_path, "bad", [1], model_json={"seed": 666})

@@ -1,6 +1,7 @@
 """The server with a tensor-parallel model: SmolLM2 over 3 ranks (its 9 query heads and 3 KV
 heads split by 3) streams the single-device greedy text through ``tritonclient``; a rank killed
-mid-request fails that request with an error naming it and takes the server to not-ready;
+mid-request fails that request with an error naming it and takes the server to not-ready and
+not-live until an unload and a load bring it back;
 SmolLM2 over 2 ranks is refused at load with the numbers that do not divide."""
 
 from __future__ import annotations
@@ -65,9 +66,27 @@ def client(server: ServerHandle) -> Iterator[grpcclient.InferenceServerClient]:
 
 
 def _worker_pids(server: ServerHandle) -> list[int]:
-    found = re.search(r"tensor parallel: 3 ranks \(tcp://[^)]*\), pids ([\d, ]+)", server.log())
+    """The ranks of the engine loaded last."""
+    found = re.findall(r"tensor parallel: 3 ranks \(tcp://[^)]*\), pids ([\d, ]+)",
+                       server.log())
     assert found, server.log()
-    return [int(pid) for pid in found.group(1).split(", ")]
+    return [int(pid) for pid in found[-1].split(", ")]
+
+
+def _stream_text(client: grpcclient.InferenceServerClient, inputs: list[Any],
+                 texts: list[str]) -> str:
+    """Streams one request; ``texts`` gets its responses' texts."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(MODEL, inputs)
+    while True:
+        result, error = results.get(timeout=DEADLINE_S)
+        assert error is None, error
+        texts.append(text_of(result))
+        if is_final(result):
+            break
+    client.stop_stream()
+    return "".join(texts)
 
 
 def _wait_for(condition: Any, what: str) -> None:
@@ -82,18 +101,9 @@ def test_streams_the_single_device_greedy_text(client: grpcclient.InferenceServe
     offline = LLM(loaded=smollm, dtype="float32", kv_cache_bytes=64 * 2**20)
     want = offline.generate([PROMPT], SamplingParams(temperature=0, max_tokens=16),
                             use_tqdm=False)[0].outputs[0].text
-    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(MODEL, llm_inputs(PROMPT, 16), request_id="tp")
-    texts = []
-    while True:
-        result, error = results.get(timeout=DEADLINE_S)
-        assert error is None, error
-        texts.append(text_of(result))
-        if is_final(result):
-            break
-    client.stop_stream()
-    assert "".join(texts) == want and len(texts) > 1
+    texts: list[str] = []
+    inputs = llm_inputs(PROMPT, 16)
+    assert _stream_text(client, inputs, texts) == want and len(texts) > 1
 
 
 def test_a_killed_rank_fails_the_request_and_the_readiness(
@@ -119,6 +129,18 @@ def test_a_killed_rank_fails_the_request_and_the_readiness(
     index = {m.name: m for m in client.get_model_repository_index().models}
     assert index[MODEL].state == "UNAVAILABLE" and re.search(reason, index[MODEL].reason)
     _wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), "ranks reaped")
+    # Not live either: nothing but an unload or a load mends it, so a liveness probe
+    # restarts the server; in explicit mode an unload and a load bring it back.
+    assert not client.is_server_live()
+    assert server.http_get("/v2/health/live")[0] == 400
+    client.unload_model(MODEL)
+    assert client.is_server_live() and server.http_get("/v2/health/live")[0] == 200
+    client.load_model(MODEL)
+    assert client.is_server_live() and server.http_get("/v2/health/live")[0] == 200
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+    assert server.http_get("/v2/health/ready")[0] == 200
+    assert set(_worker_pids(server)).isdisjoint(pids)
+    assert _stream_text(client, llm_inputs(PROMPT, 4), [])
 
 
 def test_a_shape_that_does_not_divide_fails_to_load(
