@@ -108,6 +108,15 @@ class EngineConfig:
             if int(index or 0) >= count:
                 raise ValueError(f"device {self.device!r} is not available: this machine has "
                                  f"{count} CUDA device(s)")
+            local = self.tensor_parallel_size // self.nnodes
+            if local > 1 and index:  # rank r runs on cuda:r: a chosen index would be ignored
+                raise ValueError(f"device {self.device!r}: with tensor_parallel_size="
+                                 f"{self.tensor_parallel_size} the ranks take cuda:0 to "
+                                 f"cuda:{local - 1}; name the device 'cuda'")
+            if local > count:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} over "
+                                 f"nnodes={self.nnodes} needs {local} CUDA devices on this "
+                                 f"machine, it has {count}")
 
     def _check_size_types_and_bounds(self) -> None:
         """Sizes are integers (not bools, not floats) under their upper bounds; the lower bounds
@@ -125,6 +134,16 @@ class EngineConfig:
             fraction = getattr(self, name)
             if isinstance(fraction, bool) or not isinstance(fraction, int | float):
                 raise ValueError(f"{name} must be a number, got {fraction!r}")
+
+    @property
+    def kv_cache_bytes_per_device(self) -> int | None:
+        """What one device must hold of ``kv_cache_bytes``, the engine's total over its ranks:
+        a rank's share on a GPU; on a CPU the share of this machine's ranks, which share its
+        memory."""
+        if self.kv_cache_bytes is None:
+            return None
+        per = self.tensor_parallel_size if self.device.startswith("cuda") else self.nnodes
+        return self.kv_cache_bytes // per
 
     @property
     def resolved_dtype(self) -> str:

@@ -188,6 +188,28 @@ def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None
     assert not multiprocessing.active_children()
 
 
+def test_a_rank_killed_while_idle_stops_the_others(tiny_llama: TinyFactory) -> None:
+    """No request running: the idle engine still sees the death, stops the other rank and
+    reports itself dead, within a bounded wait."""
+    loaded = load_model(str(tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)))
+    engine = AsyncEngine(EngineCore(EngineConfig(dtype="float32", kv_cache_bytes=2**20,
+                                                 tensor_parallel_size=2), loaded))
+    executor = engine.core.executor
+    assert isinstance(executor, MultiprocExecutor)
+    pids = executor.worker_pids
+    try:
+        os.kill(pids[1], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (engine.failure() is None or "during an idle wait" not in engine.failure()
+               or not all(_gone(pid) for pid in pids)):
+            assert time.monotonic() < deadline, (engine.failure(), pids)
+            time.sleep(0.05)
+        assert f"rank 1 (pid {pids[1]}) was killed by signal 9 (SIGKILL)" in engine.failure()
+    finally:
+        engine.shutdown()
+    assert not multiprocessing.active_children()
+
+
 def test_a_failed_step_ends_the_ranks_at_once(tiny_llama: TinyFactory) -> None:
     """A step that raises on the ranks (a block table past the cache) ends them, rather than
     leaving them out of step in their collectives: the executor dies naming the rank and its

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # every output the event loop handles while a step runs would wait up to 5 ms for the GIL (11 ms
 # of time to first token through the gRPC server); 0.5 ms bounds that wait.
 GIL_SWITCH_INTERVAL_S = 0.0005
+# How often an idle core thread looks at its tensor-parallel workers: one that died while no
+# request ran is stopped with the others, and the engine reports itself dead.
+IDLE_CHECK_S = 1.0
 
 
 @dataclass
@@ -213,6 +216,14 @@ class AsyncEngine:
                 self._deliver(command.request_id, output)
         return True
 
+    def _check_executor(self) -> None:
+        try:
+            self.core.check_executor()
+        except ExecutorDied as e:
+            if self._failure is None:
+                self._failure = str(e)
+                log.error("engine is dead: %s", e)
+
     def _loop(self) -> None:
         self.core.make_device_current()
         running = True
@@ -221,13 +232,15 @@ class AsyncEngine:
                 # Block only when there is nothing to do; otherwise drain and go on stepping.
                 block = not self.core.has_unfinished_requests
                 while True:
-                    command = self._commands.get(block=block)
+                    command = self._commands.get(block=block, timeout=IDLE_CHECK_S)
                     block = False
                     if not self._apply(command):
                         running = False
                         break
             except queue.Empty:
-                pass
+                if block:  # idle: nothing to step, but a worker that died must be seen
+                    self._check_executor()
+                    continue
             if not running:
                 break
             try:

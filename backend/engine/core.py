@@ -172,6 +172,11 @@ class EngineCore:
         """Why the engine can take no more steps (a tensor-parallel worker died), or None."""
         return self.executor.failure()
 
+    def check_executor(self) -> None:
+        """``ExecutorDied`` if a tensor-parallel worker is gone (the others are stopped then):
+        for the engine's thread while it has no step to run."""
+        self.executor.check()
+
     def shutdown(self) -> None:
         """Flushes the observers (buffered spans) and stops the executor's workers; the engine
         takes no more steps after it."""
@@ -462,11 +467,11 @@ class EngineCore:
         for request, chunks in parts.items():
             try:
                 done.append(self.executor.execute(ModelInput(chunks, copies)))
+                copies = []  # made: the later parts read them
             except ExecutorDied:
                 raise
             except Exception as e:
                 failed[request] = e
-            copies = []
         if not done:
             return ModelOutput([], torch.empty(0, self.vocab_size)), failed
         return ModelOutput([i for d in done for i in d.seq_ids],

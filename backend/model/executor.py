@@ -32,7 +32,6 @@ class ModelFacts:
     vocab_size: int  # the full vocabulary, whatever the ranks hold
     max_positions: int
     sliding_window: int | None  # as ``CausalLM.sliding_window``
-    dtype: torch.dtype
     device: torch.device  # where the logits come back
 
 
@@ -56,6 +55,11 @@ class Executor(Protocol):
         """Why no step can run any more (a dead worker), or ``None``; never blocks."""
         ...
 
+    def check(self) -> None:
+        """``ExecutorDied`` if a worker is gone, after stopping the others: called by the
+        thread that runs the steps while it has none to run."""
+        ...
+
     def shutdown(self) -> None:
         """Stops the workers, if any; idempotent."""
         ...
@@ -64,7 +68,7 @@ class Executor(Protocol):
 def model_facts(model: CausalLM, config: PretrainedConfig, num_blocks: int) -> ModelFacts:
     return ModelFacts(family=family_of(config).name, num_kv_blocks=num_blocks,
                       vocab_size=model.vocab_size, max_positions=model.max_positions,
-                      sliding_window=model.sliding_window, dtype=model.dtype,
+                      sliding_window=model.sliding_window,
                       device=torch.device(model.device))
 
 
@@ -95,6 +99,9 @@ class InProcessExecutor:
 
     def failure(self) -> str | None:
         return None
+
+    def check(self) -> None:
+        pass
 
     def shutdown(self) -> None:
         pass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
@@ -62,20 +63,27 @@ class MultiprocExecutor:
         self._reports: dict[int, str] = {}  # rank -> the error it reported before exiting
         self._processes: list[Any] = []
         self._pipes: list[Connection] = []
-        for rank in range(rdv.local_world_size):
-            ours, theirs = ctx.Pipe()
-            process = ctx.Process(target=run_worker,
-                                  args=(rdv, rank, theirs, config if rank == 0 else None,
-                                        shared),
-                                  name=f"pagedserve-tp{rank}", daemon=True)
-            process.start()
-            theirs.close()
-            self._processes.append(process)
-            self._pipes.append(ours)
-        log.info("tensor parallel: %d ranks (%s), pids %s", world, rdv.init_method,
-                 ", ".join(str(p.pid) for p in self._processes))
-        _, facts = self._receive("start-up")
-        self.facts: ModelFacts = replace(facts, device=torch.device(config.device))
+        # Every node's ranks run the dtype the driver chose, whatever "auto" means on theirs.
+        config = replace(config, dtype=config.resolved_dtype)
+        try:
+            for rank in range(rdv.local_world_size):
+                ours, theirs = ctx.Pipe()
+                process = ctx.Process(target=run_worker,
+                                      args=(rdv, rank, theirs, config if rank == 0 else None,
+                                            shared),
+                                      name=f"pagedserve-tp{rank}", daemon=True)
+                self._pipes.append(ours)
+                process.start()
+                theirs.close()
+                self._processes.append(process)
+            log.info("tensor parallel: %d ranks (%s), pids %s", world, rdv.init_method,
+                     ", ".join(str(p.pid) for p in self._processes))
+            _, facts = self._receive("start-up")
+        except BaseException:  # whatever failed the start, no rank outlives it
+            self._stop_all()
+            raise
+        # The sampler runs here on the CPU: the driver takes no memory of the ranks' devices.
+        self.facts: ModelFacts = replace(facts, device=torch.device("cpu"))
 
     @property
     def device(self) -> torch.device:
@@ -93,19 +101,38 @@ class MultiprocExecutor:
             self._pipes[0].send(step)
         except (BrokenPipeError, ConnectionResetError, EOFError):
             self._die_of_exit("a step")
-        kind, reply = self._receive("a step")
+        try:
+            kind, reply = self._receive("a step")
+        except ExecutorDied:
+            raise
+        except BaseException as e:
+            # Interrupted between a step and its answer (Ctrl-C, a broken reply): the answer
+            # would be read as the next step's, so the ranks cannot be used again.
+            self._die(f"tensor-parallel step interrupted: {type(e).__name__}: {e}")
         assert kind == "step" and isinstance(reply, StepReply)
         return ModelOutput(reply.seq_ids,
                            torch.from_numpy(reply.logits).to(self.facts.device),
                            reply.comm_ns)
 
     def failure(self) -> str | None:
+        """Never blocks and never reaps (any thread may ask): ``check`` does, on the thread
+        that owns the ranks."""
         if self._dead is not None or self._stopped:
             return self._dead
         gone = wait([p.sentinel for p in self._processes], timeout=0)
         if not gone:
             return None
-        return self._describe(self._culprit(gone), "serving", read_report=False)
+        rank = next(r for r, p in enumerate(self._processes) if p.sentinel in gone)
+        return (f"tensor-parallel worker rank {rank} (pid {self._processes[rank].pid}) "
+                "is gone")
+
+    def check(self) -> None:
+        """Raises ``ExecutorDied`` (stopping the other ranks) if a rank is gone: for the
+        engine's thread while it has no step to run."""
+        if self._dead is not None:
+            raise ExecutorDied(self._dead)
+        if not self._stopped and wait([p.sentinel for p in self._processes], timeout=0):
+            self._die_of_exit("an idle wait")
 
     def shutdown(self) -> None:
         if self._stopped:
@@ -114,8 +141,7 @@ class MultiprocExecutor:
         if self._dead is None:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError):
                 self._pipes[0].send(None)
-            for p in self._processes:
-                p.join(STOP_TIMEOUT_S)
+            self._join_all()
         self._stop_all()
 
     # ---- failure ---------------------------------------------------------------------------
@@ -150,16 +176,15 @@ class MultiprocExecutor:
         killed = [r for r in ranks if (self._processes[r].exitcode or 0) < 0]
         return (killed or [r for r in ranks if r > 0] or ranks)[0]
 
-    def _describe(self, rank: int, phase: str, read_report: bool = True) -> str:
-        """What happened to ``rank``, with the error it reported; ``read_report`` is left off
-        outside the driver's thread, which owns the pipes."""
+    def _describe(self, rank: int, phase: str) -> str:
+        """What happened to ``rank``, with the error it reported."""
         process = self._processes[rank]
         process.join(EXIT_REPORT_TIMEOUT_S)  # its sentinel closes just before it can be reaped
         text = (f"tensor-parallel worker rank {rank} (pid {process.pid}) "
                 f"{_exit_text(process.exitcode)} during {phase}")
         pipe = self._pipes[rank]
         try:
-            if read_report and rank > 0 and pipe.poll():  # rank 0's are read by _receive
+            if rank > 0 and pipe.poll():  # rank 0's are read by _receive
                 kind, reason = pipe.recv()
                 if kind == "failed":
                     self._reports[rank] = reason
@@ -173,13 +198,19 @@ class MultiprocExecutor:
         self._stop_all()
         raise ExecutorDied(message)
 
+    def _join_all(self) -> None:
+        """Waits for every rank to exit, all within one ``STOP_TIMEOUT_S``."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in self._processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+
     def _stop_all(self) -> None:
         self._stopped = True
         for p in self._processes:
             if p.is_alive():
                 p.terminate()
+        self._join_all()
         for p in self._processes:
-            p.join(STOP_TIMEOUT_S)
             if p.is_alive():
                 p.kill()
                 p.join()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -64,22 +65,23 @@ class Rendezvous:
 
 
 def rendezvous(world_size: int, nnodes: int, device: str) -> Rendezvous:
-    """The rendezvous from ``MASTER_ADDR`` / ``MASTER_PORT`` (on one node: 127.0.0.1 and a
-    free port where they are not set; several nodes must name them)."""
+    """Where the ranks meet: on one node, loopback and a free port of its own (engines in one
+    process, or a cluster's ``MASTER_PORT`` set for something else, must not share a store);
+    across nodes, ``MASTER_ADDR`` and ``MASTER_PORT``, which must be set."""
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if nnodes == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return Rendezvous(f"tcp://127.0.0.1:{port}", world_size, nnodes, backend)
     addr = os.environ.get("MASTER_ADDR")
-    port = os.environ.get("MASTER_PORT")
-    if nnodes > 1 and not (addr and port):
+    port_text = os.environ.get("MASTER_PORT")
+    if not (addr and port_text):
         raise ValueError(f"nnodes={nnodes} needs MASTER_ADDR and MASTER_PORT set to the head "
                          "node's address and a free port on it")
-    addr = addr or "127.0.0.1"
-    if not port:
-        with socket.socket() as s:
-            s.bind((addr, 0))
-            port = str(s.getsockname()[1])
-    elif not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"MASTER_PORT must be a port number, got {port!r}")
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    return Rendezvous(f"tcp://{addr}:{port}", world_size, nnodes, backend)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"MASTER_PORT must be a port number, got {port_text!r}")
+    return Rendezvous(f"tcp://{addr}:{port_text}", world_size, nnodes, backend)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ def _start(rdv: Rendezvous, rank: int, config: EngineConfig | None,
     # This process's references to the whole tensors (its own copy of the dict, even of
     # shared ones): the shard keeps what it needs, and the cache is sized after they go.
     weights.clear()
+    # Free memory is read once every rank of this node has let its full weights go.
+    dist.barrier(group=control)
     blocks = torch.tensor([num_kv_blocks(model, config)], dtype=torch.long)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
     runner = ModelRunner(model, int(blocks.item()), config.block_size,
@@ -165,6 +169,9 @@ def run_worker(rdv: Rendezvous, rank: int, pipe: Connection | None,
     also carries the steps); ``config`` is rank 0's, the others receive it.
     """
     _watch_parent()
+    # Ctrl-C reaches the whole process group: the driver decides (a server drains first), and
+    # stops the ranks itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         runner, facts, group, control = _start(rdv, rank, config, shared)
         if rank == 0:

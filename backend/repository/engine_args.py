@@ -169,9 +169,13 @@ def engine_config(config: mc.ModelConfig, version_dir: Path,
                         "takes kv_cache_memory_fraction (%s) of the memory free after the "
                         "weights load", config.name, written_as["gpu_memory_utilization"],
                         engine.kv_cache_memory_fraction)
-        if engine.kv_cache_bytes is not None:  # refused here, before any weights load
-            check_kv_cache_bytes(engine.kv_cache_bytes, engine.device,
-                                 written_as.get("kv_cache_bytes", "kv_cache_bytes"))
+        per_device = engine.kv_cache_bytes_per_device
+        if per_device is not None:  # refused here, before any weights load
+            setting = written_as.get("kv_cache_bytes", "kv_cache_bytes")
+            if per_device != engine.kv_cache_bytes:
+                holder = "a rank" if engine.device.startswith("cuda") else "this node"
+                setting = f"{holder}'s share of {setting}"
+            check_kv_cache_bytes(per_device, engine.device, setting)
     except (TypeError, ValueError) as e:
         message = str(e)
         for target, key in written_as.items():  # name the setting as the config wrote it
@@ -185,7 +189,8 @@ def engine_config(config: mc.ModelConfig, version_dir: Path,
 
 def check_kv_cache_total(name: str, configs: list[EngineConfig]) -> None:
     """The versions of one model run side by side: their KV caches must fit together too."""
-    sized = [c.kv_cache_bytes for c in configs if c.kv_cache_bytes is not None]
+    sized = [c.kv_cache_bytes_per_device for c in configs
+             if c.kv_cache_bytes_per_device is not None]
     if len(sized) < 2:
         return
     try:
