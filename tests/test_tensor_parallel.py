@@ -156,8 +156,8 @@ def test_nnodes_must_divide_the_ranks() -> None:
 
 def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None:
     """SIGKILL to rank 1 mid-request: the request fails naming the rank, pid and signal, the
-    engine refuses new requests with that error, and no rank is left running. Weights passed
-    in memory reach the ranks shared, not copied."""
+    engine refuses new requests with that error, and no rank is left running (the weights
+    reach the ranks from the caller's memory, not from a path)."""
     loaded = load_model(str(tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)))
     engine = AsyncEngine(EngineCore(EngineConfig(dtype="float32", kv_cache_bytes=2**22,
                                                  tensor_parallel_size=2), loaded))
