@@ -11,7 +11,8 @@ def _generate(args: argparse.Namespace) -> int:
     from backend import LLM, SamplingParams
 
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb * 2**20,
-              tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes)
+              tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
+              quantization=args.quantization)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt as a user message in the model's chat template")
     gen.add_argument("--kv-cache-mb", type=int, default=512)
+    gen.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                     help="weight-only quantization of the projections (CPU)")
     _add_parallel(gen)
     gen.set_defaults(run=_generate)
     worker = commands.add_parser("worker", help="run this node's tensor-parallel ranks of an "

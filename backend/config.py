@@ -9,6 +9,7 @@ import torch
 
 from backend.model.dtypes import DTYPES, auto_dtype
 from kernels.dispatch import BACKENDS, ENV_VAR
+from kernels.quant_linear import QUANTIZATIONS
 
 # Upper bounds far beyond any real deployment: past them a size is a typo or an attack (a
 # load override), and tables and budgets would be sized from it.
@@ -61,6 +62,10 @@ class EngineConfig:
     # others join from ``python -m backend worker`` on the other nodes (docs/tensor-parallel.md).
     tensor_parallel_size: int = 1
     nnodes: int = 1
+    # Weight-only quantization of every projection and the output projection (vLLM's name):
+    # None (the model's dtype), "int8" (per output channel) or "int4" (per group of 32 inputs),
+    # on CPUs (kernels.quant_linear).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
@@ -94,7 +99,21 @@ class EngineConfig:
         if self.tensor_parallel_size % self.nnodes:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be a "
                              f"multiple of nnodes={self.nnodes} (the same ranks on every node)")
+        self._check_quantization()
         self._check_device()
+
+    def _check_quantization(self) -> None:
+        """One of ``QUANTIZATIONS``, on the CPU: checked before the device, so that a CUDA
+        device is refused for quantization whether or not this machine has one."""
+        if self.quantization is None:
+            return
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of "
+                             f"{', '.join(repr(q) for q in QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
+        if self.device != "cpu":  # the packed kernels are torch's CPU ones
+            raise ValueError(f"quantization={self.quantization!r} runs on the CPU only, "
+                             f"got device {self.device!r}")
 
     def _check_device(self) -> None:
         """``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where one exists: refused

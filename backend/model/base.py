@@ -10,6 +10,7 @@ import torch
 from transformers import PretrainedConfig
 
 from kernels.attention import AttentionMetadata
+from kernels.quant_linear import Weight
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -27,7 +28,7 @@ class CausalLM(Protocol):
     # Every layer attends over at most this many trailing tokens (None: some layer sees all):
     # blocks wholly before a sequence's window can be released.
     sliding_window: int | None
-    lm_head: torch.Tensor  # under tensor parallelism, this rank's rows of it
+    lm_head: Weight  # under tensor parallelism, this rank's rows of it
     vocab_size: int  # the scores ``logits`` returns per row: the whole vocabulary
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],

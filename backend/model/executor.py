@@ -77,7 +77,7 @@ class InProcessExecutor:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel, owns_weights: bool) -> None:
         self.model = build_model(loaded.config, loaded.weights, config.torch_dtype,
-                                 config.device)
+                                 config.device, quantization=config.quantization)
         # The KV cache is sized from the memory left free: tensors the model replaced (q, k and
         # v projections fused into one) must be gone by then. A caller's weights are its own.
         if owns_weights:

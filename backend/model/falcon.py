@@ -28,6 +28,7 @@ from backend.model.parallel import ParallelGroup, check_tensor_parallel
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 from kernels.linear import linear
 from kernels.norm import add_layer_norm
+from kernels.quant_linear import Weight, maybe_quantize
 from kernels.rotary import rotary_write_kv
 
 Norm = tuple[torch.Tensor, torch.Tensor | None]
@@ -76,9 +77,13 @@ class FalconLayer:
     """One decoder layer: attention and GELU MLP behind LayerNorms, parallel or sequential."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
-                 head_dim: int, slopes: torch.Tensor | None) -> None:
+                 head_dim: int, slopes: torch.Tensor | None, quantization: str | None = None
+                 ) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
+
+        def projection(name: str) -> Weight:
+            return maybe_quantize(w(name), quantization)
 
         def maybe(name: str) -> torch.Tensor | None:
             return weights.get(f"{prefix}.{name}")
@@ -93,14 +98,15 @@ class FalconLayer:
         self.eps = config.layer_norm_epsilon
         # transformers adds the bias before scaling the scores: the slopes scale with them.
         self.alibi_slopes = None if slopes is None else slopes * self.scale
-        self.qkv = _split_fused_qkv(w("self_attention.query_key_value.weight"), config, head_dim)
+        self.qkv = maybe_quantize(_split_fused_qkv(w("self_attention.query_key_value.weight"),
+                                                   config, head_dim), quantization)
         bias = maybe("self_attention.query_key_value.bias")
         self.qkv_bias = None if bias is None else _split_fused_qkv(bias, config, head_dim)
-        self.dense = w("self_attention.dense.weight")
+        self.dense = projection("self_attention.dense.weight")
         self.dense_bias = maybe("self_attention.dense.bias")
-        self.up = w("mlp.dense_h_to_4h.weight")
+        self.up = projection("mlp.dense_h_to_4h.weight")
         self.up_bias = maybe("mlp.dense_h_to_4h.bias")
-        self.down = w("mlp.dense_4h_to_h.weight")
+        self.down = projection("mlp.dense_4h_to_h.weight")
         self.down_bias = maybe("mlp.dense_4h_to_h.bias")
         self.mlp_norm: Norm | None = None  # the MLP's own norm, when it has one
         self.sequential = False
@@ -159,7 +165,8 @@ class FalconModel:
 
     def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype, device: str = "cpu",
-                 parallel: ParallelGroup | None = None) -> None:
+                 parallel: ParallelGroup | None = None, quantization: str | None = None
+                 ) -> None:
         # Its layers do not shard: one rank only.
         check_tensor_parallel(config, 1 if parallel is None else parallel.world_size)
         weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
@@ -172,12 +179,13 @@ class FalconModel:
         self.max_positions = config.max_position_embeddings
         slopes = alibi_slopes(config.num_attention_heads).to(device) if config.alibi else None
         self.embed = weights["transformer.word_embeddings.weight"]
-        self.layers = [FalconLayer(weights, f"transformer.h.{i}", config, self.head_dim, slopes)
+        self.layers = [FalconLayer(weights, f"transformer.h.{i}", config, self.head_dim, slopes,
+                                   quantization)
                        for i in range(self.num_layers)]
         self.final_norm: Norm = (weights["transformer.ln_f.weight"],
                                  weights.get("transformer.ln_f.bias"))
         self.eps = config.layer_norm_epsilon
-        self.lm_head = tied_lm_head(config, weights, self.embed)
+        self.lm_head = maybe_quantize(tied_lm_head(config, weights, self.embed), quantization)
         self.vocab_size = int(self.lm_head.shape[0])
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None

@@ -15,6 +15,10 @@ Under tensor parallelism (a :class:`~backend.model.parallel.ParallelGroup` of mo
 rank) the weights are sliced at load and the layers run unchanged on the smaller shards: this
 rank's q, k and v heads, its share of the MLP width and of the vocabulary; the attention output
 and down projections sum their partial products over the group.
+
+With a ``quantization`` (``"int8"``, ``"int4"``) every projection and the output projection are
+quantized as the model is built (after slicing, under tensor parallelism) and run on the packed
+kernels of :mod:`kernels.quant_linear`; the embeddings and norms keep the model's dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from backend.model.parallel import (
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.linear import linear, silu_gated
 from kernels.norm import add_rms_norm
+from kernels.quant_linear import Weight, maybe_quantize
 from kernels.rotary import rotary_write_kv
 
 __all__ = ["KVCache", "LlamaLayer", "LlamaModel", "rotary_tables", "shard_weights"]
@@ -90,9 +95,13 @@ class LlamaLayer:
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
                  head_dim: int, sliding_window: int | None = None,
-                 parallel: ParallelGroup | None = None) -> None:
+                 parallel: ParallelGroup | None = None, quantization: str | None = None
+                 ) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
+
+        def projection(name: str) -> Weight:
+            return maybe_quantize(w(name), quantization)
 
         def maybe(name: str) -> torch.Tensor | None:
             return weights.get(f"{prefix}.{name}")
@@ -109,18 +118,19 @@ class LlamaLayer:
         self.k_norm = maybe("self_attn.k_norm.weight")
         self.input_norm = w("input_layernorm.weight")
         self.post_attention_norm = w("post_attention_layernorm.weight")
-        self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-                              w("self_attn.v_proj.weight")])
+        self.qkv = maybe_quantize(torch.cat([w("self_attn.q_proj.weight"),
+                                             w("self_attn.k_proj.weight"),
+                                             w("self_attn.v_proj.weight")]), quantization)
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
         self.qkv_bias = (torch.cat(biases)  # type: ignore[arg-type]
                          if all(b is not None for b in biases) else None)
-        self.o_proj = w("self_attn.o_proj.weight")
+        self.o_proj = projection("self_attn.o_proj.weight")
         self.o_bias = maybe("self_attn.o_proj.bias")
-        self.gate = w("mlp.gate_proj.weight")
+        self.gate = projection("mlp.gate_proj.weight")
         self.gate_bias = maybe("mlp.gate_proj.bias")
-        self.up = w("mlp.up_proj.weight")
+        self.up = projection("mlp.up_proj.weight")
         self.up_bias = maybe("mlp.up_proj.bias")
-        self.down = w("mlp.down_proj.weight")
+        self.down = projection("mlp.down_proj.weight")
         self.down_bias = maybe("mlp.down_proj.bias")
 
     def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
@@ -149,12 +159,14 @@ class LlamaModel:
 
     With a ``parallel`` group of more than one rank it holds this rank's shards only, and
     ``num_kv_heads`` is this rank's share (its part of the paged KV cache); ``logits`` still
-    gives every rank the whole vocabulary.
+    gives every rank the whole vocabulary. With a ``quantization`` the projections hold their
+    quantized weights only.
     """
 
     def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype, device: str = "cpu",
-                 parallel: ParallelGroup | None = None) -> None:
+                 parallel: ParallelGroup | None = None, quantization: str | None = None
+                 ) -> None:
         self.parallel = parallel if parallel is not None and parallel.world_size > 1 else None
         if self.parallel is not None:
             check_tensor_parallel(config, self.parallel.world_size)
@@ -175,11 +187,11 @@ class LlamaModel:
         windows = layer_windows(config)
         self.sliding_window = common_window(windows)
         self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim, windows[i],
-                                  self.parallel)
+                                  self.parallel, quantization)
                        for i in range(self.num_layers)]
         self.norm = weights["model.norm.weight"]
         self.eps = config.rms_norm_eps
-        self.lm_head = tied_lm_head(config, weights, self.embed)
+        self.lm_head = maybe_quantize(tied_lm_head(config, weights, self.embed), quantization)
         self.max_positions = config.max_position_embeddings
         cos, sin = rotary_tables(config, self.head_dim, self.max_positions, dtype)
         self.cos, self.sin = cos.to(device), sin.to(device)

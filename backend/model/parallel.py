@@ -19,6 +19,7 @@ import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from kernels.linear import linear
+from kernels.quant_linear import Weight
 
 # The model types whose layers shard (``backend.model.llama`` serves them all).
 SHARDED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -113,7 +114,7 @@ def all_gather_last_dim(x: torch.Tensor, pg: ParallelGroup) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def row_parallel_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
                         pg: ParallelGroup | None) -> torch.Tensor:
     """``x @ weight.T + bias`` where ``x`` and ``weight`` hold this rank's share of the input
     features: the partial products are summed over the group, and the bias added once."""

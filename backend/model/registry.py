@@ -19,7 +19,7 @@ from backend.model.llama import LlamaModel
 from backend.model.parallel import ParallelGroup
 
 ModelBuilder = Callable[[PretrainedConfig, dict[str, torch.Tensor], torch.dtype, str,
-                         ParallelGroup | None], CausalLM]
+                         ParallelGroup | None, str | None], CausalLM]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,11 @@ def family_of(config: PretrainedConfig) -> Family:
 
 
 def build_model(config: PretrainedConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: str = "cpu", parallel: ParallelGroup | None = None) -> CausalLM:
+                device: str = "cpu", parallel: ParallelGroup | None = None,
+                quantization: str | None = None) -> CausalLM:
     """The engine's implementation of the model ``config`` describes, holding ``weights``: with
     a ``parallel`` group of more than one rank, only this rank's shards of them (a shape that
-    does not split over the group is refused with ``ValueError`` naming the numbers)."""
-    return family_of(config).build(config, weights, dtype, device, parallel)
+    does not split over the group is refused with ``ValueError`` naming the numbers); with a
+    ``quantization`` (``"int8"``, ``"int4"``), its projections quantized (a shape the kernel
+    cannot take is refused with ``ValueError`` naming it)."""
+    return family_of(config).build(config, weights, dtype, device, parallel, quantization)

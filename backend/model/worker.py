@@ -148,7 +148,8 @@ def _start(rdv: Rendezvous, rank: int, config: EngineConfig | None,
         hf_config, weights = loaded.config, loaded.weights
     check_tensor_parallel(hf_config, rdv.world_size)
     group = ParallelGroup(rank, rdv.world_size, dist.group.WORLD, CommStats())
-    model = build_model(hf_config, weights, config.torch_dtype, config.device, parallel=group)
+    model = build_model(hf_config, weights, config.torch_dtype, config.device, parallel=group,
+                        quantization=config.quantization)
     # This process's references to the whole tensors (its own copy of the dict, even of
     # shared ones): the shard keeps what it needs, and the cache is sized after they go.
     weights.clear()
