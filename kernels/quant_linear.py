@@ -138,7 +138,9 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | 
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight.packed, weight.group_size,
                                                          weight.scales_and_zeros)
         if out.shape[1] != weight.out_features:
-            out = out[:, : weight.out_features]
+            # The padding rows cut, contiguous as a plain projection's result (the C kernels
+            # that read it next take rows back to back).
+            out = out[:, : weight.out_features].contiguous()
     out = out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 
