@@ -154,16 +154,21 @@ def test_nnodes_must_divide_the_ranks() -> None:
         EngineConfig(tensor_parallel_size=3, nnodes=2)
 
 
-def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None:
-    """SIGKILL to rank 1 mid-request: the request fails naming the rank, pid and signal, the
-    engine refuses new requests with that error, and no rank is left running (the weights
-    reach the ranks from the caller's memory, not from a path)."""
+def _two_rank_engine(tiny_llama: TinyFactory) -> tuple[AsyncEngine, list[int]]:
+    """An async engine over 2 ranks of a tiny model, with its ranks' pids."""
     loaded = load_model(str(tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)))
     engine = AsyncEngine(EngineCore(EngineConfig(dtype="float32", kv_cache_bytes=2**22,
                                                  tensor_parallel_size=2), loaded))
     executor = engine.core.executor
     assert isinstance(executor, MultiprocExecutor)
-    pids = executor.worker_pids
+    return engine, executor.worker_pids
+
+
+def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None:
+    """SIGKILL to rank 1 mid-request: the request fails naming the rank, pid and signal, the
+    engine refuses new requests with that error, and no rank is left running (the weights
+    reach the ranks from the caller's memory, not from a path)."""
+    engine, pids = _two_rank_engine(tiny_llama)
     error = rf"rank 1 \(pid {pids[1]}\) was killed by signal 9 \(SIGKILL\)"
 
     async def scenario() -> None:
@@ -191,12 +196,7 @@ def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None
 def test_a_rank_killed_while_idle_stops_the_others(tiny_llama: TinyFactory) -> None:
     """No request running: the idle engine still sees the death, stops the other rank and
     reports itself dead, within a bounded wait."""
-    loaded = load_model(str(tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)))
-    engine = AsyncEngine(EngineCore(EngineConfig(dtype="float32", kv_cache_bytes=2**20,
-                                                 tensor_parallel_size=2), loaded))
-    executor = engine.core.executor
-    assert isinstance(executor, MultiprocExecutor)
-    pids = executor.worker_pids
+    engine, pids = _two_rank_engine(tiny_llama)
     try:
         os.kill(pids[1], signal.SIGKILL)
         deadline = time.monotonic() + 60
