@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from backend.python_backend.host import Ports, TritonHost, wait_ready
-from bench.throughput import _proc_stat_cpu, git_state
+from bench.cpu_steal import proc_stat_cpu as _proc_stat_cpu
+from bench.throughput import git_state
 from clients.load import LoadRequest, make_requests, run_load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -56,6 +56,7 @@ import transformers
 
 from backend import LLM, SamplingParams
 from backend.model.dtypes import cpu_flags
+from bench.cpu_steal import ContentionMonitor, CpuContention
 from kernels.linear import linear
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -121,53 +122,6 @@ def build_workload(spec: WorkloadSpec, tokenizer: Any, vocab_size: int) -> list[
 def warmup_workload(requests: list[Request]) -> list[Request]:
     """A small slice of the workload with short outputs, to warm up kernels and allocators."""
     return [Request(r.prompt[:32], 4) for r in requests[:2]]
-
-
-# ---------------------------------------------------------------------------------- contention
-
-
-def _proc_stat_cpu() -> tuple[float, float] | None:
-    """System-wide (busy, steal) CPU seconds since boot from ``/proc/stat``; None off Linux."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(f) for f in fields]
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
-    steal = ticks[7] if len(ticks) > 7 else 0
-    return busy / hz, steal / hz
-
-
-@dataclass
-class CpuContention:
-    """CPU time other processes (and the hypervisor, as steal) took while the benchmark ran."""
-
-    wall_s: float
-    own_cpu_s: float
-    others_cpu_s: float | None
-    steal_s: float | None
-    others_fraction_of_machine: float | None
-
-
-class ContentionMonitor:
-    """Compares the machine's busy CPU time with this process's own over an interval."""
-
-    def __init__(self) -> None:
-        self._wall = time.perf_counter()
-        self._own = time.process_time()
-        self._stat = _proc_stat_cpu()
-
-    def stop(self) -> CpuContention:
-        wall = time.perf_counter() - self._wall
-        own = time.process_time() - self._own
-        stat = _proc_stat_cpu()
-        if self._stat is None or stat is None:
-            return CpuContention(wall, own, None, None, None)
-        others = max(0.0, stat[0] - self._stat[0] - own)
-        steal = stat[1] - self._stat[1]
-        return CpuContention(wall, own, others, steal,
-                             others / (wall * (os.cpu_count() or 1)))
 
 
 # --------------------------------------------------------------------------------------- engine
