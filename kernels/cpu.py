@@ -42,6 +42,7 @@ _COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
 _SOURCES = {
     "paged_attention_cpu.c": ["-ffast-math"],
     "elementwise_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
+    "block_quant_cpu.c": ["-fno-math-errno"],
 }
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _LIBRARY_NAME = "pagedserve_cpu"
@@ -106,6 +107,16 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = args
             fn.restype = result
+    # The block-quantized products take fp32 activations only.
+    untyped = {
+        "quantize_rows_q8": [ptr, i64, ptr, i64, i64, nt],
+        "matmul_q4_1": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
+        "matmul_q8_0": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
+    }
+    for name, args in untyped.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = None
 
 
 def _kernel(name: str, dtype: torch.dtype) -> Any:
@@ -330,3 +341,39 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         None if k_norm is None else k_norm.data_ptr(), norm_eps, torch.get_num_threads())
     if status:
         raise ValueError("slot_mapping names a slot outside the cache")
+
+
+# Bytes of one block of 32 in each weight format of kernels/csrc/block_quant_cpu.c, and of one
+# block of quantized activations (fp32 scale and sum, 32 int8 codes).
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+_Q8_BLOCK_BYTES = 40
+
+
+def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, out_features: int
+                 ) -> torch.Tensor:
+    """``x @ w.T`` for fp32 rows ``x`` ``[rows, in]`` and a weight ``w`` ``[out_features, in]``
+    given as its blocks of 32 in llama.cpp's format ``kind`` (:data:`BLOCK_BYTES`): ``blocks``
+    uint8 ``[out_features, in / 32 * block bytes]``, contiguous. The activations are quantized to
+    8 bits per block of 32 first (kernels/csrc/block_quant_cpu.c). Returns fp32 ``[rows, out]``.
+    Only call when :func:`available`.
+    """
+    if kind not in BLOCK_BYTES:
+        raise ValueError(f"unknown block format {kind!r}; known: {', '.join(BLOCK_BYTES)}")
+    if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError("x must be fp32 rows [rows, in] with contiguous elements")
+    rows, in_features = x.shape
+    if in_features % 32 or blocks.dtype != torch.uint8 or not blocks.is_contiguous() or \
+            blocks.shape != (out_features, in_features // 32 * BLOCK_BYTES[kind]):
+        raise ValueError(f"{kind} blocks {tuple(blocks.shape)} do not hold a "
+                         f"[{out_features}, {in_features}] weight (inputs in blocks of 32)")
+    _check_cpu(x, blocks)
+    threads = torch.get_num_threads()
+    quantized = torch.empty(rows * (in_features // 32) * _Q8_BLOCK_BYTES, dtype=torch.uint8)
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    lib.quantize_rows_q8(x.data_ptr(), x.stride(0), quantized.data_ptr(), rows, in_features,
+                         threads)
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    getattr(lib, f"matmul_{kind}")(quantized.data_ptr(), rows, blocks.data_ptr(), out_features,
+                                   in_features, y.data_ptr(), y.stride(0), threads)
+    return y

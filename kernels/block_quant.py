@@ -1,0 +1,142 @@
+"""Weights in llama.cpp's block formats (Q4_1, Q8_0) and their products with fp32 activations.
+
+A block holds 32 consecutive inputs of one output row: Q4_1 as an fp16 scale ``d``, an fp16
+offset ``m`` and 4-bit codes (``w = d * q + m``), Q8_0 as an fp16 scale and int8 codes
+(``w = d * q``). These are the bytes of a GGUF file's tensors, so a GGUF model's projections
+serve from its own bytes; :func:`quantize` makes the same blocks from any float weight.
+
+The product (:func:`block_linear`) runs on the C kernel of ``kernels/csrc/block_quant_cpu.c``,
+which quantizes the activations to 8 bits per block of 32 as llama.cpp does and multiplies
+integers; :func:`block_linear_reference` is its reference: the same activation quantization in
+torch, then exact integer sums. Where the C kernels are not built, :func:`block_linear` falls back
+to the dequantized weight in an fp32 matmul (no activation quantization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu
+
+BLOCK = 32
+FORMATS = ("q4_1", "q8_0")
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """A ``[out, in]`` weight as ``out`` rows of ``in / 32`` blocks in format ``kind``."""
+
+    kind: str  # one of FORMATS
+    blocks: torch.Tensor  # uint8 [out, in / 32 * block bytes], contiguous
+
+    @property
+    def shape(self) -> torch.Size:
+        rows, width = self.blocks.shape
+        return torch.Size((rows, width // cpu.BLOCK_BYTES[self.kind] * BLOCK))
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def rows(self, start: int, end: int) -> BlockWeight:
+        """Output rows ``start:end`` (a tensor-parallel shard, a fused projection's part)."""
+        return BlockWeight(self.kind, self.blocks[start:end].contiguous())
+
+
+def _check_shape(kind: str, weight: torch.Tensor) -> None:
+    if kind not in FORMATS:
+        raise ValueError(f"unknown block format {kind!r}; known: {', '.join(FORMATS)}")
+    if weight.dim() != 2 or weight.shape[1] % BLOCK:
+        raise ValueError(f"{kind} needs a 2-D weight with inputs in blocks of {BLOCK}, got "
+                         f"{tuple(weight.shape)}")
+
+
+def _half_bytes(values: torch.Tensor) -> torch.Tensor:
+    """fp16 values [..., 1] as their two bytes [..., 2] (little-endian, as GGUF stores them)."""
+    return values.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def quantize(weight: torch.Tensor, kind: str) -> BlockWeight:
+    """``weight`` ``[out, in]`` in the blocks of ``kind``, each code the nearest under the
+    block's scale (and offset) as stored in fp16."""
+    _check_shape(kind, weight)
+    rows = weight.shape[0]
+    w = weight.detach().float().reshape(rows, -1, BLOCK)
+    if kind == "q4_1":
+        low = w.amin(-1, keepdim=True)
+        d = ((w.amax(-1, keepdim=True) - low) / 15).half()
+        m = low.half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float))
+        q = torch.round((w - m.float()) * inv).clamp(0, 15).to(torch.uint8)
+        codes = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
+        parts = [_half_bytes(d), _half_bytes(m), codes]
+    else:
+        d = (w.abs().amax(-1, keepdim=True) / 127).half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float))
+        q = torch.round(w * inv).clamp(-127, 127).to(torch.int8)
+        parts = [_half_bytes(d), q.view(torch.uint8)]
+    return BlockWeight(kind, torch.cat(parts, -1).reshape(rows, -1).contiguous())
+
+
+def dequantize(weight: BlockWeight) -> torch.Tensor:
+    """The fp32 ``[out, in]`` matrix the blocks stand for."""
+    rows = weight.blocks.shape[0]
+    raw = weight.blocks.reshape(rows, -1, cpu.BLOCK_BYTES[weight.kind])
+    d = raw[..., 0:2].contiguous().view(torch.float16).float()
+    if weight.kind == "q4_1":
+        m = raw[..., 2:4].contiguous().view(torch.float16).float()
+        codes = raw[..., 4:]
+        q = torch.cat([codes & 0x0F, codes >> 4], -1).float()
+        w = d * q + m
+    else:
+        w = d * raw[..., 2:].contiguous().view(torch.int8).float()
+    return w.reshape(rows, -1)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rows ``[rows, in]`` as int8 codes (as fp32 values) and one fp32 scale per block of
+    32, as the kernel quantizes them: ``x ≈ scale * codes``."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv), amax / 127
+
+
+def block_linear_reference(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
+    """What the kernel computes, in float64: quantized activations times the blocks' codes,
+    scaled per block pair (``x`` ``[rows, in]`` → ``[rows, out]``)."""
+    codes, scales = quantize_activations(x)
+    rows = weight.blocks.shape[0]
+    raw = weight.blocks.reshape(rows, -1, cpu.BLOCK_BYTES[weight.kind])
+    d = raw[..., 0:2].contiguous().view(torch.float16).double()  # [out, blocks, 1]
+    if weight.kind == "q4_1":
+        m = raw[..., 2:4].contiguous().view(torch.float16).double()
+        packed = raw[..., 4:]
+        q = torch.cat([packed & 0x0F, packed >> 4], -1).double()
+    else:
+        m = torch.zeros_like(d)
+        q = raw[..., 2:].contiguous().view(torch.int8).double()
+    xq, xs = codes.double(), scales.double()  # [rows, blocks, 32], [rows, blocks, 1]
+    products = torch.einsum("rbj,obj->rob", xq, q)  # integer sums, exact in float64
+    sums = xq.sum(-1)  # [rows, blocks]
+    out = (products * (d[..., 0] * xs[..., 0][:, None, :])).sum(-1) + \
+        (m[..., 0][None] * (xs[..., 0] * sums)[:, None, :]).sum(-1)
+    return out.float()
+
+
+def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
+    """``x @ w.T`` for ``x`` ``[..., in]`` of any float dtype; the result in ``x``'s dtype."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    out_features = weight.blocks.shape[0]
+    if rows.device.type == "cpu" and cpu.available():
+        flat = rows.float()
+        if flat.stride(1) != 1:
+            flat = flat.contiguous()
+        y = cpu.block_matmul(flat, weight.blocks, weight.kind, out_features)
+    else:
+        y = F.linear(rows.float(), dequantize(weight).to(rows.device))
+    return y.to(x.dtype).reshape(*lead, out_features)

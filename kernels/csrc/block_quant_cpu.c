@@ -1,0 +1,194 @@
+/* Matrix products with weights in llama.cpp's block formats, for CPUs: the GGUF file's own bytes
+ * are the operand, and the activations are quantized to 8 bits per block as llama.cpp does, so
+ * the inner products run on 8-bit integers (AVX2's maddubs: 32 products per instruction) and
+ * the weights are read in 4.5 to 8.5 bits each instead of 32.
+ *
+ *   Q4_1 block of 32 weights: fp16 d, fp16 m, 16 bytes of 4-bit codes q (weight j in the low
+ *        nibble of byte j, weight j + 16 in its high nibble): w = d * q + m.
+ *   Q8_0 block of 32 weights: fp16 d, 32 int8 codes q: w = d * q.
+ *   Q8 activations, a block of 32 values: fp32 d = max|x| / 127, int8 q = round(x / d) and
+ *        s = d * sum(q) (the term a Q4_1 weight's offset m multiplies): x ≈ d * q.
+ *
+ *   quantize_rows_q8   x fp32 [rows, k] (rows x_stride apart) → Q8 blocks [rows, k / 32].
+ *   matmul_q4_1 / matmul_q8_0
+ *                      y[r, n] = sum over blocks b of row r of x and row n of w:
+ *                        Q4_1: d_w d_x sum(q_w q_x) + m_w s_x;  Q8_0: d_w d_x sum(q_w q_x)
+ *                      y fp32 [rows, n], rows y_stride apart.
+ *
+ * Each output is one fixed sequence of operations over its two rows, whatever the number of
+ * rows in the call, so a sequence's results do not depend on what it is batched with. Output
+ * columns are split over OpenMP threads; each weight row is read once for up to TILE rows of x.
+ * Without AVX2 the same sums run as scalar loops (integer sums are exact either way; the fp32
+ * accumulation order differs).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include "dtypes.h"
+
+#define QK 32
+#define TILE 4
+
+typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+typedef struct { float d, s; int8_t qs[QK]; } block_q8;
+
+_Static_assert(sizeof(block_q4_1) == 20, "GGUF's Q4_1 block is 20 bytes");
+_Static_assert(sizeof(block_q8_0) == 34, "GGUF's Q8_0 block is 34 bytes");
+
+static inline float half_to_float(uint16_t h)
+{
+    f16_t v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
+}
+
+static void quantize_row_q8(const float *x, block_q8 *y, int64_t blocks)
+{
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *v = x + b * QK;
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++)
+            amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int q = (int)nearbyintf(v[j] * id);
+            y[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[b].d = d;
+        y[b].s = d * (float)sum;
+    }
+}
+
+void quantize_rows_q8(const float *x, int64_t x_stride, block_q8 *y, int64_t rows, int64_t k,
+                      int num_threads)
+{
+    const int64_t blocks = k / QK;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++)
+        quantize_row_q8(x + r * x_stride, y + r * blocks, blocks);
+}
+
+#ifdef __AVX2__
+static inline __m256i unpack_q4(const uint8_t *qs)
+{
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* 8 partial sums of u[j] * s[j] over 32 bytes: u unsigned (at most 127 here), s signed. */
+static inline __m256 products(__m256i u, __m256i s)
+{
+    const __m256i pairs = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+static inline float sum8(__m256 a)
+{
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
+/* out[r] = row w . row r of x, for r < count (x's rows `blocks` apart). */
+static void dot_q4_1(const block_q4_1 *w, const block_q8 *x, int64_t blocks, int count,
+                     float *out)
+{
+#ifdef __AVX2__
+    __m256 acc[TILE];
+    float offset[TILE];
+    for (int r = 0; r < count; r++) {
+        acc[r] = _mm256_setzero_ps();
+        offset[r] = 0.f;
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256i q = unpack_q4(w[b].qs);
+        const float d = half_to_float(w[b].d), m = half_to_float(w[b].m);
+        for (int r = 0; r < count; r++) {
+            const block_q8 *xb = x + r * blocks + b;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->qs);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), products(q, xq), acc[r]);
+            offset[r] += m * xb->s;
+        }
+    }
+    for (int r = 0; r < count; r++)
+        out[r] = sum8(acc[r]) + offset[r];
+#else
+    for (int r = 0; r < count; r++) {
+        float sum = 0.f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const block_q8 *xb = x + r * blocks + b;
+            int isum = 0;
+            for (int j = 0; j < QK / 2; j++)
+                isum += (w[b].qs[j] & 0x0F) * xb->qs[j] + (w[b].qs[j] >> 4) * xb->qs[j + QK / 2];
+            sum += half_to_float(w[b].d) * xb->d * (float)isum + half_to_float(w[b].m) * xb->s;
+        }
+        out[r] = sum;
+    }
+#endif
+}
+
+static void dot_q8_0(const block_q8_0 *w, const block_q8 *x, int64_t blocks, int count,
+                     float *out)
+{
+#ifdef __AVX2__
+    __m256 acc[TILE];
+    for (int r = 0; r < count; r++)
+        acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        const __m256i magnitude = _mm256_sign_epi8(q, q);
+        const float d = half_to_float(w[b].d);
+        for (int r = 0; r < count; r++) {
+            const block_q8 *xb = x + r * blocks + b;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->qs);
+            /* q_w q_x = |q_w| (sign(q_w) q_x): maddubs wants its first operand unsigned. */
+            const __m256 p = products(magnitude, _mm256_sign_epi8(xq, q));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), p, acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++)
+        out[r] = sum8(acc[r]);
+#else
+    for (int r = 0; r < count; r++) {
+        float sum = 0.f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const block_q8 *xb = x + r * blocks + b;
+            int isum = 0;
+            for (int j = 0; j < QK; j++)
+                isum += w[b].qs[j] * xb->qs[j];
+            sum += half_to_float(w[b].d) * xb->d * (float)isum;
+        }
+        out[r] = sum;
+    }
+#endif
+}
+
+#define DEFINE_MATMUL(NAME, BLOCK, DOT)                                                        \
+    void NAME(const block_q8 *x, int64_t rows, const BLOCK *w, int64_t n, int64_t k, float *y,  \
+              int64_t y_stride, int num_threads)                                               \
+    {                                                                                          \
+        const int64_t blocks = k / QK;                                                         \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                  \
+        for (int64_t col = 0; col < n; col++) {                                                \
+            float out[TILE];                                                                   \
+            for (int64_t r = 0; r < rows; r += TILE) {                                         \
+                const int count = rows - r < TILE ? (int)(rows - r) : TILE;                    \
+                DOT(w + col * blocks, x + r * blocks, blocks, count, out);                     \
+                for (int i = 0; i < count; i++)                                                \
+                    y[(r + i) * y_stride + col] = out[i];                                      \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+DEFINE_MATMUL(matmul_q4_1, block_q4_1, dot_q4_1)
+DEFINE_MATMUL(matmul_q8_0, block_q8_0, dot_q8_0)
