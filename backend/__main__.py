@@ -12,7 +12,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb * 2**20,
               tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
-              quantization=args.quantization)
+              quantization=args.quantization,
+              speculative_config=None if args.speculative_ngram is None else {
+                  "method": "ngram", "num_speculative_tokens": args.speculative_ngram})
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--kv-cache-mb", type=int, default=512)
     gen.add_argument("--quantization", choices=["int8", "int4"], default=None,
                      help="weight-only quantization of the projections (CPU)")
+    gen.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
+                     help="speculative decoding of greedy requests: K draft tokens a step by "
+                          "prompt lookup (vLLM's ngram method)")
     _add_parallel(gen)
     gen.set_defaults(run=_generate)
     worker = commands.add_parser("worker", help="run this node's tensor-parallel ranks of an "

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
 from backend.model.dtypes import DTYPES, auto_dtype
+from backend.model.projections import GGUF
 from kernels.dispatch import BACKENDS, ENV_VAR
 from kernels.quant_linear import QUANTIZATIONS
 
@@ -17,9 +20,74 @@ MAX_BLOCK_SIZE = 1024
 MAX_NUM_SEQS = 2**16
 MAX_NUM_TOKENS = 2**24  # max_num_batched_tokens, max_model_len
 MAX_TENSOR_PARALLEL = 1024  # ranks (processes), nnodes
+MAX_SPECULATIVE_TOKENS = 128  # num_speculative_tokens, prompt_lookup_max
 _SIZES = {"block_size": MAX_BLOCK_SIZE, "max_num_batched_tokens": MAX_NUM_TOKENS,
           "max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_NUM_TOKENS, "kv_cache_bytes": None,
           "tensor_parallel_size": MAX_TENSOR_PARALLEL, "nnodes": MAX_TENSOR_PARALLEL}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by prompt lookup, vLLM's ``ngram`` method (no draft model).
+
+    A greedy request's next ``num_speculative_tokens`` tokens are guessed from its own context:
+    the tokens that followed the most recent earlier occurrence of its last n tokens, n from
+    ``prompt_lookup_max`` down to ``prompt_lookup_min``; one step checks them all. Field names
+    and defaults are vLLM's: with neither bound given both are 5, with one the other takes its
+    value.
+    """
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config.method must be 'ngram', got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if value is None and name != "num_speculative_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"speculative_config.{name} must be an integer, got {value!r}")
+            if not 1 <= value <= MAX_SPECULATIVE_TOKENS:
+                raise ValueError(f"speculative_config.{name} must be in [1, "
+                                 f"{MAX_SPECULATIVE_TOKENS}], got {value}")
+        lookup_max, lookup_min = self.prompt_lookup_max, self.prompt_lookup_min
+        if lookup_max is None and lookup_min is None:
+            lookup_max = lookup_min = 5
+        object.__setattr__(self, "prompt_lookup_max",
+                           lookup_min if lookup_max is None else lookup_max)
+        object.__setattr__(self, "prompt_lookup_min",
+                           lookup_max if lookup_min is None else lookup_min)
+        if self.min_n > self.max_n:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({self.min_n}) must be at "
+                             f"most prompt_lookup_max ({self.max_n})")
+
+    @property
+    def max_n(self) -> int:
+        assert self.prompt_lookup_max is not None  # set by __post_init__
+        return self.prompt_lookup_max
+
+    @property
+    def min_n(self) -> int:
+        assert self.prompt_lookup_min is not None
+        return self.prompt_lookup_min
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SpeculativeConfig:
+        """The settings as vLLM's ``speculative_config`` dict spells them; unknown keys (vLLM's
+        draft-model settings among them) are refused, naming the key."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"speculative_config.{key} is not supported (known: "
+                                 f"{', '.join(sorted(known))})")
+        for key in ("method", "num_speculative_tokens"):
+            if key not in values:
+                raise ValueError(f"speculative_config.{key} is required")
+        return cls(**values)
 
 
 @dataclass
@@ -63,12 +131,16 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     nnodes: int = 1
     # Weight-only quantization of every projection and the output projection (vLLM's name):
-    # None (the model's dtype), "int8" (per output channel) or "int4" (per group of 32 inputs),
-    # on CPUs (kernels.quant_linear).
+    # None (the model's dtype), "int8" (per output channel), "int4" (per group of 32 inputs) or
+    # "gguf" (a .gguf model's own Q4_0/Q4_1/Q8_0 tensors), on CPUs (kernels.quant_linear).
     quantization: str | None = None
+    # Speculative decoding of greedy requests; also accepted as vLLM's dict, e.g.
+    # ``{"method": "ngram", "num_speculative_tokens": 4}``. None: one token per step.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
+        self._check_speculative_config()
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, "
                              f"got {self.dtype!r}")
@@ -102,15 +174,27 @@ class EngineConfig:
         self._check_quantization()
         self._check_device()
 
+    def _check_speculative_config(self) -> None:
+        spec: object = self.speculative_config
+        if isinstance(spec, Mapping):
+            self.speculative_config = SpeculativeConfig.from_dict(spec)
+        elif spec is not None and not isinstance(spec, SpeculativeConfig):
+            raise ValueError(f"speculative_config must be a dict or SpeculativeConfig, "
+                             f"got {spec!r}")
+
     def _check_quantization(self) -> None:
-        """One of ``QUANTIZATIONS``, on the CPU: checked before the device, so that a CUDA
-        device is refused for quantization whether or not this machine has one."""
+        """One of ``QUANTIZATIONS`` or ``"gguf"``, on the CPU: checked before the device, so
+        that a CUDA device is refused for quantization whether or not this machine has one."""
         if self.quantization is None:
             return
-        if self.quantization not in QUANTIZATIONS:
+        if self.quantization not in (*QUANTIZATIONS, GGUF):
             raise ValueError(f"quantization must be None or one of "
-                             f"{', '.join(repr(q) for q in QUANTIZATIONS)}, "
+                             f"{', '.join(repr(q) for q in (*QUANTIZATIONS, GGUF))}, "
                              f"got {self.quantization!r}")
+        if self.quantization == GGUF and self.tensor_parallel_size > 1:
+            # The ranks slice plain tensors; slicing the file's blocks is not done.
+            raise ValueError(f"quantization='gguf' runs on one rank: tensor_parallel_size must "
+                             f"be 1, got {self.tensor_parallel_size}")
         if self.device != "cpu":  # the packed kernels are torch's CPU ones
             raise ValueError(f"quantization={self.quantization!r} runs on the CPU only, "
                              f"got device {self.device!r}")

@@ -27,7 +27,8 @@ class LLM:
     ``LLM()`` serves the embedded SmolLM2-135M-Instruct; ``LLM(model=path)`` takes a local Hugging
     Face directory or a GGUF file. Other keyword arguments are ``EngineConfig`` fields
     (``block_size``, ``kv_cache_bytes``, ``max_num_batched_tokens``, ``max_num_seqs``,
-    ``tensor_parallel_size``, ...).
+    ``tensor_parallel_size``, ...); ``speculative_config`` takes vLLM's dict, e.g.
+    ``{"method": "ngram", "num_speculative_tokens": 4}``.
     With an OpenTelemetry ``tracer_provider`` (or an SDK provider set globally) every step and
     request is traced; ``shutdown()`` flushes the spans.
     """

@@ -218,7 +218,7 @@ def test_a_failed_step_ends_the_ranks_at_once(tiny_llama: TinyFactory) -> None:
     executor = MultiprocExecutor(EngineConfig(dtype="float32", kv_cache_bytes=2**20,
                                               tensor_parallel_size=2), loaded.config, loaded)
     past = executor.facts.num_kv_blocks + 10
-    step = ModelInput([SeqChunk(0, [5, 6, 7], 0, [past], sample=True)])
+    step = ModelInput([SeqChunk(0, [5, 6, 7], 0, [past], num_logits=1)])
     error = r"tensor-parallel worker rank \d \(pid \d+\) exited with code 1 during a step: "
     try:
         with pytest.raises(ExecutorDied, match=error + r"\w+Error"):

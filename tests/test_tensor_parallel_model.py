@@ -74,8 +74,8 @@ def _run_script(runner: ModelRunner, vocab: int) -> tuple[list[torch.Tensor], li
         s.tables[name] = s.blocks(10)
     s.tables["d"] = s.tables["a"][:2] + s.tables["d"][2:]
 
-    def chunk(name: str, start: int, end: int, sample: bool = True) -> SeqChunk:
-        return SeqChunk(ord(name), s.tokens[name][start:end], start, s.tables[name], sample)
+    def chunk(name: str, start: int, end: int, num_logits: int = 1) -> SeqChunk:
+        return SeqChunk(ord(name), s.tokens[name][start:end], start, s.tables[name], num_logits)
 
     def decode(name: str) -> SeqChunk:
         n = len(s.tokens[name])
@@ -84,7 +84,7 @@ def _run_script(runner: ModelRunner, vocab: int) -> tuple[list[torch.Tensor], li
     def step(number: int) -> tuple[str, ModelInput]:
         """The step's sampling sequences, in order, and the step."""
         if number == 0:
-            return "a", ModelInput([chunk("a", 0, 9), chunk("b", 0, 12, sample=False)])
+            return "a", ModelInput([chunk("a", 0, 9), chunk("b", 0, 12, num_logits=0)])
         if number == 1:
             return "abc", ModelInput([decode("a"), chunk("b", 12, 22), chunk("c", 0, 3)])
         if number == 2:  # e forks from c after its first pick: c's partial block is copied

@@ -10,6 +10,9 @@ Every mutation of block ownership happens here, O(1) per block:
   hands a new sequence the longest cached run of full blocks of its tokens.
 * ``free`` drops a table's references. A block whose count reaches zero goes to the free pool;
   a cached one stays findable there until its memory is needed (least recently freed first).
+* ``trim`` drops a table's trailing blocks past a token count: those that held only draft
+  tokens rejected by speculative decoding. Only computed tokens that were accepted are ever
+  committed, so no cached block holds a rejected token.
 * ``release_before`` drops the references to a table's leading blocks that a sliding window
   has left behind: their entries become the null block, so a sequence holds a bounded number
   of blocks however long it grows. Released blocks are freed like any other: a block still
@@ -174,6 +177,16 @@ class BlockManager:
         table.blocks.clear()
         table.keys.clear()
         table.num_released = 0
+
+    def trim(self, table: BlockTable, num_tokens: int) -> None:
+        """Frees the table's trailing blocks that hold none of its first ``num_tokens``
+        tokens (last first, as ``free``)."""
+        keep = max(-(-num_tokens // self.block_size), table.num_released)
+        if keep >= len(table.blocks):
+            return
+        self._drop(reversed(table.blocks[keep:]))
+        del table.blocks[keep:]
+        del table.keys[keep:]
 
     def release_before(self, table: BlockTable, position: int) -> None:
         """Releases the table's blocks that hold only tokens before ``position`` (wholly

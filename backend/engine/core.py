@@ -55,6 +55,9 @@ class EngineStats:
     num_cow_copies: int
     num_evictions: int
     tensor_parallel_comm_ns: int  # time the steps spent in tensor-parallel communication
+    # Speculative decoding: draft tokens checked, and of those the ones the model agreed with.
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class _StepTiming:
     itl: list[float] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     generated: int = 0  # tokens appended to sequences
+    drafted: int = 0  # draft tokens checked
+    accepted: int = 0  # of those, the ones the model agreed with
 
 
 class EngineCore:
@@ -131,6 +136,8 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._steps = 0
         self._comm_ns = 0  # tensor-parallel communication, all steps together
+        self._drafted = 0  # speculative decoding, all steps together
+        self._accepted = 0
         # Beam-search logits kept until every live beam of the request has its row.
         self._beam_logits: dict[Request, dict[Sequence, torch.Tensor]] = {}
 
@@ -330,19 +337,33 @@ class EngineCore:
                            failed: dict[Request, Exception]
                            ) -> tuple[list[RequestOutput], _StepTiming]:
         """Samples the step's logits and applies the result: forks of ``n > 1`` requests whose
-        prompt completed, beam steps, new tokens, stop checks, finished requests, outputs.
+        prompt completed, beam steps, draft checks, new tokens, stop checks, finished requests,
+        outputs.
 
         ``failed`` holds the requests whose forward pass failed; sampling adds its own. Returns
         the outputs and the latencies this step completed.
         """
         seqs_by_id = {item.seq.seq_id: item.seq for item in batch.scheduled}
+        drafts = {item.seq: item.draft_token_ids for item in batch.scheduled
+                  if item.draft_token_ids}
         seqs: list[Sequence] = []
         rows: list[int] = []
+        histories: list[list[int]] = []  # the tokens each sampled row follows
+        checked: dict[Sequence, int] = {}  # index of a drafted sequence's latest row
         for row, seq_id in enumerate(model_output.seq_ids):
             seq = seqs_by_id[seq_id]
             request = seq.request
             if request.beam_search is not None:
                 self._beam_logits.setdefault(request, {})[seq] = model_output.logits[row]
+                continue
+            if seq in drafts:
+                # Row j of a checked chunk follows the sequence's tokens and its first j
+                # drafts: sampled as if those were accepted, it is what the plain path would
+                # pick there (penalties, min_tokens and logprobs included).
+                j = checked[seq] = checked.get(seq, -1) + 1
+                seqs.append(seq)
+                rows.append(row)
+                histories.append(seq.token_ids + drafts[seq][:j])
                 continue
             group = [seq]
             if request.params.n > 1 and not request.forked:
@@ -351,13 +372,14 @@ class EngineCore:
                 group += [self._fork(seq, i) for i in range(1, request.params.n)]
             seqs += group
             rows += [row] * len(group)
+            histories += [seq.token_ids] * len(group)
         results: dict[Request, list[tuple[Sequence, int, float, TokenLogprobs | None]]] = {}
         if seqs:
             # Index only when rows repeat (forks) or are skipped (beams): it copies the logits.
             logits = model_output.logits
             if rows != list(range(logits.shape[0])):
                 logits = logits[rows]
-            sampled, sample_failed = self._sample(logits, seqs)
+            sampled, sample_failed = self._sample(logits, seqs, histories)
             failed.update(sample_failed)
             for seq, token, logprob, top in zip(seqs, sampled.token_ids, sampled.logprobs,
                                                 sampled.top_logprobs):
@@ -382,11 +404,12 @@ class EngineCore:
                 outputs.append(self._fail(request, e))
         for request, sequences in results.items():
             try:
-                outputs.append(self._advance(request, sequences))
-                timing.generated += len(sequences)
+                outputs.append(self._advance(request, sequences, drafts, timing))
                 self._mark_token(request, timing)
             except Exception as e:
                 outputs.append(self._fail(request, e))
+        self._drafted += timing.drafted
+        self._accepted += timing.accepted
         return outputs, timing
 
     def _mark_scheduled(self, batch: SchedulerOutput, now_ns: int) -> None:
@@ -432,6 +455,7 @@ class EngineCore:
             num_decode_tokens=batch.num_decode_tokens,
             num_scheduled_seqs=len(batch.model_input.chunks),
             num_generated_tokens=timing.generated,
+            num_draft_tokens=timing.drafted, num_accepted_tokens=timing.accepted,
             num_blocks_used=bm.num_used_blocks, num_blocks_free=bm.num_free_blocks,
             num_blocks_cached=bm.num_cached_blocks, num_blocks_total=bm.num_usable_blocks,
             prefix_cache_queried_tokens=deltas[0], prefix_cache_hit_tokens=deltas[1],
@@ -477,15 +501,16 @@ class EngineCore:
         return ModelOutput([i for d in done for i in d.seq_ids],
                            torch.cat([d.logits for d in done])), failed
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], histories: list[list[int]]
                 ) -> tuple[SamplerOutput, dict[Request, Exception]]:
-        """Samples every row; if the batch raises, samples each request's rows alone.
+        """Samples every row (row ``i`` of ``seqs[i]``, following ``histories[i]``); if the
+        batch raises, samples each request's rows alone.
 
         A seeded row keeps its sequence unless the failure came after its draw had advanced
         its generator.
         """
-        rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
-                            self.eos_token_id) for s in seqs]
+        rows = [SamplingRow(s.params, history, s.num_prompt_tokens, s.generator,
+                            self.eos_token_id) for s, history in zip(seqs, histories)]
         try:
             return self.sampler(logits, rows), {}
         except Exception:
@@ -509,18 +534,43 @@ class EngineCore:
         return merged, failed
 
     def _advance(self, request: Request,
-                 sequences: list[tuple[Sequence, int, float, TokenLogprobs | None]]
-                 ) -> RequestOutput:
-        """Appends each sequence's new token, checks its stop conditions, makes the output."""
-        for seq, token, logprob, top in sequences:
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if top is not None:
-                seq.logprobs.append(top)
-            self.output_processor.check_stop(seq, token)
+                 sampled: list[tuple[Sequence, int, float, TokenLogprobs | None]],
+                 drafts: dict[Sequence, list[int]], timing: _StepTiming) -> RequestOutput:
+        """Appends each sequence's new tokens, checking its stop conditions at each one, and
+        makes the output.
+
+        A sequence with drafts has a pick per checked row: the drafts the picks agree with are
+        accepted, and the pick after them (at the first disagreement, or after the last draft)
+        is the step's own token.
+        """
+        picks: dict[Sequence, list[tuple[int, float, TokenLogprobs | None]]] = {}
+        for seq, token, logprob, top in sampled:
+            picks.setdefault(seq, []).append((token, logprob, top))
+        new_tokens: dict[Sequence, list[int]] = {}
+        for seq, rows in picks.items():
+            proposed = drafts.get(seq, [])
+            accepted = 0
+            while accepted < len(proposed) and rows[accepted][0] == proposed[accepted]:
+                accepted += 1
+            appended = new_tokens.setdefault(seq, [])
+            for token, logprob, top in rows[:accepted + 1]:
+                seq.token_ids.append(token)
+                appended.append(token)
+                seq.cumulative_logprob += logprob
+                if top is not None:
+                    seq.logprobs.append(top)
+                self.output_processor.check_stop(seq, token)
+                if seq.is_finished:  # the rest of the run is not the request's
+                    break
+            timing.generated += len(appended)
+            if proposed:
+                timing.drafted += len(proposed)
+                timing.accepted += accepted
+                if not seq.is_finished:
+                    self.scheduler.accept(seq, accepted)
         if request.is_finished:
             self.requests.pop(request.request_id, None)
-        return self.output_processor.output(request, {seq: token for seq, token, _, _ in sequences})
+        return self.output_processor.output(request, new_tokens)
 
     def _beam_step(self, request: Request) -> None:
         """Advances a beam search whose live beams all have their next logits."""
@@ -567,4 +617,6 @@ class EngineCore:
             prefix_cache_queried_tokens=bm.stats.prefix_queried_tokens,
             prefix_cache_hit_tokens=bm.stats.prefix_hit_tokens,
             num_cow_copies=bm.stats.cow_copies, num_evictions=bm.stats.evictions,
-            tensor_parallel_comm_ns=self._comm_ns)
+            tensor_parallel_comm_ns=self._comm_ns,
+            spec_decode_num_draft_tokens=self._drafted,
+            spec_decode_num_accepted_tokens=self._accepted)

@@ -110,6 +110,10 @@ class MetricFamilies:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens",
                                          "Number of generation tokens processed.")
+        self.spec_decode_num_draft_tokens = counter("vllm:spec_decode_num_draft_tokens",
+                                                    "Number of draft tokens.")
+        self.spec_decode_num_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens",
+                                                       "Number of accepted tokens.")
         self.request_success = Counter("vllm:request_success",
                                        "Count of successfully processed requests.",
                                        (*vllm, "finished_reason"), registry=registry)
@@ -201,6 +205,8 @@ class EngineMetrics:
         self._num_preemptions = f.num_preemptions.labels(*vllm)
         self._prompt_tokens = f.prompt_tokens.labels(*vllm)
         self._generation_tokens = f.generation_tokens.labels(*vllm)
+        self._draft_tokens = f.spec_decode_num_draft_tokens.labels(*vllm)
+        self._accepted_tokens = f.spec_decode_num_accepted_tokens.labels(*vllm)
         self._success = {reason: f.request_success.labels(*vllm, reason)
                          for reason in FINISH_REASONS}
         self._ttft = f.time_to_first_token.labels(*vllm)
@@ -241,6 +247,8 @@ class EngineMetrics:
         self._num_preemptions.inc(stats.num_preempted)
         self._preemptions.inc(stats.num_preempted)
         self._generation_tokens.inc(stats.num_generated_tokens)
+        self._draft_tokens.inc(stats.num_draft_tokens)
+        self._accepted_tokens.inc(stats.num_accepted_tokens)
         self._prefill_tokens.inc(stats.num_prefill_tokens)
         self._decode_tokens.inc(stats.num_decode_tokens)
         self._steps.inc()

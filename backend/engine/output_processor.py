@@ -59,8 +59,9 @@ class OutputProcessor:
         seq.stop_reason = stop_reason
         self._finish(seq)
 
-    def output(self, request: Request, new_tokens: dict[Sequence, int]) -> RequestOutput:
-        """The request's state after a step: texts so far and what this step added."""
+    def output(self, request: Request, new_tokens: dict[Sequence, list[int]]) -> RequestOutput:
+        """The request's state after a step: texts so far and what this step added (a
+        sequence may gain several tokens in a step, by speculative decoding)."""
         completions, delta_texts, delta_ids = [], [], []
         for seq in request.seqs:
             text = seq.detokenizer.text
@@ -71,7 +72,7 @@ class OutputProcessor:
                 visible = max(seq.text_sent, len(text) - held)
             delta_texts.append(text[seq.text_sent: visible])
             seq.text_sent = visible
-            delta_ids.append([new_tokens[seq]] if seq in new_tokens else [])
+            delta_ids.append(list(new_tokens.get(seq, ())))
             completions.append(CompletionOutput(
                 index=seq.index, text=text[:visible], token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob,

@@ -13,6 +13,11 @@ running sequence cannot get a block, the newest running request is preempted: it
 freed and it goes back to the front of the queue, to be recomputed (mostly from the prefix
 cache). Under a sliding window (every layer of the model attends over at most W trailing
 tokens) a sequence's blocks wholly before its window are released before each of its steps.
+
+With speculative decoding, budget and free blocks left once everyone has been scheduled go to
+draft tokens: a greedy request's decode also computes the tokens its n-gram proposer guesses
+will follow, so one step can check them all. Drafts never preempt and never displace a waiting
+request; after the step the drafts that were rejected give their blocks back (``accept``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 
 from backend.config import EngineConfig
 from backend.engine.block_manager import BlockManager
+from backend.engine.ngram_proposer import NgramProposer
 from backend.engine.sequence import Request, Sequence, SequenceStatus
 from backend.model.batch import ModelInput, SeqChunk
 
@@ -29,13 +35,21 @@ from backend.model.batch import ModelInput, SeqChunk
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # the drafts included
+    # Guesses of the tokens after the sequence's last one, computed with it to be checked.
+    draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """The sequence's own tokens among those computed: all but the drafts."""
+        return self.num_new_tokens - len(self.draft_token_ids)
 
 
 @dataclass
 class SchedulerOutput:
     """One step's batch: decodes (one new token) first, shortest context first (the attention
-    groups decodes of similar length), then prefill chunks; and the block copies
+    groups decodes of similar length), then prefill chunks and decodes with drafts; and the
+    block copies
     (copy-on-write) to make before the step's attention."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
@@ -59,14 +73,15 @@ class SchedulerOutput:
 class SchedulerStats:
     num_preemptions: int = 0
     num_prefilled_tokens: int = 0  # prompt (and recomputed) tokens run through the model
-    num_decoded_tokens: int = 0
+    num_decoded_tokens: int = 0  # decodes' tokens, drafts included
 
 
 def _chunk(item: ScheduledSeq) -> SeqChunk:
     seq, start = item.seq, item.seq.num_computed_tokens
-    end = start + item.num_new_tokens
-    return SeqChunk(seq.seq_id, seq.token_ids[start:end], start, list(seq.block_table.blocks),
-                    end == seq.num_tokens)
+    end = start + item.num_known_tokens
+    wanted = 1 + len(item.draft_token_ids) if end == seq.num_tokens else 0
+    return SeqChunk(seq.seq_id, seq.token_ids[start:end] + item.draft_token_ids, start,
+                    list(seq.block_table.blocks), wanted)
 
 
 def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
@@ -86,6 +101,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        spec = config.speculative_config
+        self.proposer = None if spec is None else NgramProposer(spec.min_n, spec.max_n)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -126,11 +143,13 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
             out.scheduled.extend(admitted)
             budget -= sum(s.num_new_tokens for s in admitted)
+        if self.proposer is not None and budget > 0 and not out.preempted:
+            self._add_drafts(out.scheduled, budget, self.proposer)
         out.scheduled.sort(key=_batch_order)
         out.block_copies = self.block_manager.take_copies()
         for s in out.scheduled:
-            if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:
-                out.num_decode_tokens += 1
+            if s.num_known_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:
+                out.num_decode_tokens += s.num_new_tokens
             else:
                 out.num_prefill_tokens += s.num_new_tokens
         self.stats.num_decoded_tokens += out.num_decode_tokens
@@ -159,6 +178,34 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             taken += n
         return taken
+
+    def _add_drafts(self, scheduled: list[ScheduledSeq], budget: int,
+                    proposer: NgramProposer) -> None:
+        """Gives the step's greedy single-sequence decodes draft tokens, as many as budget,
+        free blocks and the request's remaining length allow; a decode whose drafts find no
+        blocks runs without them."""
+        spec = self.config.speculative_config
+        assert spec is not None
+        bm = self.block_manager
+        for item in scheduled:
+            seq = item.seq
+            params = seq.params
+            if (budget <= 0 or item.num_new_tokens != 1 or seq.num_uncomputed_tokens != 1
+                    or seq.num_computed_tokens < seq.num_prompt_tokens
+                    or not params.is_greedy or params.num_seqs != 1):
+                continue
+            # The drafts and the token after them must fit the request's length limits.
+            room = seq.request.max_model_len - seq.num_tokens
+            if params.max_tokens is not None:
+                room = min(room, params.max_tokens - seq.num_output_tokens)
+            drafts = proposer.propose(seq.token_ids,
+                                      min(spec.num_speculative_tokens, budget, room - 1))
+            if drafts and bm.allocate(seq.block_table,
+                                      seq.num_computed_tokens + 1 + len(drafts),
+                                      seq.num_computed_tokens):
+                item.draft_token_ids = drafts
+                item.num_new_tokens += len(drafts)
+                budget -= len(drafts)
 
     def _pending_keys(self, request: Request) -> list[bytes]:
         """Prefix keys of the blocks the request's prefills are about to fill."""
@@ -221,11 +268,22 @@ class Scheduler:
         self.stats.num_preemptions += 1
 
     def commit(self, batch: SchedulerOutput) -> None:
-        """Records that the batch ran: its tokens are in the cache (and the prefix cache)."""
+        """Records that the batch ran: its tokens are in the cache (and the prefix cache).
+        Drafts count once accepted (``accept``)."""
         for item in batch.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_known_tokens
             self.block_manager.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+
+    def accept(self, seq: Sequence, num_accepted: int) -> None:
+        """Records that the first ``num_accepted`` drafts computed for a sequence in the last
+        step were right (they are its next tokens now): their K/V is in the cache. The blocks
+        that held only rejected drafts return to the pool; the entries rejected drafts left in
+        a kept block lie past the sequence's computed tokens, where no attention reads and
+        the next steps write."""
+        seq.num_computed_tokens += num_accepted
+        self.block_manager.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+        self.block_manager.trim(seq.block_table, seq.num_computed_tokens)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Makes ``child`` (a copy of ``parent``'s tokens) share the parent's blocks."""

@@ -107,6 +107,9 @@ class StepStats:
     time_to_first_token_s: tuple[float, ...] = ()
     inter_token_latency_s: tuple[float, ...] = ()
     failed_request_ids: tuple[str, ...] = field(default=())
+    # Speculative decoding: draft tokens checked, and of those the ones the model agreed with.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

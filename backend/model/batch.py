@@ -14,13 +14,23 @@ import torch
 
 @dataclass(frozen=True)
 class SeqChunk:
-    """The tokens one sequence computes in a step."""
+    """The tokens one sequence computes in a step.
+
+    A chunk that ends the sequence's known tokens wants the logits of its last row; one that
+    also carries draft tokens (speculative decoding) wants those of its last row before the
+    drafts and of every draft, to check each draft and pick the token after them.
+    """
 
     seq_id: int
     token_ids: list[int]  # the new tokens, at positions start, start + 1, ...
     start: int  # tokens before it are in the cache already
     block_table: list[int]  # the sequence's blocks, covering start + len(token_ids) tokens
-    sample: bool  # the chunk ends the sequence's known tokens: its logits are wanted
+    num_logits: int  # how many trailing rows' logits are wanted (0: none)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_logits <= len(self.token_ids):
+            raise ValueError(f"num_logits must be in [0, {len(self.token_ids)}] (the chunk's "
+                             f"tokens), got {self.num_logits}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,8 @@ class ModelInput:
 
 @dataclass
 class ModelOutput:
-    """Logits of the chunks that wanted them, in chunk order."""
+    """The wanted rows' logits, in chunk order and within a chunk in token order: row ``i``
+    belongs to sequence ``seq_ids[i]`` (a chunk with drafts has several rows in a row)."""
 
     seq_ids: list[int]
     logits: torch.Tensor  # [len(seq_ids), vocab] fp32

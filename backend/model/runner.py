@@ -1,4 +1,4 @@
-"""Turns a scheduled batch into tensors, runs the model and returns logits for sampling rows."""
+"""Turns a scheduled batch into tensors, runs the model and returns the wanted rows' logits."""
 
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ class ModelRunner:
             v[dst] = v[src]
 
     def execute(self, step: ModelInput) -> ModelOutput:
-        """Runs the step (after its block copies) and returns the logits of sampling chunks."""
+        """Runs the step (after its block copies) and returns the logits of the rows its chunks
+        want (``SeqChunk.num_logits``)."""
         self.copy_blocks(step.block_copies)
         device = torch.device(self.model.device)
         bs = self.block_size
@@ -149,9 +150,9 @@ class ModelRunner:
             tables.append(chunk.block_table)
             if n == 1 and num_decodes == len(query_lens) - 1:
                 num_decodes += 1
-            if chunk.sample:
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(chunk.seq_id)
+            if chunk.num_logits:
+                sample_rows.extend(range(len(input_ids) - chunk.num_logits, len(input_ids)))
+                sample_ids.extend([chunk.seq_id] * chunk.num_logits)
         width = max(len(t) for t in tables)
         # Host lists reach the device without waiting for its queued work (one sync a step,
         # the sampler's).

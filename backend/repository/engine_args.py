@@ -154,6 +154,11 @@ def engine_config(config: mc.ModelConfig, version_dir: Path,
         if key == "device" and value == "auto":  # vLLM's default: the accelerator if any
             kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
             continue
+        if key == "speculative_config" and isinstance(value, str):  # a config parameter
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise _type_error(key, "JSON object", value) from None
         target = _RENAMES.get(key, key)
         if target not in fields:
             log.warning("model '%s': ignoring engine setting '%s' (not used by pagedserve)",
