@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt as a user message in the model's chat template")
     gen.add_argument("--kv-cache-mb", type=int, default=512)
-    gen.add_argument("--quantization", choices=["int8", "int4"], default=None,
+    gen.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
                      help="weight-only quantization of the projections (CPU)")
     gen.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
                      help="speculative decoding of greedy requests: K draft tokens a step by "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from backend.model.dtypes import DTYPES, auto_dtype
+from backend.model.projections import GGUF
 from kernels.dispatch import BACKENDS, ENV_VAR
 from kernels.quant_linear import QUANTIZATIONS
 
@@ -130,8 +131,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     nnodes: int = 1
     # Weight-only quantization of every projection and the output projection (vLLM's name):
-    # None (the model's dtype), "int8" (per output channel) or "int4" (per group of 32 inputs),
-    # on CPUs (kernels.quant_linear).
+    # None (the model's dtype), "int8" (per output channel), "int4" (per group of 32 inputs) or
+    # "gguf" (a .gguf model's own Q4_0/Q4_1/Q8_0 tensors), on CPUs (kernels.quant_linear).
     quantization: str | None = None
     # Speculative decoding of greedy requests; also accepted as vLLM's dict, e.g.
     # ``{"method": "ngram", "num_speculative_tokens": 4}``. None: one token per step.
@@ -182,14 +183,18 @@ class EngineConfig:
                              f"got {spec!r}")
 
     def _check_quantization(self) -> None:
-        """One of ``QUANTIZATIONS``, on the CPU: checked before the device, so that a CUDA
-        device is refused for quantization whether or not this machine has one."""
+        """One of ``QUANTIZATIONS`` or ``"gguf"``, on the CPU: checked before the device, so
+        that a CUDA device is refused for quantization whether or not this machine has one."""
         if self.quantization is None:
             return
-        if self.quantization not in QUANTIZATIONS:
+        if self.quantization not in (*QUANTIZATIONS, GGUF):
             raise ValueError(f"quantization must be None or one of "
-                             f"{', '.join(repr(q) for q in QUANTIZATIONS)}, "
+                             f"{', '.join(repr(q) for q in (*QUANTIZATIONS, GGUF))}, "
                              f"got {self.quantization!r}")
+        if self.quantization == GGUF and self.tensor_parallel_size > 1:
+            # The ranks slice plain tensors; slicing the file's blocks is not done.
+            raise ValueError(f"quantization='gguf' runs on one rank: tensor_parallel_size must "
+                             f"be 1, got {self.tensor_parallel_size}")
         if self.device != "cpu":  # the packed kernels are torch's CPU ones
             raise ValueError(f"quantization={self.quantization!r} runs on the CPU only, "
                              f"got device {self.device!r}")

@@ -103,24 +103,48 @@ def _quantize_int8(w: torch.Tensor) -> Int8Weight:
 
 def _quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
     out_features, in_features = w.shape
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    if in_features % group_size:
-        raise ValueError(f"int4 quantization needs in_features to be a multiple of the group "
-                         f"size {group_size}; the weight is {out_features}x{in_features}")
-    rows = -(-out_features // _INT4_ROWS) * _INT4_ROWS
-    if rows != out_features:
-        w = torch.cat([w, w.new_zeros(rows - out_features, in_features)])
-    groups = w.reshape(rows, in_features // group_size, group_size)
+    _check_int4_shape(out_features, in_features, group_size)
+    groups = w.reshape(out_features, in_features // group_size, group_size)
     low, high = groups.amin(dim=2), groups.amax(dim=2)
     scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(COMPUTE_DTYPE)
     # The zero is the value of code 8; code 0 stands for the group's minimum.
     zeros = (low + 8 * scales.float()).to(COMPUTE_DTYPE)
     codes = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8)
-    codes = codes.clamp_(0, 15).to(torch.int32).reshape(rows, in_features)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    codes = codes.clamp_(0, 15).reshape(out_features, in_features)
+    return int4_weight(codes, scales, zeros, group_size)
+
+
+def int4_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> Int4Weight:
+    """The kernel's weight for 4-bit ``codes`` ``[out, in]`` (integers in [0, 15], any dtype)
+    with a scale and zero ``[out, in / group_size]`` per group: ``w = (q - 8) * scale + zero``.
+    The codes are packed as they are; scales and zeros are rounded to bf16, the kernel's dtype.
+    Raises ``ValueError`` naming the shape when the kernel cannot take it."""
+    out_features, in_features = codes.shape
+    _check_int4_shape(out_features, in_features, group_size)
+    groups = (out_features, in_features // group_size)
+    if scales.shape != groups or zeros.shape != groups:
+        raise ValueError(f"int4 scales and zeros must be {groups} for {out_features}x"
+                         f"{in_features} codes in groups of {group_size}, got "
+                         f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+    rows = -(-out_features // _INT4_ROWS) * _INT4_ROWS
+    codes = codes.to(torch.int32)
+    scales, zeros = scales.to(COMPUTE_DTYPE), zeros.to(COMPUTE_DTYPE)
+    if rows != out_features:  # padding rows of weight 0: code 8, zero 0
+        codes = torch.cat([codes, codes.new_full((rows - out_features, in_features), 8)])
+        scales = torch.cat([scales, scales.new_zeros(rows - out_features, groups[1])])
+        zeros = torch.cat([zeros, zeros.new_zeros(rows - out_features, groups[1])])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     return Int4Weight(packed, scales_and_zeros, group_size, out_features, in_features)
+
+
+def _check_int4_shape(out_features: int, in_features: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"int4 quantization needs in_features to be a multiple of the group "
+                         f"size {group_size}; the weight is {out_features}x{in_features}")
 
 
 def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None

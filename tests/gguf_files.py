@@ -1,8 +1,10 @@
 """Writes a Hugging Face model directory as a GGUF file the way llama.cpp's converter does
-(fp32 tensors, its tensor names and metadata keys), so transformers' GGUF reader reads it back."""
+(its tensor names and metadata keys; fp32 tensors, or quantized by ``gguf``'s reference code),
+so transformers' GGUF reader reads it back."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -36,8 +38,14 @@ def _byte_tokens() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def write_gguf(model_dir: Path, target: Path) -> Path:
-    """``model_dir`` (llama or qwen2) as the GGUF file ``target``.
+# The GGML type of each tensor, by its GGUF name (``blk.0.attn_q.weight``).
+TensorTypes = Callable[[str], gguf.GGMLQuantizationType]
+
+
+def write_gguf(model_dir: Path, target: Path,
+               types: TensorTypes = lambda name: gguf.GGMLQuantizationType.F32) -> Path:
+    """``model_dir`` (llama or qwen2) as the GGUF file ``target``, each tensor of the type
+    ``types`` names (F32 by default).
 
     Its tokenizer is a byte-level BPE of the 256 bytes, one merge and an end-of-text token:
     the tests feed token ids, and transformers parses a full vocabulary from GGUF for tens of
@@ -70,7 +78,11 @@ def write_gguf(model_dir: Path, target: Path) -> Path:
             heads = config.num_attention_heads if ".attn_q." in gguf_name \
                 else config.num_key_value_heads
             array = _llama_permute(array, heads)
-        writer.add_tensor(gguf_name, array)
+        kind = types(gguf_name)
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, array)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -65,13 +65,13 @@ def common_window(windows: list[int | None]) -> int | None:
     return max(w for w in windows if w is not None)
 
 
-def tied_lm_head(config: PretrainedConfig, weights: dict[str, torch.Tensor],
-                 embed: torch.Tensor) -> torch.Tensor:
-    """The output projection: the input embeddings when the config ties them (as
-    ``transformers`` does, whatever the file holds), else ``lm_head.weight``."""
+def lm_head_name(config: PretrainedConfig, weights: dict[str, torch.Tensor], embed: str
+                 ) -> str:
+    """The output projection's weight: the input embeddings ``embed`` when the config ties
+    them (as ``transformers`` does, whatever the file holds), else ``lm_head.weight``."""
     if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights:
         return embed
-    return weights["lm_head.weight"]
+    return "lm_head.weight"
 
 
 # The rotary tables a family's layers take: tensors, or None where the family has no rotary.

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from backend.config import EngineConfig
 from backend.model.base import CausalLM
 from backend.model.batch import ModelInput, ModelOutput
-from backend.model.loader import LoadedModel, load_model
+from backend.model.loader import LoadedModel, check_loaded_for, load_model
 from backend.model.registry import build_model, family_of
 from backend.model.runner import ModelRunner, num_kv_blocks
 
@@ -117,7 +117,9 @@ def start_executor(config: EngineConfig, loaded: LoadedModel | None
     """
     if config.tensor_parallel_size == 1:
         owns_weights = loaded is None
-        loaded = loaded or load_model(config.model, config.device, config.torch_dtype)
+        loaded = loaded or load_model(config.model, config.device, config.torch_dtype,
+                                      quantization=config.quantization)
+        check_loaded_for(loaded, config.quantization)
         return InProcessExecutor(config, loaded, owns_weights), loaded
     from backend.model.multiproc import MultiprocExecutor
 

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from backend.model.base import KVCache, run_layers, tied_lm_head
+from backend.model.base import KVCache, lm_head_name, run_layers
 from backend.model.llama import rotary_tables
 from backend.model.parallel import ParallelGroup, check_tensor_parallel
+from backend.model.projections import Rows, cast_weights, dense, projection
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 from kernels.linear import linear
 from kernels.norm import add_layer_norm
-from kernels.quant_linear import Weight, maybe_quantize
+from kernels.quant_linear import Weight
 from kernels.rotary import rotary_write_kv
 
 Norm = tuple[torch.Tensor, torch.Tensor | None]
@@ -82,14 +83,18 @@ class FalconLayer:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
 
-        def projection(name: str) -> Weight:
-            return maybe_quantize(w(name), quantization)
+        def proj(name: str, rows: Rows | None = None) -> Weight:
+            return projection(weights, [f"{prefix}.{name}.weight"], quantization,
+                              self.attn_norm[0].dtype, rows)  # the model's: norms are plain
 
         def maybe(name: str) -> torch.Tensor | None:
             return weights.get(f"{prefix}.{name}")
 
         def norm(name: str) -> Norm:
             return w(f"{name}.weight"), maybe(f"{name}.bias")
+
+        def qkv_rows(t: torch.Tensor) -> torch.Tensor:
+            return _split_fused_qkv(t, config, head_dim)
 
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = num_kv_heads(config)
@@ -98,16 +103,6 @@ class FalconLayer:
         self.eps = config.layer_norm_epsilon
         # transformers adds the bias before scaling the scores: the slopes scale with them.
         self.alibi_slopes = None if slopes is None else slopes * self.scale
-        self.qkv = maybe_quantize(_split_fused_qkv(w("self_attention.query_key_value.weight"),
-                                                   config, head_dim), quantization)
-        bias = maybe("self_attention.query_key_value.bias")
-        self.qkv_bias = None if bias is None else _split_fused_qkv(bias, config, head_dim)
-        self.dense = projection("self_attention.dense.weight")
-        self.dense_bias = maybe("self_attention.dense.bias")
-        self.up = projection("mlp.dense_h_to_4h.weight")
-        self.up_bias = maybe("mlp.dense_h_to_4h.bias")
-        self.down = projection("mlp.dense_4h_to_h.weight")
-        self.down_bias = maybe("mlp.dense_4h_to_h.bias")
         self.mlp_norm: Norm | None = None  # the MLP's own norm, when it has one
         self.sequential = False
         if config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2:
@@ -117,6 +112,15 @@ class FalconLayer:
             if not config.new_decoder_architecture and not config.parallel_attn:
                 self.sequential = True
                 self.mlp_norm = norm("post_attention_layernorm")
+        self.qkv = proj("self_attention.query_key_value", qkv_rows)
+        bias = maybe("self_attention.query_key_value.bias")
+        self.qkv_bias = None if bias is None else qkv_rows(bias)
+        self.dense = proj("self_attention.dense")
+        self.dense_bias = maybe("self_attention.dense.bias")
+        self.up = proj("mlp.dense_h_to_4h")
+        self.up_bias = maybe("mlp.dense_h_to_4h.bias")
+        self.down = proj("mlp.dense_4h_to_h")
+        self.down_bias = maybe("mlp.dense_4h_to_h.bias")
 
     def _attention(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                    cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -169,7 +173,7 @@ class FalconModel:
                  ) -> None:
         # Its layers do not shard: one rank only.
         check_tensor_parallel(config, 1 if parallel is None else parallel.world_size)
-        weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        weights = cast_weights(weights, device, dtype)
         self.config = config
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = num_kv_heads(config)
@@ -178,14 +182,16 @@ class FalconModel:
         self.device = device
         self.max_positions = config.max_position_embeddings
         slopes = alibi_slopes(config.num_attention_heads).to(device) if config.alibi else None
-        self.embed = weights["transformer.word_embeddings.weight"]
+        embed = "transformer.word_embeddings.weight"
+        self.embed = dense(weights, embed, dtype)  # looked up, not multiplied
         self.layers = [FalconLayer(weights, f"transformer.h.{i}", config, self.head_dim, slopes,
                                    quantization)
                        for i in range(self.num_layers)]
         self.final_norm: Norm = (weights["transformer.ln_f.weight"],
                                  weights.get("transformer.ln_f.bias"))
         self.eps = config.layer_norm_epsilon
-        self.lm_head = maybe_quantize(tied_lm_head(config, weights, self.embed), quantization)
+        self.lm_head = projection(weights, [lm_head_name(config, weights, embed)], quantization,
+                                  dtype)
         self.vocab_size = int(self.lm_head.shape[0])
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None

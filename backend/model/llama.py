@@ -18,7 +18,9 @@ and down projections sum their partial products over the group.
 
 With a ``quantization`` (``"int8"``, ``"int4"``) every projection and the output projection are
 quantized as the model is built (after slicing, under tensor parallelism) and run on the packed
-kernels of :mod:`kernels.quant_linear`; the embeddings and norms keep the model's dtype.
+kernels of :mod:`kernels.quant_linear`; the embeddings and norms keep the model's dtype. With
+``"gguf"`` the projections that a GGUF file holds quantized run on those kernels with the file's
+own codes (:mod:`backend.model.projections`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from backend.model.base import (
     KVCache,
     common_window,
     layer_windows,
+    lm_head_name,
     run_layers,
-    tied_lm_head,
 )
 from backend.model.parallel import (
     ParallelGroup,
@@ -42,10 +44,11 @@ from backend.model.parallel import (
     vocab_parallel_embedding,
     vocab_shard,
 )
+from backend.model.projections import cast_weights, dense, projection
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.linear import linear, silu_gated
 from kernels.norm import add_rms_norm
-from kernels.quant_linear import Weight, maybe_quantize
+from kernels.quant_linear import Weight
 from kernels.rotary import rotary_write_kv
 
 __all__ = ["KVCache", "LlamaLayer", "LlamaModel", "rotary_tables", "shard_weights"]
@@ -100,12 +103,14 @@ class LlamaLayer:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
 
-        def projection(name: str) -> Weight:
-            return maybe_quantize(w(name), quantization)
+        def proj(*names: str) -> Weight:
+            return projection(weights, [f"{prefix}.{n}.weight" for n in names], quantization,
+                              dtype)
 
         def maybe(name: str) -> torch.Tensor | None:
             return weights.get(f"{prefix}.{name}")
 
+        dtype = w("input_layernorm.weight").dtype  # the model's: norms are plain tensors
         ranks = 1 if parallel is None else parallel.world_size
         self.parallel = parallel
         self.num_heads = config.num_attention_heads // ranks
@@ -118,19 +123,17 @@ class LlamaLayer:
         self.k_norm = maybe("self_attn.k_norm.weight")
         self.input_norm = w("input_layernorm.weight")
         self.post_attention_norm = w("post_attention_layernorm.weight")
-        self.qkv = maybe_quantize(torch.cat([w("self_attn.q_proj.weight"),
-                                             w("self_attn.k_proj.weight"),
-                                             w("self_attn.v_proj.weight")]), quantization)
+        self.qkv = proj("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
         biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
         self.qkv_bias = (torch.cat(biases)  # type: ignore[arg-type]
                          if all(b is not None for b in biases) else None)
-        self.o_proj = projection("self_attn.o_proj.weight")
+        self.o_proj = proj("self_attn.o_proj")
         self.o_bias = maybe("self_attn.o_proj.bias")
-        self.gate = projection("mlp.gate_proj.weight")
+        self.gate = proj("mlp.gate_proj")
         self.gate_bias = maybe("mlp.gate_proj.bias")
-        self.up = projection("mlp.up_proj.weight")
+        self.up = proj("mlp.up_proj")
         self.up_bias = maybe("mlp.up_proj.bias")
-        self.down = projection("mlp.down_proj.weight")
+        self.down = proj("mlp.down_proj")
         self.down_bias = maybe("mlp.down_proj.bias")
 
     def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
@@ -170,11 +173,12 @@ class LlamaModel:
         self.parallel = parallel if parallel is not None and parallel.world_size > 1 else None
         if self.parallel is not None:
             check_tensor_parallel(config, self.parallel.world_size)
-        self.vocab_size = int(tied_lm_head(config, weights,
-                                           weights["model.embed_tokens.weight"]).shape[0])
+        embed = "model.embed_tokens.weight"
+        lm_head = lm_head_name(config, weights, embed)
+        self.vocab_size = int(weights[lm_head].shape[0])
         if self.parallel is not None:
             weights = shard_weights(weights, self.parallel)
-        weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        weights = cast_weights(weights, device, dtype)
         self.config = config
         self.num_layers = config.num_hidden_layers
         ranks = 1 if self.parallel is None else self.parallel.world_size
@@ -183,7 +187,7 @@ class LlamaModel:
             config.hidden_size // config.num_attention_heads)
         self.dtype = dtype
         self.device = device
-        self.embed = weights["model.embed_tokens.weight"]
+        self.embed = dense(weights, embed, dtype)  # looked up, not multiplied
         windows = layer_windows(config)
         self.sliding_window = common_window(windows)
         self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim, windows[i],
@@ -191,7 +195,7 @@ class LlamaModel:
                        for i in range(self.num_layers)]
         self.norm = weights["model.norm.weight"]
         self.eps = config.rms_norm_eps
-        self.lm_head = maybe_quantize(tied_lm_head(config, weights, self.embed), quantization)
+        self.lm_head = projection(weights, [lm_head], quantization, dtype)
         self.max_positions = config.max_position_embeddings
         cos, sin = rotary_tables(config, self.head_dim, self.max_positions, dtype)
         self.cos, self.sin = cos.to(device), sin.to(device)

@@ -7,7 +7,9 @@ one of :mod:`backend.model.registry`'s families, else ``UnsupportedModelError`` 
 
 Parsing a GGUF file in Python takes ~20 s, so the first load of a GGUF converts it once into a
 Hugging Face directory under the cache folder (dequantized fp32 weights, tokenizer, config) and
-later loads read that directory, which takes about a second.
+later loads read that directory, which takes about a second. With ``quantization="gguf"`` the
+config and tokenizer still come from there, and the weights from the GGUF file itself, its
+quantized tensors as stored (:mod:`backend.model.gguf_weights`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from backend.model.gguf_weights import INDEX_NAME, read_gguf_weights
+from backend.model.projections import GGUF
 from backend.model.registry import UnsupportedModelError, find_family, supported
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,6 +44,9 @@ class LoadedModel:
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     weights: dict[str, torch.Tensor]
+    # "gguf" when ``weights`` hold a GGUF file's quantized tensors as stored (codes and scales,
+    # laid out as backend.model.projections reads them), else None: plain tensors.
+    quantization: str | None = None
 
 
 def default_model_path() -> str:
@@ -61,14 +68,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _source(model: str | None) -> Path:
+    return Path(model if model is not None else default_model_path()).expanduser()
+
+
+def _is_gguf(source: Path) -> bool:
+    return source.is_file() and source.suffix == ".gguf"
+
+
 def resolve_model_dir(model: str | None) -> str:
     """A Hugging Face directory for ``model`` (converting a GGUF file on first use)."""
-    source = Path(model if model is not None else default_model_path()).expanduser()
+    source = _source(model)
     if source.is_dir():
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"model directory {source} has no config.json")
         return str(source)
-    if source.is_file() and source.suffix == ".gguf":
+    if _is_gguf(source):
         return str(_converted_gguf(source))
     raise FileNotFoundError(
         f"model {str(source)!r} is neither a Hugging Face directory nor a .gguf file")
@@ -159,10 +174,17 @@ def _read_weights(model_dir: Path, device: str, dtype: torch.dtype | None
 
 
 def load_model(model: str | None = None, device: str = "cpu",
-               dtype: torch.dtype | None = None, weights: bool = True) -> LoadedModel:
+               dtype: torch.dtype | None = None, weights: bool = True,
+               quantization: str | None = None) -> LoadedModel:
     """Reads config, tokenizer and weights of ``model`` (default: the embedded SmolLM2), the
     weights straight onto ``device`` in ``dtype`` (default: as stored). ``weights=False``
-    leaves them unread (a tensor-parallel driver, whose workers read their own)."""
+    leaves them unread (a tensor-parallel driver, whose workers read their own). With
+    ``quantization="gguf"`` the weights are the GGUF file's tensors as stored, on the CPU
+    (``ValueError`` if ``model`` is not a .gguf file); other quantizations are applied when
+    the model is built, to the plain weights read here."""
+    if quantization == GGUF and not _is_gguf(_source(model)):
+        raise ValueError(f"quantization='gguf' takes the quantized tensors of a .gguf file; "
+                         f"model {str(_source(model))!r} is not one")
     model_dir = Path(resolve_model_dir(model))
     # Checked on the raw file first: a model that would need trust_remote_code is refused by
     # its architecture's name, not by transformers' remote-code error.
@@ -170,5 +192,23 @@ def load_model(model: str | None = None, device: str = "cpu",
     find_family(raw.get("architectures"), raw.get("model_type"))
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not weights:
+        return LoadedModel(str(model_dir), config, tokenizer, {})
+    if quantization != GGUF:
+        return LoadedModel(str(model_dir), config, tokenizer,
+                           _read_weights(model_dir, device, dtype))
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
     return LoadedModel(str(model_dir), config, tokenizer,
-                       _read_weights(model_dir, device, dtype) if weights else {})
+                       read_gguf_weights(_source(model), names, config, model_dir / INDEX_NAME),
+                       GGUF)
+
+
+def check_loaded_for(loaded: LoadedModel, quantization: str | None) -> None:
+    """``ValueError`` unless ``loaded``'s weights are the kind ``quantization`` builds from:
+    a GGUF's quantized tensors for ``"gguf"``, plain tensors for anything else."""
+    if (quantization == GGUF) != (loaded.quantization == GGUF):
+        raise ValueError(
+            f"quantization={quantization!r} does not match the weights of {loaded.path}, read "
+            f"with quantization={loaded.quantization!r}: 'gguf' builds from the tensors "
+            f"load_model(..., quantization='gguf') reads, every other setting from plain ones")
