@@ -2,8 +2,9 @@
 
 Every system runs the same prompts (the user messages of ``bench/latency_prompts.py`` rendered
 with the model's chat template and tokenized once, here), one at a time, greedy, each to exactly
-``--max-tokens`` tokens (EOS ignored), after one warm-up request, with the same number of
-threads. Per system and prompt set:
+``--max-tokens`` tokens (EOS ignored), after one warm-up request; llama.cpp with as many threads
+as our engine, vLLM with its own default binding (``bench/peers/vllm_engine.py``). Per system and
+prompt set:
 
 * **decode tok/s**: generated tokens after the first / the time from the first token to the
   last, over all prompts of the set; **TPOT** is its inverse (time per output token).
@@ -64,6 +65,7 @@ BASELINE = "llamacpp-q4_1"
 REFERENCE = "ours-fp32"
 KV_CACHE_GIB = 1
 MAX_MODEL_LEN = 2048  # vLLM's and llama.cpp's context: the longest prompt and its output fit
+VLLM_THREADS_BIND = "auto"  # vLLM's default (bench/peers/vllm_engine.py says why)
 WARMUP_MESSAGE = "Hello! Who are you?"
 BUSY_WARNING = 0.1  # others' share of the machine above which the figures are called skewed
 
@@ -224,13 +226,13 @@ def run_ours(system: System, loaded: LoadedModel, prompts: list[list[int]],
 def peer_job(system: System, prompts: list[list[int]], warmup: list[int], max_tokens: int,
              threads: int) -> tuple[str, str, dict[str, Any]]:
     """(peer venv, runner module, job) for a peer system."""
-    common = {"prompts": prompts, "warmup_prompt": warmup, "max_tokens": max_tokens,
-              "threads": threads}
+    common = {"prompts": prompts, "warmup_prompt": warmup, "max_tokens": max_tokens}
     if system.kind == "llamacpp":
         return "llamacpp", "llamacpp_stream", {**common, "model": default_model_path(),
-                                               "n_ctx": MAX_MODEL_LEN}
+                                               "threads": threads, "n_ctx": MAX_MODEL_LEN}
     if system.kind == "vllm":
         return "vllm", "vllm_stream", {**common, "model": resolve_model_dir(None),
+                                       "omp_threads_bind": VLLM_THREADS_BIND,
                                        "max_model_len": MAX_MODEL_LEN,
                                        "kv_cache_gib": KV_CACHE_GIB}
     raise ValueError(f"system {system.name!r} is not a peer")

