@@ -267,7 +267,8 @@ def test_drafts_of_a_greedy_decode_and_the_blocks_of_rejected_ones() -> None:
     (SamplingParams(temperature=0, max_tokens=None), 3, 64, [4, 5]),  # the token budget
     (SamplingParams(temperature=0, max_tokens=3), 64, 64, [4]),  # drafts + 1 <= 2 left
     (SamplingParams(temperature=0, max_tokens=1), 64, 64, []),
-    (SamplingParams(temperature=0, max_tokens=None), 64, 4, []),  # no free block for them
+    # No free block: the room left in the last one (positions 10 and 11 of blocks of 4).
+    (SamplingParams(temperature=0, max_tokens=None), 64, 4, [4]),
     (SamplingParams(temperature=0.8, seed=1, max_tokens=None), 64, 64, []),  # sampled
     (SamplingParams(temperature=0, beam_width=2, max_tokens=None), 64, 64, []),
 ])

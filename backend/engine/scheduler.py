@@ -103,6 +103,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         spec = config.speculative_config
         self.proposer = None if spec is None else NgramProposer(spec.min_n, spec.max_n)
+        self.num_speculative_tokens = 0 if spec is None else spec.num_speculative_tokens
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -182,10 +183,7 @@ class Scheduler:
     def _add_drafts(self, scheduled: list[ScheduledSeq], budget: int,
                     proposer: NgramProposer) -> None:
         """Gives the step's greedy single-sequence decodes draft tokens, as many as budget,
-        free blocks and the request's remaining length allow; a decode whose drafts find no
-        blocks runs without them."""
-        spec = self.config.speculative_config
-        assert spec is not None
+        free blocks and the request's remaining length allow."""
         bm = self.block_manager
         for item in scheduled:
             seq = item.seq
@@ -199,10 +197,14 @@ class Scheduler:
             if params.max_tokens is not None:
                 room = min(room, params.max_tokens - seq.num_output_tokens)
             drafts = proposer.propose(seq.token_ids,
-                                      min(spec.num_speculative_tokens, budget, room - 1))
-            if drafts and bm.allocate(seq.block_table,
-                                      seq.num_computed_tokens + 1 + len(drafts),
-                                      seq.num_computed_tokens):
+                                      min(self.num_speculative_tokens, budget, room - 1))
+            if drafts and not bm.allocate(seq.block_table,
+                                          seq.num_computed_tokens + 1 + len(drafts),
+                                          seq.num_computed_tokens):
+                # No free blocks: only the drafts that the sequence's last block has room for.
+                drafts = drafts[:len(seq.block_table) * bm.block_size
+                                - seq.num_computed_tokens - 1]
+            if drafts:
                 item.draft_token_ids = drafts
                 item.num_new_tokens += len(drafts)
                 budget -= len(drafts)

@@ -59,14 +59,18 @@ def check_kv_cache_bytes(requested: int, device: str, setting: str = "kv_cache_b
 def activation_bytes(model: CausalLM, config: EngineConfig) -> int:
     """A bound on what one step's activations take beside weights and cache: the widest
     per-token tensors of a layer for a full token budget, and the fp32 logits of a full batch
-    with the sampler's copies of them."""
+    (each sequence's row, and its drafts' with speculative decoding) with the sampler's copies
+    of them."""
     hf = model.config
     q_size = hf.num_attention_heads * model.head_dim
     kv_size = model.num_kv_heads * model.head_dim
     mlp = getattr(hf, "intermediate_size", None) or hf.ffn_hidden_size  # Falcon's name
     per_token = 4 * hf.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * mlp
     element = torch.empty(0, dtype=model.dtype).element_size()
-    logits = 6 * min(config.max_num_seqs, config.max_num_batched_tokens) * hf.vocab_size * 4
+    spec = config.speculative_config
+    rows_per_seq = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+    rows = min(config.max_num_seqs * rows_per_seq, config.max_num_batched_tokens)
+    logits = 6 * rows * hf.vocab_size * 4
     return config.max_num_batched_tokens * per_token * element + logits
 
 
