@@ -15,6 +15,8 @@ them, so that the stored codes are the nearest to each weight under the scales t
   cut from the result.
 
 :func:`quant_linear_reference` (dequantize, then an fp32 matmul) is the kernels' reference.
+Weights in llama.cpp's block formats (a GGUF file's own, :mod:`kernels.block_quant`) go to their
+kernel through :func:`quant_linear` too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels import block_quant
+from kernels.block_quant import BlockWeight
 
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64)
@@ -70,7 +75,7 @@ class Int4Weight:
         return self.packed.device
 
 
-QuantizedWeight = Int8Weight | Int4Weight
+QuantizedWeight = Int8Weight | Int4Weight | BlockWeight
 # What a projection of the model holds: a plain weight, or a quantized one.
 Weight = torch.Tensor | QuantizedWeight
 
@@ -154,6 +159,9 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | 
     in_features = weight.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {in_features}")
+    if isinstance(weight, BlockWeight):
+        product = block_quant.block_linear(x, weight)
+        return product if bias is None else product + bias
     # The kernels take 2-D inputs, contiguous along the features.
     flat = x.reshape(-1, in_features).to(COMPUTE_DTYPE).contiguous()
     if isinstance(weight, Int8Weight):
@@ -173,6 +181,8 @@ def dequantize(weight: QuantizedWeight) -> torch.Tensor:
     """The fp32 ``[out, in]`` weight that ``weight``'s codes and scales stand for."""
     if isinstance(weight, Int8Weight):
         return weight.codes.float() * weight.scales.float()[:, None]
+    if isinstance(weight, BlockWeight):
+        return block_quant.dequantize(weight)
     rows = weight.scales_and_zeros.shape[1]
     eye = torch.eye(weight.in_features, dtype=COMPUTE_DTYPE)
     # The packed layout is the kernel's own (blocks of rows, which torch may change): the codes
@@ -192,7 +202,11 @@ def dequantize(weight: QuantizedWeight) -> torch.Tensor:
 def quant_linear_reference(x: torch.Tensor, weight: QuantizedWeight,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`quant_linear` in plain torch: the weight dequantized, an fp32 matmul of the
-    bf16-rounded input, the product rounded to bf16 as the kernels return it."""
+    bf16-rounded input, the product rounded to bf16 as the kernels return it (for blocks,
+    :func:`kernels.block_quant.block_linear_reference`)."""
+    if isinstance(weight, BlockWeight):
+        product = block_quant.block_linear_reference(x, weight).to(x.dtype)
+        return product if bias is None else product + bias
     x32 = x.to(COMPUTE_DTYPE).float()
     out = F.linear(x32, dequantize(weight)).to(COMPUTE_DTYPE).to(x.dtype)
     return out if bias is None else out + bias

@@ -1,12 +1,10 @@
 """A GGUF file's tensors read as they are stored, for ``quantization="gguf"``.
 
-Q4_0, Q4_1 and Q8_0 tensors come out as integer codes with their block scales (and zeros), in
-the state-dict layout of :mod:`backend.model.projections`; the 4-bit codes are the file's own,
-only re-expressed in the kernel's form ``w = (q - 8) * scale + zero``:
-
-* Q4_1 (``w = d * q + m``): scale ``d``, zero ``m + 8 d``;
-* Q4_0 (``w = d * (q - 8)``): scale ``d``, zero 0;
-* Q8_0 (``w = d * q``): int8 codes, scale ``d``.
+Q4_1 and Q8_0 tensors come out as their blocks, byte for byte: the block-quantized kernels
+(:mod:`kernels.block_quant`) multiply them as llama.cpp does. Q4_0 blocks (``w = d * (q - 8)``)
+are rewritten as Q4_1 blocks with the same scale and codes and the offset ``m = -8 d`` (exact in
+fp16), so one kernel serves both. Blocks sit in the state dict as
+:func:`backend.model.projections.blocks_entries` lays them out.
 
 F32 and F16 tensors stay as stored. Other types (k-quants, Q5, ...) have no kernel here: they
 are dequantized by ``gguf``'s reference code, with a log line naming them, rather than refused,
@@ -15,7 +13,7 @@ tensors quantized as the file has them.
 
 Tensors are named as ``transformers`` names them (the keys of the model's converted directory)
 and reordered as its GGUF reader reorders them: llama.cpp interleaves the rows of Llama's q and
-k projections for its rotary kernel; whole rows move, so the rows of codes are put back the
+k projections for its rotary kernel; whole rows move, so the rows of blocks are put back the
 same way. The data are read through a memory map of the file. Parsing a GGUF's header with
 ``gguf.GGUFReader`` takes seconds (the tokenizer's strings), so the tensors' types, shapes and
 offsets are kept in a small JSON index next to the converted directory's files.
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from backend.model.projections import SCALE, ZERO
+from backend.model.projections import blocks_entries
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +66,28 @@ def _unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(rows.shape))
 
 
-def _block_scale(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 field at byte ``at`` of each block, as float32 ``[rows, blocks]``."""
-    return np.ascontiguousarray(blocks[..., at: at + 2]).view(np.float16)[..., 0].astype(
-        np.float32)
+def _q4_0_as_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks ``[..., 18]`` (fp16 d, codes) as Q4_1 blocks ``[..., 20]`` (fp16 d, fp16 m,
+    the same codes) of the same weights: ``d * (q - 8) = d * q + m`` with ``m = -8 d``."""
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)
+    m = (d * np.float16(-8)).view(np.uint8)  # a power of two: exact
+    return np.concatenate([blocks[..., :2], m, blocks[..., 2:]], axis=-1)
 
 
 def decode_tensor(name: str, kind: str, raw: np.ndarray, shape: list[int]
-            ) -> dict[str, torch.Tensor]:
+                  ) -> dict[str, torch.Tensor]:
     """``name``'s entries in the state dict from its raw bytes ``[rows, bytes per row]`` of
     GGML type ``kind`` (``"Q4_1"``, ...) and its ``shape`` (rows first)."""
     qtype = gguf.GGMLQuantizationType[kind]
     if qtype in _FLOAT:
         return {name: torch.from_numpy(raw.view(_FLOAT[qtype]).reshape(shape).copy())}
     rows = raw.shape[0]
-    if qtype in (_Q.Q4_0, _Q.Q4_1):
-        blocks = raw.reshape(rows, -1, 20 if qtype == _Q.Q4_1 else 18)
-        scale = _block_scale(blocks, 0)
-        zero = (_block_scale(blocks, 2) + 8 * scale if qtype == _Q.Q4_1
-                else np.zeros_like(scale))
-        packed = blocks[..., -16:]  # byte j: element j in its low half, j + 16 in its high
-        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(rows, -1)
-        return {name: torch.from_numpy(codes), name + SCALE: torch.from_numpy(scale),
-                name + ZERO: torch.from_numpy(zero)}
-    if qtype == _Q.Q8_0:
-        blocks = raw.reshape(rows, -1, 34)
-        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
-        return {name: torch.from_numpy(codes), name + SCALE: torch.from_numpy(
-            _block_scale(blocks, 0))}
+    if qtype == _Q.Q4_0:
+        blocks = _q4_0_as_q4_1(raw.reshape(rows, -1, 18)).reshape(rows, -1)
+        return blocks_entries(name, "q4_1", torch.from_numpy(np.ascontiguousarray(blocks)))
+    if qtype in (_Q.Q4_1, _Q.Q8_0):
+        kind_name = "q4_1" if qtype == _Q.Q4_1 else "q8_0"
+        return blocks_entries(name, kind_name, torch.from_numpy(np.array(raw, copy=True)))
     try:
         values = gguf.quants.dequantize(raw, qtype)
     except NotImplementedError as exc:
