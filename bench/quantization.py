@@ -1,0 +1,150 @@
+"""Weight-only quantization on the default model: how close to fp32, how fast.
+
+Settings: ``fp32`` (the GGUF's Q4_1 weights dequantized: the file's values), ``int8`` and
+``int4`` (re-quantized from those), ``gguf`` (the file's own 4-bit codes with bf16 scales, its
+tied Q8_0 output projection as int8 per row) and ``gguf-fp32-head`` (the same, the output
+projection left as the file's dequantized Q8_0 values, to weigh that choice). Per setting:
+
+* greedy agreement with fp32: each token chosen after fp32's own prefix (the model's
+  decisions), and free-running (one different token changes all that follow);
+* perplexity of ``tests.prompts.LONG_PROMPT``;
+* one-stream decode tok/s: one short prompt, ``--tokens`` greedy tokens (EOS ignored), run
+  ``--runs`` times; the prefill (timed alone) is subtracted.
+
+For ``gguf`` also the kind of weight its projections hold and, for int4 ones, their distance
+from the file's values (the rounding of the scales and zeros to bf16):
+``|W_kernel - W_file| / |W_file|`` over all projections.
+
+The machine may be shared: decode speeds are printed per run, with the load average, and torch
+runs ``--threads`` threads (1 by default: on a busy machine its threads' barriers wait on each
+other's descheduled peers, which hides the kernels' differences).
+
+Usage (from the repository root)::
+
+    python -m bench.quantization [--tokens 128] [--runs 2] [--prompts 12] [--agreement 32]
+                                 [--threads 1] [--settings fp32,int4,gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from backend import LLM, SamplingParams
+from backend.model.loader import LoadedModel, load_model
+from kernels.quant_linear import Int4Weight, dequantize
+from tests.prompts import LONG_PROMPT, PROMPTS
+
+SETTINGS = ("fp32", "int8", "int4", "gguf", "gguf-fp32-head")
+
+
+def logits_of(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """The model's scores at every position of ``token_ids``, prefilled in one step."""
+    model = llm.engine.model
+    hidden: list[torch.Tensor] = []
+    forward = type(model).forward
+
+    def capture(*args: object, **kwargs: object) -> torch.Tensor:
+        hidden.append(forward(model, *args, **kwargs))  # type: ignore[arg-type]
+        return hidden[-1]
+
+    model.forward = capture  # type: ignore[method-assign]
+    try:
+        llm.generate(prompt_token_ids=[token_ids], use_tqdm=False,
+                     sampling_params=SamplingParams(temperature=0.0, max_tokens=1))
+    finally:
+        del model.forward
+    return model.logits(torch.cat(hidden))
+
+
+def build(setting: str, plain: LoadedModel, blocks: LoadedModel) -> LLM:
+    kind = setting.removesuffix("-fp32-head")
+    llm = LLM(loaded=blocks if kind == "gguf" else plain, kv_cache_bytes=64 << 20,
+              enable_prefix_caching=False, quantization=None if kind == "fp32" else kind)
+    if setting == "gguf-fp32-head":  # tied: the embeddings hold the file's Q8_0 values
+        model = llm.engine.model
+        model.lm_head = model.embed  # type: ignore[attr-defined]
+    return llm
+
+
+def gguf_weights(llm: LLM, plain: LoadedModel) -> str:
+    """The kind of the gguf model's projections and, for int4, |W_kernel - W_file| / |W_file|
+    over all of them."""
+    names = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "o_proj": ["self_attn.o_proj"], "gate": ["mlp.gate_proj"], "up": ["mlp.up_proj"],
+             "down": ["mlp.down_proj"]}
+    model = llm.engine.model
+    kinds = f"projections {type(model.layers[0].qkv).__name__}, "  # type: ignore[attr-defined]
+    kinds += f"output {type(model.lm_head).__name__}"
+    diff = total = 0.0
+    for i, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+        for attr, parts in names.items():
+            weight = getattr(layer, attr)
+            if not isinstance(weight, Int4Weight):
+                return kinds
+            exact = torch.cat([plain.weights[f"model.layers.{i}.{p}.weight"] for p in parts])
+            diff += float((dequantize(weight) - exact).square().sum())
+            total += float(exact.square().sum())
+    return f"{kinds}; weights vs the file's {(diff / total) ** 0.5:.2e}"
+
+
+def decode_speed(llm: LLM, prompt: list[int], tokens: int) -> float:
+    def timed(n: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    prefill = timed(1)
+    return (tokens - 1) / (timed(tokens) - prefill)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--agreement", type=int, default=32, help="tokens per prompt")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="fp32 first")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    plain, blocks = load_model(), load_model(quantization="gguf")
+    tok = plain.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS[: args.prompts]]
+    text = tok.encode(LONG_PROMPT)
+    reference: list[list[int]] = []
+    fp32_ppl = 0.0
+    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()}, "
+          f"{len(prompts)} prompts x {args.agreement} tokens, perplexity over {len(text)} tokens")
+    for setting in args.settings.split(","):
+        llm = build(setting, plain, blocks)
+        outputs = llm.generate(prompt_token_ids=prompts, use_tqdm=False,
+                               sampling_params=SamplingParams(temperature=0.0,
+                                                              max_tokens=args.agreement,
+                                                              ignore_eos=True))
+        got = [o.outputs[0].token_ids for o in outputs]
+        ppl = float(torch.exp(F.cross_entropy(logits_of(llm, text)[:-1],
+                                              torch.tensor(text[1:]))))
+        if setting == "fp32":
+            reference, fp32_ppl = got, ppl
+        total = sum(len(t) for t in reference)
+        forced = sum(
+            a == b for p, t in zip(prompts, reference)
+            for a, b in zip(logits_of(llm, p + t[:-1])[len(p) - 1:].argmax(-1).tolist(), t))
+        free = sum(a == b for g, t in zip(got, reference) for a, b in zip(g, t))
+        speeds = [decode_speed(llm, prompts[1], args.tokens) for _ in range(args.runs)]
+        extra = f"; {gguf_weights(llm, plain)}" if setting == "gguf" else ""
+        print(f"{setting:>15}: agreement {forced / total:.3f} after fp32's prefix, "
+              f"{free / total:.3f} free-running; perplexity {ppl:.3f} "
+              f"({ppl / fp32_ppl - 1:+.2%} vs fp32); decode tok/s "
+              f"{', '.join(f'{s:.1f}' for s in speeds)}{extra}", flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
