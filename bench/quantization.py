@@ -1,8 +1,8 @@
 """Weight-only quantization on the default model: how close to fp32, how fast.
 
 Settings: ``fp32`` (the GGUF's Q4_1 weights dequantized: the file's values), ``int8`` and
-``int4`` (re-quantized from those), ``gguf`` (the file's own 4-bit codes with bf16 scales, its
-tied Q8_0 output projection as int8 per row) and ``gguf-fp32-head`` (the same, the output
+``int4`` (re-quantized from those), ``gguf`` (the file's own blocks, as
+``backend.model.gguf_weights`` serves them) and ``gguf-fp32-head`` (the same, the tied output
 projection left as the file's dequantized Q8_0 values, to weigh that choice). Per setting:
 
 * greedy agreement with fp32: each token chosen after fp32's own prefix (the model's

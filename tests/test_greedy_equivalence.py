@@ -107,10 +107,10 @@ def test_tiny_llama_matches_transformers(tiny_llama, heads, kv_heads, head_dim, 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_tiny_llama_quantized_outputs_do_not_depend_on_batching(tiny_llama,
                                                                 quantization: str) -> None:
-    """Quantized weights run other kernels (a GGUF's own blocks run the same int4 and int8
-    ones), which transformers does not have: a request's greedy tokens are held to the same
-    engine's one at a time, in a batch of mixed lengths and prefilled in chunks (the kernels
-    give each row the same result whatever the rows beside it).
+    """Quantized weights run torch's packed int8 and int4 kernels, which transformers does not
+    have: a request's greedy tokens are held to the same engine's one at a time, in a batch of
+    mixed lengths and prefilled in chunks (the kernels give each row the same result whatever
+    the rows beside it).
 
     Not preemption, nor prefix-cache hits on generated tokens: there a token's keys and values
     are recomputed by a prefill where a decode step first wrote them, which rounds differently
