@@ -203,10 +203,17 @@ class SystemRun:
     settings: dict[str, Any] | None = None
 
 
+def own_weights(engine_args: dict[str, Any], loaded: LoadedModel) -> LoadedModel | None:
+    """The shared plain weights, or None where the engine must read its own: the GGUF's
+    quantized tensors are not among the plain ones."""
+    return None if engine_args.get("quantization") == "gguf" else loaded
+
+
 def run_ours(system: System, loaded: LoadedModel, prompts: list[list[int]],
              warmup: list[int], max_tokens: int) -> SystemRun:
     try:
-        llm = LLM(loaded=loaded, kv_cache_bytes=KV_CACHE_GIB * 2**30, **system.engine_args)
+        llm = LLM(loaded=own_weights(system.engine_args, loaded),
+                  kv_cache_bytes=KV_CACHE_GIB * 2**30, **system.engine_args)
     except (TypeError, ValueError, NotImplementedError) as e:
         return SystemRun("unavailable", f"{type(e).__name__}: {e}")
     try:

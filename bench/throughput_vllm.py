@@ -6,10 +6,10 @@ weight quantization it has (int8, int4, and the GGUF's own where available); vLL
 its own venv, ``bench/peer_venvs.py``) runs it in fp32 on the Hugging Face directory our loader
 converts the embedded GGUF to (the same weights as our fp32), in a subprocess given the token
 ids, with the same ``max_num_seqs``, ``max_num_batched_tokens`` and KV cache size (GiB), and its
-own default thread binding (``bench/peers/vllm_engine.py``). Every system is timed ``--repeat`` times, prefix cache emptied before each run, and
-its fastest run counts. Reported: generated tokens per second of each, ours over vLLM's, and the
-share of requests whose greedy output is identical to vLLM's (fp32 against fp32 should be all
-or nearly all: both sum in their own order).
+own default thread binding (``bench/peers/vllm_engine.py``). Every system is timed ``--repeat``
+times, prefix cache emptied before each run, and its fastest run counts. Reported: generated
+tokens per second of each, ours over vLLM's, and the share of requests whose greedy output is
+identical to vLLM's (fp32 against fp32 should be all or nearly all: both sum in their own order).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from backend import LLM
 from backend.model.loader import load_model, resolve_model_dir
 from bench import peer_venvs
 from bench.cpu_steal import ContentionMonitor
+from bench.latency import own_weights
 from bench.throughput import (
     ENGINE_ARGS,
     EngineResult,
@@ -104,7 +105,7 @@ def vs_vllm_main(args: argparse.Namespace, quick: bool, repeat: int) -> int:
     skipped: dict[str, str] = {}
     for name, config in CONFIGS.items():
         try:
-            llm = LLM(loaded=loaded, **{**ENGINE_ARGS, **config})
+            llm = LLM(loaded=own_weights(config, loaded), **{**ENGINE_ARGS, **config})
         except (TypeError, ValueError, NotImplementedError) as e:
             skipped[name] = f"{type(e).__name__}: {e}"
             print(f"ours {name}: unavailable ({skipped[name]})", flush=True)
