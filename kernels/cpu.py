@@ -135,9 +135,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     parts = [compiler, *_COMMON_FLAGS, *_LINK_FLAGS, _cpu_signature()]
     for name, flags in _SOURCES.items():
-        parts += [name, (_CSRC / name).read_text(), *flags]
+        parts += [name, (_CSRC / name).read_text(encoding="utf-8"), *flags]
     for header in sorted(_CSRC.glob("*.h")):
-        parts += [header.name, header.read_text()]
+        parts += [header.name, header.read_text(encoding="utf-8")]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     name = f"{_LIBRARY_NAME}-{key}.so"
     # The user's cache first; a private temporary folder where that is not writable.

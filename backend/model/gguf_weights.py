@@ -46,7 +46,7 @@ _FLOAT: dict[gguf.GGMLQuantizationType, type[np.floating]] = {_Q.F32: np.float32
 def _tensor_index(gguf_file: Path, index_file: Path) -> dict:
     """The file's architecture and, per tensor, its type, shape (rows first) and place."""
     if index_file.is_file():
-        return json.loads(index_file.read_text())
+        return json.loads(index_file.read_text(encoding="utf-8"))
     reader = gguf.GGUFReader(gguf_file)
     index = {"architecture": str(reader.fields["general.architecture"].contents()),
              "tensors": {t.name: {"type": t.tensor_type.name,

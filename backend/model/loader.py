@@ -158,7 +158,7 @@ def _read_weights(model_dir: Path, device: str, dtype: torch.dtype | None
     at a time, so a GPU never holds the file's dtype and the engine's side by side."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     else:
         files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
     if not files:
@@ -188,7 +188,7 @@ def load_model(model: str | None = None, device: str = "cpu",
     model_dir = Path(resolve_model_dir(model))
     # Checked on the raw file first: a model that would need trust_remote_code is refused by
     # its architecture's name, not by transformers' remote-code error.
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     find_family(raw.get("architectures"), raw.get("model_type"))
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -97,7 +97,7 @@ def read_model_json(version_dir: Path) -> dict[str, Any]:
                               f"{where} of model '{version_dir.parent.name}' resolves outside "
                               "the model's folder")
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"failed to parse {where}: {e}") from None

@@ -79,7 +79,7 @@ def load_config(model_dir: Path, override: str | None = None) -> mc.ModelConfig:
         path = model_dir / "config.pbtxt"
         if path.is_file():
             require_within(path, model_dir, "config.pbtxt", model_dir.name)
-            config = parse_config(path.read_text(), "config.pbtxt")
+            config = parse_config(path.read_text(encoding="utf-8"), "config.pbtxt")
         else:
             config = mc.ModelConfig()
     return complete_config(config, model_dir.name)

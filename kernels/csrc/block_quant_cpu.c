@@ -7,9 +7,9 @@
  *        nibble of byte j, weight j + 16 in its high nibble): w = d * q + m.
  *   Q8_0 block of 32 weights: fp16 d, 32 int8 codes q: w = d * q.
  *   Q8 activations, a block of 32 values: fp32 d = max|x| / 127, int8 q = round(x / d) and
- *        s = d * sum(q) (the term a Q4_1 weight's offset m multiplies): x ≈ d * q.
+ *        s = d * sum(q) (the term a Q4_1 weight's offset m multiplies): x ~ d * q.
  *
- *   quantize_rows_q8   x fp32 [rows, k] (rows x_stride apart) → Q8 blocks [rows, k / 32].
+ *   quantize_rows_q8   x fp32 [rows, k] (rows x_stride apart) -> Q8 blocks [rows, k / 32].
  *   matmul_q4_1 / matmul_q8_0
  *                      y[r, n] = sum over blocks b of row r of x and row n of w:
  *                        Q4_1: d_w d_x sum(q_w q_x) + m_w s_x;  Q8_0: d_w d_x sum(q_w q_x)
