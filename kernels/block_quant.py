@@ -41,10 +41,6 @@ class BlockWeight:
     def device(self) -> torch.device:
         return self.blocks.device
 
-    def rows(self, start: int, end: int) -> BlockWeight:
-        """Output rows ``start:end`` (a tensor-parallel shard, a fused projection's part)."""
-        return BlockWeight(self.kind, self.blocks[start:end].contiguous())
-
 
 def _check_shape(kind: str, weight: torch.Tensor) -> None:
     if kind not in FORMATS:
