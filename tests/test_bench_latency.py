@@ -14,6 +14,7 @@ from bench.peers import jobs, llamacpp_stream, vllm_batch, vllm_engine
 from bench.throughput import Request
 
 
+@pytest.mark.slow
 def test_latency_quick_runs_our_engine_and_records_its_figures(tmp_path, capsys):
     out = tmp_path / "latency.json"
     assert latency.main(["--quick", "--out", str(out)]) == 0
