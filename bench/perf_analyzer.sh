@@ -42,7 +42,9 @@ PA="$VENV/bin/perf_analyzer"
 [ -x "$PA" ] || { echo "no $PA: run make setup-dev (tritonclient==2.41.0)" >&2; exit 1; }
 
 # Supply the two shared libraries from the pytriton wheel when the loader cannot find them.
-if ldd "$PA" | grep -q "not found"; then
+# ldd's output is read whole: `grep -q` would quit at the first match, and under pipefail the
+# SIGPIPE it leaves ldd with would make the test false.
+if ldd "$PA" | grep "not found" > /dev/null; then
   LIBS="$(ls -d "$VENV"/lib/python3*/site-packages/nvidia_pytriton.libs 2>/dev/null | head -1)"
   [ -n "$LIBS" ] || { echo "perf_analyzer lacks libraries and nvidia-pytriton is not installed" >&2; exit 1; }
   SHIM="$(mktemp -d)"

@@ -93,7 +93,7 @@ def test_engine_drops_the_weights_it_loaded_before_sizing_the_cache(
         held_at_sizing.append(len(loaded.weights))
         return num_kv_blocks(*args)
 
-    monkeypatch.setattr("backend.model.executor.load_model", lambda *args: loaded)
+    monkeypatch.setattr("backend.model.executor.load_model", lambda *args, **kwargs: loaded)
     monkeypatch.setattr("backend.model.executor.num_kv_blocks", sizing)
     count = len(loaded.weights)
     EngineCore(config, loaded=loaded)
