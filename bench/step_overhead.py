@@ -22,7 +22,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from backend.config import EngineConfig
 from backend.engine.core import EngineCore
 from backend.engine.stats import FinishedRequest, RequestInfo, StepStats
 from backend.model.loader import LoadedModel, load_model
+from backend.model.projections import GGUF, as_blocks
 from bench.cpu_steal import ContentionMonitor
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -81,6 +82,13 @@ def skeleton_of(loaded: LoadedModel, folder: Path) -> LoadedModel:
     return load_model(str(folder))
 
 
+def in_blocks(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its projections held as Q4_1 blocks, as a GGUF read for
+    ``quantization="gguf"`` holds them."""
+    return replace(loaded, weights=as_blocks(loaded.weights, lambda name: "q4_1"),
+                   quantization=GGUF)
+
+
 def profile(loaded: LoadedModel, name: str, quantization: str | None, batch: int,
             tokens: int) -> StepProfile:
     recorder = _PhaseRecorder()
@@ -109,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--quantization", nargs="+", default=["none", "int4"],
-                        help="'none' for the model's dtype")
+                        help="'none' for the model's dtype; 'gguf' for the file's own blocks")
     parser.add_argument("--tokens", type=int, default=64, help="generated per request")
     parser.add_argument("--out", type=Path, default=Path("bench/results/step_overhead.json"))
     return parser.parse_args(argv)
@@ -123,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         skeleton = skeleton_of(loaded, Path(folder))
         for quantization in [None if q == "none" else q for q in args.quantization]:
+            # "gguf" runs the file's own blocks, and its skeleton blocks of the same format.
+            sources = ((("model", load_model(None, quantization=GGUF)),
+                        ("skeleton", in_blocks(skeleton))) if quantization == GGUF
+                       else (("model", loaded), ("skeleton", skeleton)))
             for batch in args.batches:
-                for name, source in (("model", loaded), ("skeleton", skeleton)):
+                for name, source in sources:
                     rows.append(profile(source, name, quantization, batch, args.tokens))
     others = monitor.stop().others_fraction_of_machine
     print(f"{'quantization':>12} {'batch':>5} {'system':>8} {'step ms':>8} "

@@ -105,6 +105,13 @@ class AttentionMetadata:
                 self._prefill_slots.append(_context_slots(
                     self.block_tables[i: i + 1], self.seq_lens[i], self.block_size)[0])
 
+    @property
+    def decode_lens(self) -> torch.Tensor:
+        """``seq_lens`` of the decodes as an int64 tensor on the device (not on the Triton
+        path)."""
+        assert self._decode_lens is not None, "the Triton path keeps no decode lengths"
+        return self._decode_lens
+
     def torch_decode_groups(self) -> list[DecodeGroup]:
         """The decodes' groups for the torch path, built on first use and kept for the step."""
         if self._decode_groups is None:

@@ -123,6 +123,24 @@ def block_linear_reference(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor
     return out.float()
 
 
+def silu_gated(x: torch.Tensor, gate_up: BlockWeight, gate_bias: torch.Tensor | None = None,
+               up_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x @ gate.T + gate_bias) * (x @ up.T + up_bias)`` for a SwiGLU MLP whose gate and
+    up rows are fused into ``gate_up`` (the gate's first): one product, then the activation (in
+    C where the kernels are built, as the fused decode layers compute it)."""
+    both = block_linear(x, gate_up)
+    width = both.shape[-1] // 2
+    if both.device.type == "cpu" and both.dtype == torch.float32 and cpu.available():
+        rows = both.reshape(-1, 2 * width)
+        return cpu.silu_mul(rows, gate_bias, up_bias).reshape(*both.shape[:-1], width)
+    gate, up = both[..., :width], both[..., width:]
+    if gate_bias is not None:
+        gate = gate + gate_bias
+    if up_bias is not None:
+        up = up + up_bias
+    return F.silu(gate) * up
+
+
 def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     """``x @ w.T`` for ``x`` ``[..., in]`` of any float dtype; the result in ``x``'s dtype."""
     lead = x.shape[:-1]

@@ -27,6 +27,7 @@ import stat
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ _SOURCES = {
     "paged_attention_cpu.c": ["-ffast-math"],
     "elementwise_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
     "block_quant_cpu.c": ["-fno-math-errno"],
+    "decode_layers_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
 }
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _LIBRARY_NAME = "pagedserve_cpu"
@@ -112,11 +114,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         "quantize_rows_q8": [ptr, i64, ptr, i64, i64, nt],
         "matmul_q4_1": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "matmul_q8_0": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
+        "silu_mul": [ptr, i64, i64, ptr, ptr, ptr, nt],
     }
     for name, args in untyped.items():
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = None
+    lib.decode_layers_q.argtypes = [ctypes.POINTER(DecodeLayer), i64, ptr, ptr, i64, i64, i64,
+                                    i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr,
+                                    f32, f32, nt]
+    lib.decode_layers_q.restype = ctypes.c_int
 
 
 def _kernel(name: str, dtype: torch.dtype) -> Any:
@@ -377,3 +384,99 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, out_features:
     getattr(lib, f"matmul_{kind}")(quantized.data_ptr(), rows, blocks.data_ptr(), out_features,
                                    in_features, y.data_ptr(), y.stride(0), threads)
     return y
+
+
+def silu_mul(gate_up: torch.Tensor, gate_bias: torch.Tensor | None,
+             up_bias: torch.Tensor | None) -> torch.Tensor:
+    """``silu(g + gate_bias) * (u + up_bias)`` for fp32 rows ``gate_up`` ``[rows, 2 * width]``
+    holding the gate products ``g`` then the up products ``u`` of each row; ``[rows, width]``.
+    Only call when :func:`available`."""
+    if gate_up.dim() != 2 or gate_up.dtype != torch.float32 or not gate_up.is_contiguous() or \
+            gate_up.shape[1] % 2:
+        raise ValueError("gate_up must be contiguous fp32 rows [rows, 2 * width]")
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    for name, bias in (("gate_bias", gate_bias), ("up_bias", up_bias)):
+        if bias is not None:
+            _check_vector(name, bias, torch.float32, width)
+            _check_cpu(bias)
+    _check_cpu(gate_up)
+    out = torch.empty(rows, width, dtype=torch.float32)
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    lib.silu_mul(gate_up.data_ptr(), rows, width,
+                 None if gate_bias is None else gate_bias.data_ptr(),
+                 None if up_bias is None else up_bias.data_ptr(), out.data_ptr(),
+                 torch.get_num_threads())
+    return out
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer for :func:`decode_layers`: the addresses of its fp32 norms and biases
+    (0 where absent), of its projections' blocks and their formats (:data:`BLOCK_KINDS`), of its
+    KV cache, and its sliding window (0: none). The tensors must outlive every call that reads
+    the structure. Mirrors ``decode_layer`` of kernels/csrc/decode_layers_cpu.c."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "post_norm", "qkv", "o", "gate_up", "down")] + \
+        [(name, ctypes.c_int64) for name in ("qkv_kind", "o_kind", "gate_up_kind", "down_kind")] + \
+        [(name, ctypes.c_void_p) for name in (
+            "qkv_bias", "o_bias", "gate_bias", "up_bias", "down_bias", "q_norm", "k_norm",
+            "k_cache", "v_cache")] + \
+        [("window", ctypes.c_int64)]
+
+
+# The block formats' codes in DecodeLayer.
+BLOCK_KINDS = {"q4_1": 0, "q8_0": 1}
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """The sizes every layer of a :func:`decode_layers` call shares."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+
+
+def decode_layers(layers: ctypes.Array[DecodeLayer], shape: DecodeShape, h: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                  num_cache_blocks: int, block_size: int, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor) -> torch.Tensor:
+    """Runs ``layers`` (kernels/csrc/decode_layers_cpu.c) over one decode token per sequence:
+    ``h`` fp32 ``[rows, hidden]`` contiguous (the residual stream, updated in place), ``cos``/
+    ``sin`` ``[rows, head_dim]``, ``slot_mapping`` ``[rows]``, ``block_tables`` ``[rows, width]``
+    and ``seq_lens`` ``[rows]`` int64, contiguous. Returns the last layer's output, to be added
+    to ``h`` by the final norm. The caller vouches for the layers' weights and caches (built
+    from the model's own); the batch is checked here. Only call when :func:`available`."""
+    rows = h.shape[0]
+    if h.dtype != torch.float32 or not h.is_contiguous() or h.shape != (rows, shape.hidden):
+        raise ValueError(f"h must be contiguous fp32 [rows, {shape.hidden}]")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or \
+                t.shape != (rows, shape.head_dim):
+            raise ValueError(f"{name} must be a contiguous fp32 [rows, head_dim] table")
+    for name, t in (("slot_mapping", slot_mapping), ("seq_lens", seq_lens)):
+        if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (rows,):
+            raise ValueError(f"{name} must be a contiguous int64 vector, one entry per row")
+    if block_tables.dtype != torch.int64 or block_tables.dim() != 2 or \
+            block_tables.shape[0] != rows or block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be int64 [rows, width] with contiguous rows")
+    _check_cpu(h, cos, sin, slot_mapping, block_tables, seq_lens)
+    delta = torch.empty_like(h)
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    status = lib.decode_layers_q(
+        layers, len(layers), h.data_ptr(), delta.data_ptr(), rows, shape.hidden,
+        shape.intermediate, shape.num_heads, shape.num_kv_heads, shape.head_dim, cos.data_ptr(),
+        sin.data_ptr(), slot_mapping.data_ptr(), num_cache_blocks, block_size,
+        block_tables.data_ptr(), block_tables.shape[1], block_tables.stride(0),
+        seq_lens.data_ptr(), shape.eps, shape.scale, torch.get_num_threads())
+    if status == 2:
+        raise ValueError("a slot, sequence length or block table lies outside the cache")
+    if status:
+        raise MemoryError("the decode layers could not allocate their scratch memory")
+    return delta

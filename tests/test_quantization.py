@@ -200,8 +200,10 @@ def test_smollm_quantized_against_fp32(kind: str, smollm: LoadedModel,
               quantization=kind)
     layer = llm.engine.model.layers[0]  # type: ignore[attr-defined]
     weight_type = {"int8": Int8Weight, "int4": Int4Weight, "gguf": BlockWeight}[kind]
-    assert all(isinstance(getattr(layer, p), weight_type)
-               for p in ("qkv", "o_proj", "gate", "up", "down"))
+    # Blocks of the gate and up rows are fused into one weight, others kept apart.
+    mlp_in = layer.mlp_in if isinstance(layer.mlp_in, tuple) else (layer.mlp_in,)
+    assert all(isinstance(w, weight_type)
+               for w in (layer.qkv, layer.o_proj, *mlp_in, layer.down))
     assert isinstance(llm.engine.model.lm_head, weight_type)
     same = _teacher_forced_agreement(llm, prompts, reference)
     outputs = llm.generate(prompt_token_ids=prompts, use_tqdm=False,
@@ -325,7 +327,7 @@ def test_tiny_gguf_runs_its_own_blocks_close_to_their_dequantization(
     model = ours.engine.model
     first, second = model.layers  # type: ignore[attr-defined]
     assert all(isinstance(getattr(first, p), BlockWeight)
-               for p in ("qkv", "o_proj", "gate", "up", "down"))
+               for p in ("qkv", "o_proj", "mlp_in", "down"))
     assert isinstance(second.down, torch.Tensor) and second.down.dtype == torch.float32
     assert isinstance(model.lm_head, BlockWeight)
     assert model.embed.dtype == torch.float32  # type: ignore[attr-defined]

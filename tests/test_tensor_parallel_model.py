@@ -145,8 +145,11 @@ def _rank_main(rank: int, port: int, models: Models, out_dir: str) -> None:
                                         "cache_heads": runner.caches[0][0].shape[2],
                                         "lm_head_rows": model.lm_head.shape[0],
                                         "vocab_size": model.vocab_size,
-                                        "layer": {name: tuple(getattr(model.layers[0], name).shape)
-                                                  for name in ("qkv", "o_proj", "gate", "down")}}
+                                        "layer": {name: tuple(weight.shape) for name, weight in (
+                                            ("qkv", model.layers[0].qkv),
+                                            ("o_proj", model.layers[0].o_proj),
+                                            ("gate", model.layers[0].mlp_in[0]),
+                                            ("down", model.layers[0].down))}}
             results[world]["stats"] = pg.stats
             half = ParallelGroup(rank, world, groups[world])  # gloo adds bf16 and fp16 itself
             results[world]["half"] = [

@@ -35,6 +35,7 @@ from backend.model.base import (
     lm_head_name,
     run_layers,
 )
+from backend.model.fused_decode import FusedDecode
 from backend.model.parallel import (
     ParallelGroup,
     all_gather_last_dim,
@@ -44,8 +45,10 @@ from backend.model.parallel import (
     vocab_parallel_embedding,
     vocab_shard,
 )
-from backend.model.projections import cast_weights, dense, projection
+from backend.model.projections import cast_weights, dense, joined_blocks, projection
+from kernels import block_quant
 from kernels.attention import AttentionMetadata, paged_attention
+from kernels.block_quant import BlockWeight
 from kernels.linear import linear, silu_gated
 from kernels.norm import add_rms_norm
 from kernels.quant_linear import Weight
@@ -129,9 +132,12 @@ class LlamaLayer:
                          if all(b is not None for b in biases) else None)
         self.o_proj = proj("self_attn.o_proj")
         self.o_bias = maybe("self_attn.o_proj.bias")
-        self.gate = proj("mlp.gate_proj")
+        # Block-quantized gate and up rows run as one product, gate's first (as the fused
+        # decode layers of backend.model.fused_decode run them).
+        gate_up = joined_blocks(weights, [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up")])
+        self.mlp_in: BlockWeight | tuple[Weight, Weight] = (
+            gate_up if gate_up is not None else (proj("mlp.gate_proj"), proj("mlp.up_proj")))
         self.gate_bias = maybe("mlp.gate_proj.bias")
-        self.up = proj("mlp.up_proj")
         self.up_bias = maybe("mlp.up_proj.bias")
         self.down = proj("mlp.down_proj")
         self.down_bias = maybe("mlp.down_proj.bias")
@@ -153,7 +159,10 @@ class LlamaLayer:
         out = row_parallel_linear(attn.reshape(tokens, self.num_heads * self.head_dim),
                                   self.o_proj, self.o_bias, self.parallel)
         x = add_rms_norm(h, out, self.post_attention_norm, self.eps, meta.backend)
-        act = silu_gated(x, self.gate, self.up, self.gate_bias, self.up_bias)
+        if isinstance(self.mlp_in, BlockWeight):
+            act = block_quant.silu_gated(x, self.mlp_in, self.gate_bias, self.up_bias)
+        else:
+            act = silu_gated(x, *self.mlp_in, self.gate_bias, self.up_bias)
         return h, row_parallel_linear(act, self.down, self.down_bias, self.parallel)
 
 
@@ -196,6 +205,8 @@ class LlamaModel:
         self.norm = weights["model.norm.weight"]
         self.eps = config.rms_norm_eps
         self.lm_head = projection(weights, [lm_head], quantization, dtype)
+        self.fused_decode = (FusedDecode.of(self.layers, config.hidden_size)
+                             if device == "cpu" and dtype == torch.float32 else None)
         self.max_positions = config.max_position_embeddings
         cos, sin = rotary_tables(config, self.head_dim, self.max_positions, dtype)
         self.cos, self.sin = cos.to(device), sin.to(device)
@@ -210,7 +221,12 @@ class LlamaModel:
         h = (self.embed[input_ids] if self.parallel is None
              else vocab_parallel_embedding(input_ids, self.embed, self.parallel))
         cos, sin = self.cos[positions], self.sin[positions]
-        h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
+        delta: torch.Tensor | None
+        if hidden_states is None and self.fused_decode is not None and \
+                self.fused_decode.applies(h, meta):
+            h, delta = self.fused_decode(h, cos, sin, caches, meta)
+        else:
+            h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
         return add_rms_norm(h, delta, self.norm, self.eps, meta.backend)
 
     @torch.inference_mode()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.block_quant import FORMATS, BlockWeight, dequantize
+from kernels.block_quant import FORMATS, BlockWeight, dequantize, quantize
 from kernels.quant_linear import Weight, maybe_quantize
 
 GGUF = "gguf"  # the quantization that takes the file's own blocks
@@ -37,6 +37,21 @@ def block_key(name: str, kind: str) -> str:
 def blocks_entries(name: str, kind: str, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     """State-dict entries of tensor ``name`` held as ``blocks`` of format ``kind``."""
     return {name: blocks, block_key(name, kind): blocks}
+
+
+def as_blocks(weights: dict[str, torch.Tensor], kind_of: Callable[[str], str | None]
+              ) -> dict[str, torch.Tensor]:
+    """``weights`` with each 2-D tensor but the embeddings quantized to the block format
+    ``kind_of(name)`` names (None: left plain), laid out as a GGUF read holds them: what
+    ``quantization="gguf"`` serves, made from any model (tests, benchmarks)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        kind = None if tensor.dim() != 2 or "embed_tokens" in name else kind_of(name)
+        if kind is None:
+            out[name] = tensor
+        else:
+            out.update(blocks_entries(name, kind, quantize(tensor, kind).blocks))
+    return out
 
 
 def _block_kind(weights: dict[str, torch.Tensor], name: str) -> str | None:
@@ -59,6 +74,21 @@ def dense(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> to
     return dequantize(BlockWeight(kind, weights[name])).to(dtype)
 
 
+def _joined(parts: list[torch.Tensor], rows: Rows | None) -> torch.Tensor:
+    whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return whole if rows is None else rows(whole)
+
+
+def joined_blocks(weights: dict[str, torch.Tensor], names: Sequence[str],
+                  rows: Rows | None = None) -> BlockWeight | None:
+    """The blocks of ``names`` with their rows joined in turn (reordered by ``rows``), where
+    every part holds blocks of one format; else None."""
+    kinds = {_block_kind(weights, n) for n in names}
+    if len(kinds) != 1 or (kind := kinds.pop()) is None:
+        return None
+    return BlockWeight(kind, _joined([weights[n] for n in names], rows).contiguous())
+
+
 def projection(weights: dict[str, torch.Tensor], names: Sequence[str], quantization: str | None,
                dtype: torch.dtype, rows: Rows | None = None) -> Weight:
     """The weight of the projection whose output rows are those of ``names`` in turn (q, k and
@@ -68,13 +98,8 @@ def projection(weights: dict[str, torch.Tensor], names: Sequence[str], quantizat
     parts are joined plain and quantized as ``quantization`` asks (``"gguf"`` leaves them
     plain).
     """
-    def joined(parts: list[torch.Tensor]) -> torch.Tensor:
-        whole = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return whole if rows is None else rows(whole)
-
-    kinds = {_block_kind(weights, n) for n in names}
-    if len(kinds) == 1 and (kind := kinds.pop()) is not None:
-        blocks = joined([weights[n] for n in names])
-        return BlockWeight(kind, blocks.contiguous())
-    plain = joined([dense(weights, n, dtype) for n in names])
+    blocks = joined_blocks(weights, names, rows)
+    if blocks is not None:
+        return blocks
+    plain = _joined([dense(weights, n, dtype) for n in names], rows)
     return maybe_quantize(plain, None if quantization == GGUF else quantization)

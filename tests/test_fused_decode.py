@@ -1,0 +1,164 @@
+"""The fused decode layers (backend/model/fused_decode.py): a decode step of a block-quantized
+Llama model runs its layers in one C call, with the results of the per-operation path bit for
+bit, across the Llama family's additions (q/k/v biases, per-head q/k norms, sliding windows,
+grouped heads) and both block formats."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from backend import LLM, SamplingParams
+from backend.model.loader import LoadedModel, load_model
+from backend.model.projections import GGUF, as_blocks
+from kernels import cpu
+from tests.conftest import assert_all_blocks_free
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the C kernels (a compiler)")
+
+WINDOW = 24
+FAMILIES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "llama-gqa": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "mistral-window": (MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=16, sliding_window=WINDOW)),
+    "qwen2-biases": (Qwen2Config, dict(num_attention_heads=2, num_key_value_heads=1)),
+    "qwen3-head-norms": (Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=32)),
+}
+
+
+def _kinds(name: str) -> str:
+    # Both formats in every model: the attention output and MLP down rows as Q8_0.
+    return "q8_0" if name.endswith(("o_proj.weight", "down_proj.weight")) else "q4_1"
+
+
+@pytest.fixture(scope="module")
+def tiny_blocks(tmp_path_factory: pytest.TempPathFactory,
+                smollm: LoadedModel) -> Iterator[Callable[[str], LoadedModel]]:
+    """A random-weight model of each family (hidden 64, 2 layers, random biases and norms)
+    with SmolLM2's tokenizer, its projections in blocks as ``quantization="gguf"`` reads
+    them."""
+    made: dict[str, LoadedModel] = {}
+    tok = smollm.tokenizer
+
+    def make(name: str) -> LoadedModel:
+        if name not in made:
+            config_class, shape = FAMILIES[name]
+            torch.manual_seed(0)
+            config = config_class(
+                vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, max_position_embeddings=512, initializer_range=0.15,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id, **shape)
+            path = tmp_path_factory.mktemp(name)
+            model = AutoModelForCausalLM.from_config(config)
+            with torch.no_grad():  # biases start at zero, norms at one: made to matter
+                for tensor in model.parameters():
+                    if tensor.dim() == 1:
+                        tensor.add_(torch.randn_like(tensor) * 0.3)
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            loaded = load_model(str(path))
+            made[name] = replace(loaded, weights=as_blocks(loaded.weights, _kinds),
+                                 quantization=GGUF)
+        return made[name]
+
+    yield make
+
+
+def _prompts(seed: int, count: int, longest: int) -> list[list[int]]:
+    gen = random.Random(seed)
+    return [[gen.randrange(3, 49152) for _ in range(gen.randint(1, longest))]
+            for _ in range(count)]
+
+
+def _run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    result = []
+    for output in outputs:
+        completion = output.outputs[0]
+        assert completion.logprobs is not None
+        chosen = [step[token] for step, token in zip(completion.logprobs,
+                                                      completion.token_ids)]
+        result.append((list(completion.token_ids), chosen))
+    return result
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_decode_is_the_per_operation_path_bit_for_bit(
+        family: str, tiny_blocks: Callable[[str], LoadedModel],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy tokens and their log-probabilities (the logits, exactly) are the same with the
+    fused decode layers and without, for a batch of prompts of mixed lengths (longer than the
+    sliding window), and the fused path ran every decode step."""
+    loaded = tiny_blocks(family)
+    settings = dict(loaded=loaded, quantization="gguf", dtype="float32", kv_cache_bytes=2**22,
+                    enable_prefix_caching=False)
+    calls = {"fused": 0}
+    fused_layers = cpu.decode_layers
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["fused"] += 1
+        return fused_layers(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "decode_layers", counted)
+    prompts = _prompts(seed=len(family), count=5, longest=40)
+    fused = LLM(**settings)
+    assert fused.engine.model.fused_decode is not None  # type: ignore[attr-defined]
+    with_fusion = _run(fused, prompts)
+    # Every sequence decodes 11 tokens after its prefill; steps with a prefill in them run
+    # the layers one by one, so at least 11 steps were fused.
+    assert calls["fused"] >= 11
+    assert_all_blocks_free(fused)
+    plain = LLM(**settings)
+    plain.engine.model.fused_decode = None  # type: ignore[attr-defined]
+    calls["fused"] = 0
+    assert _run(plain, prompts) == with_fusion
+    assert calls["fused"] == 0
+
+
+def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], LoadedModel],
+                                             smollm: LoadedModel) -> None:
+    """A model with any projection left plain (a GGUF tensor type without a kernel), int4
+    weights, or bf16 activations runs its layers one by one."""
+    loaded = tiny_blocks("llama-gqa")
+    settings = dict(dtype="float32", kv_cache_bytes=2**22)
+    one_plain = dict(loaded.weights)
+    down = "model.layers.1.mlp.down_proj.weight"
+    one_plain.update(as_blocks({down: torch.randn(64, 128)}, lambda name: None))
+    del one_plain[f"{down}:q8_0"]
+    mixed = LLM(loaded=replace(loaded, weights=one_plain), quantization="gguf", **settings)
+    assert mixed.engine.model.fused_decode is None  # type: ignore[attr-defined]
+    assert LLM(loaded=loaded, quantization="gguf",
+               **settings).engine.model.fused_decode is not None  # type: ignore[attr-defined]
+    plain = load_model(str(Path(loaded.path)))
+    int4 = LLM(loaded=plain, quantization="int4", **settings)
+    assert int4.engine.model.fused_decode is None  # type: ignore[attr-defined]
+    in_bf16 = LLM(loaded=loaded, quantization="gguf", dtype="bfloat16", kv_cache_bytes=2**22)
+    assert in_bf16.engine.model.fused_decode is None  # type: ignore[attr-defined]
+
+
+def test_a_slot_outside_the_cache_is_refused(tiny_blocks: Callable[[str], LoadedModel]) -> None:
+    """The C layers check the step's slots, lengths and block tables before writing: a slot
+    outside the cache is a ValueError, not a write out of bounds."""
+    llm = LLM(loaded=tiny_blocks("llama-gqa"), quantization="gguf", dtype="float32",
+              kv_cache_bytes=2**22)
+    model = llm.engine.model
+    fused = model.fused_decode  # type: ignore[attr-defined]
+    caches = llm.engine.executor.runner.caches  # type: ignore[attr-defined]
+    k_cache = caches[0][0]
+    h = torch.zeros(1, 64)
+    cos = sin = torch.zeros(1, fused.shape.head_dim)
+    slots = torch.tensor([k_cache.shape[0] * k_cache.shape[1]])
+    tables = torch.tensor([[1]])
+    with pytest.raises(ValueError, match="outside the cache"):
+        cpu.decode_layers(fused._layer_structs(caches), fused.shape, h, cos, sin, slots,
+                          k_cache.shape[0], k_cache.shape[1], tables, torch.tensor([1]))
