@@ -22,14 +22,18 @@ import torch.nn.functional as F
 from kernels import cpu
 
 BLOCK = 32
-FORMATS = ("q4_1", "q8_0")
+FORMATS = ("q4_1", "q8_0")  # a GGUF file's formats, as stored
+# Q4_1 with its rows repacked eight at a time for the kernel (kernels/csrc/block_quant_cpu.c
+# documents the layout): the same codes, scales and offsets, the same bytes in all.
+PACKED = "q4_1x8"
+_GROUP = 8  # rows repacked together
 
 
 @dataclass(frozen=True)
 class BlockWeight:
     """A ``[out, in]`` weight as ``out`` rows of ``in / 32`` blocks in format ``kind``."""
 
-    kind: str  # one of FORMATS
+    kind: str  # one of FORMATS, or PACKED
     blocks: torch.Tensor  # uint8 [out, in / 32 * block bytes], contiguous
 
     @property
@@ -77,8 +81,47 @@ def quantize(weight: torch.Tensor, kind: str) -> BlockWeight:
     return BlockWeight(kind, torch.cat(parts, -1).reshape(rows, -1).contiguous())
 
 
+def pack_rows(weight: BlockWeight) -> BlockWeight:
+    """A Q4_1 ``weight`` with its rows repacked eight at a time (:data:`PACKED`), the faster
+    layout of the kernel; ``weight`` itself where its kind is another or its rows are not a
+    multiple of eight."""
+    rows = weight.blocks.shape[0]
+    if weight.kind != "q4_1" or rows % _GROUP:
+        return weight
+    # [groups, blocks, row in group, 20 bytes]
+    raw = weight.blocks.reshape(rows // _GROUP, _GROUP, -1, 20).transpose(1, 2)
+    scales, offsets, packed = raw[..., 0:2], raw[..., 2:4], raw[..., 4:]
+    codes = torch.cat([packed & 0x0F, packed >> 4], -1)  # [g, b, row, 32 inputs]
+    # Vector j, byte 4 * row + t: the code of input 4j + t (j < 8).
+    vectors = codes.reshape(*codes.shape[:3], 8, 4).permute(0, 1, 3, 2, 4).reshape(
+        *codes.shape[:2], 8, 32)
+    nibbles = vectors[:, :, :4] | (vectors[:, :, 4:] << 4)
+    out = torch.cat([scales.reshape(*raw.shape[:2], 16), offsets.reshape(*raw.shape[:2], 16),
+                     nibbles.reshape(*raw.shape[:2], 128)], -1)
+    return BlockWeight(PACKED, out.reshape(rows, -1).contiguous())
+
+
+def unpack_rows(weight: BlockWeight) -> BlockWeight:
+    """The GGUF Q4_1 blocks of a :data:`PACKED` ``weight`` (:func:`pack_rows` undone);
+    ``weight`` itself when it is not packed."""
+    if weight.kind != PACKED:
+        return weight
+    rows = weight.blocks.shape[0]
+    raw = weight.blocks.reshape(rows // _GROUP, -1, 160)  # [groups, blocks, 160 bytes]
+    scales = raw[..., 0:16].reshape(*raw.shape[:2], _GROUP, 2)
+    offsets = raw[..., 16:32].reshape(*raw.shape[:2], _GROUP, 2)
+    nibbles = raw[..., 32:].reshape(*raw.shape[:2], 4, 32)
+    vectors = torch.cat([nibbles & 0x0F, nibbles >> 4], 2)  # [g, b, 8 vectors, 32 bytes]
+    codes = vectors.reshape(*raw.shape[:2], 8, _GROUP, 4).permute(0, 1, 3, 2, 4).reshape(
+        *raw.shape[:2], _GROUP, 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    blocks = torch.cat([scales, offsets, packed], -1).transpose(1, 2)  # [g, row, b, 20]
+    return BlockWeight("q4_1", blocks.reshape(rows, -1).contiguous())
+
+
 def dequantize(weight: BlockWeight) -> torch.Tensor:
     """The fp32 ``[out, in]`` matrix the blocks stand for."""
+    weight = unpack_rows(weight)
     rows = weight.blocks.shape[0]
     raw = weight.blocks.reshape(rows, -1, cpu.BLOCK_BYTES[weight.kind])
     d = raw[..., 0:2].contiguous().view(torch.float16).float()
@@ -104,6 +147,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def block_linear_reference(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     """What the kernel computes, in float64: quantized activations times the blocks' codes,
     scaled per block pair (``x`` ``[rows, in]`` → ``[rows, out]``)."""
+    weight = unpack_rows(weight)
     codes, scales = quantize_activations(x)
     rows = weight.blocks.shape[0]
     raw = weight.blocks.reshape(rows, -1, cpu.BLOCK_BYTES[weight.kind])

@@ -114,6 +114,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "quantize_rows_q8": [ptr, i64, ptr, i64, i64, nt],
         "matmul_q4_1": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "matmul_q8_0": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
+        "matmul_q4_1x8": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "silu_mul": [ptr, i64, i64, ptr, ptr, ptr, nt],
     }
     for name, args in untyped.items():
@@ -350,9 +351,12 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ValueError("slot_mapping names a slot outside the cache")
 
 
-# Bytes of one block of 32 in each weight format of kernels/csrc/block_quant_cpu.c, and of one
-# block of quantized activations (fp32 scale and sum, 32 int8 codes).
-BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+# Bytes of one block of 32 in each weight format of kernels/csrc/block_quant_cpu.c (q4_1x8:
+# Q4_1 with rows repacked eight at a time, 160 bytes per eight blocks), and of one block of
+# quantized activations (fp32 scale and sum, 32 int8 codes).
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34, "q4_1x8": 20}
+# Output rows of a weight in each format come in multiples of this.
+ROW_MULTIPLE = {"q4_1": 1, "q8_0": 1, "q4_1x8": 8}
 _Q8_BLOCK_BYTES = 40
 
 
@@ -370,6 +374,7 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, out_features:
         raise ValueError("x must be fp32 rows [rows, in] with contiguous elements")
     rows, in_features = x.shape
     if in_features % 32 or blocks.dtype != torch.uint8 or not blocks.is_contiguous() or \
+            out_features % ROW_MULTIPLE[kind] or \
             blocks.shape != (out_features, in_features // 32 * BLOCK_BYTES[kind]):
         raise ValueError(f"{kind} blocks {tuple(blocks.shape)} do not hold a "
                          f"[{out_features}, {in_features}] weight (inputs in blocks of 32)")
@@ -426,7 +431,7 @@ class DecodeLayer(ctypes.Structure):
 
 
 # The block formats' codes in DecodeLayer.
-BLOCK_KINDS = {"q4_1": 0, "q8_0": 1}
+BLOCK_KINDS = {"q4_1": 0, "q8_0": 1, "q4_1x8": 2}
 
 
 @dataclass(frozen=True)

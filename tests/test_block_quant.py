@@ -37,12 +37,37 @@ def test_blocks_are_gguf_blocks(kind: str) -> None:
     assert (ours_error.norm() / weight.norm()) < (0.09 if kind == "q4_1" else 0.006)
 
 
+# The kernel's formats: the file's, and Q4_1 with its rows repacked eight at a time.
+KERNEL_FORMATS = [*block_quant.FORMATS, block_quant.PACKED]
+
+
+def _blocks(weight: torch.Tensor, kind: str) -> block_quant.BlockWeight:
+    if kind == block_quant.PACKED:
+        return block_quant.pack_rows(block_quant.quantize(weight, "q4_1"))
+    return block_quant.quantize(weight, kind)
+
+
+def test_repacked_rows_are_the_same_blocks() -> None:
+    """Packing Q4_1 rows eight at a time moves bytes only: unpacked, they are the blocks again,
+    and they stand for the same matrix; other formats and row counts stay as they are."""
+    weight = block_quant.quantize(torch.randn(24, 96, generator=torch.Generator().manual_seed(2)),
+                                  "q4_1")
+    packed = block_quant.pack_rows(weight)
+    assert packed.kind == block_quant.PACKED and packed.shape == weight.shape
+    assert not torch.equal(packed.blocks, weight.blocks)
+    assert torch.equal(block_quant.unpack_rows(packed).blocks, weight.blocks)
+    assert torch.equal(block_quant.dequantize(packed), block_quant.dequantize(weight))
+    odd = block_quant.quantize(torch.randn(12, 64), "q4_1")
+    q8 = block_quant.quantize(torch.randn(16, 64), "q8_0")
+    assert block_quant.pack_rows(odd) is odd and block_quant.pack_rows(q8) is q8
+
+
 @needs_kernels
-@pytest.mark.parametrize("kind", block_quant.FORMATS)
+@pytest.mark.parametrize("kind", KERNEL_FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 def test_kernel_matches_reference(kind: str, rows: int) -> None:
     generator = torch.Generator().manual_seed(rows)
-    weight = block_quant.quantize(torch.randn(40, 224, generator=generator), kind)
+    weight = _blocks(torch.randn(40, 224, generator=generator), kind)
     x = torch.randn(rows, 224, generator=generator)
     x[0, :32] = 0  # an all-zero block has scale 0
     y = block_quant.block_linear(x, weight)
@@ -55,10 +80,12 @@ def test_kernel_matches_reference(kind: str, rows: int) -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", block_quant.FORMATS)
+@pytest.mark.parametrize("kind", KERNEL_FORMATS)
 def test_a_row_is_computed_alike_in_any_batch(kind: str) -> None:
     generator = torch.Generator().manual_seed(1)
-    weight = block_quant.quantize(torch.randn(33, 96, generator=generator), kind)
+    # 33 rows: the single-row path's groups of four and one left over; packed rows go by 8.
+    out_features = 40 if kind == block_quant.PACKED else 33
+    weight = _blocks(torch.randn(out_features, 96, generator=generator), kind)
     x = torch.randn(11, 96, generator=generator)
     batched = block_quant.block_linear(x, weight)
     for i in range(11):
@@ -81,3 +108,6 @@ def test_bad_shapes_are_refused() -> None:
         weight = block_quant.quantize(torch.randn(8, 64), "q8_0")
         with pytest.raises(ValueError, match="do not hold"):
             cpu.block_matmul(torch.randn(2, 96), weight.blocks, "q8_0", 8)
+        twelve = block_quant.quantize(torch.randn(12, 64), "q4_1")
+        with pytest.raises(ValueError, match="do not hold"):  # packed rows come by eight
+            cpu.block_matmul(torch.randn(2, 64), twelve.blocks, block_quant.PACKED, 12)

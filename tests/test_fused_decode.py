@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from backend import LLM, SamplingParams
+from backend.model import projections
 from backend.model.loader import LoadedModel, load_model
 from backend.model.projections import GGUF, as_blocks
 from kernels import cpu
@@ -92,14 +93,8 @@ def _run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float
     return result
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_fused_decode_is_the_per_operation_path_bit_for_bit(
-        family: str, tiny_blocks: Callable[[str], LoadedModel],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Greedy tokens and their log-probabilities (the logits, exactly) are the same with the
-    fused decode layers and without, for a batch of prompts of mixed lengths (longer than the
-    sliding window), and the fused path ran every decode step."""
-    loaded = tiny_blocks(family)
+def _assert_bit_for_bit(loaded: LoadedModel, seed: int,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
     settings = dict(loaded=loaded, quantization="gguf", dtype="float32", kv_cache_bytes=2**22,
                     enable_prefix_caching=False)
     calls = {"fused": 0}
@@ -110,7 +105,7 @@ def test_fused_decode_is_the_per_operation_path_bit_for_bit(
         return fused_layers(*args, **kwargs)
 
     monkeypatch.setattr(cpu, "decode_layers", counted)
-    prompts = _prompts(seed=len(family), count=5, longest=40)
+    prompts = _prompts(seed=seed, count=5, longest=40)
     fused = LLM(**settings)
     assert fused.engine.model.fused_decode is not None  # type: ignore[attr-defined]
     with_fusion = _run(fused, prompts)
@@ -123,6 +118,26 @@ def test_fused_decode_is_the_per_operation_path_bit_for_bit(
     calls["fused"] = 0
     assert _run(plain, prompts) == with_fusion
     assert calls["fused"] == 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_decode_is_the_per_operation_path_bit_for_bit(
+        family: str, tiny_blocks: Callable[[str], LoadedModel],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy tokens and their log-probabilities (the logits, exactly) are the same with the
+    fused decode layers and without, for a batch of prompts of mixed lengths (longer than the
+    sliding window), and the fused path ran every decode step."""
+    _assert_bit_for_bit(tiny_blocks(family), len(family), monkeypatch)
+
+
+def test_fused_decode_takes_q4_1_rows_as_stored(tiny_blocks: Callable[[str], LoadedModel],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q4_1 rows that are not repacked (a row count not a multiple of eight) run fused too."""
+    monkeypatch.setattr(projections, "pack_rows", lambda weight: weight)
+    loaded = tiny_blocks("llama-gqa")
+    llm = LLM(loaded=loaded, quantization="gguf", dtype="float32", kv_cache_bytes=2**22)
+    assert llm.engine.model.layers[0].qkv.kind == "q4_1"  # type: ignore[attr-defined]
+    _assert_bit_for_bit(loaded, 3, monkeypatch)
 
 
 def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], LoadedModel],

@@ -27,7 +27,7 @@ from backend.model.registry import build_model
 from backend.repository.engine_args import engine_config
 from backend.repository.errors import RepositoryError
 from backend.repository.model_config import load_config
-from kernels.block_quant import BlockWeight
+from kernels.block_quant import PACKED, BlockWeight, unpack_rows
 from kernels.linear import linear, silu_gated
 from kernels.quant_linear import (
     Int4Weight,
@@ -260,16 +260,17 @@ def _gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_gguf_blocks_are_served_as_they_are(kind: str) -> None:
-    """A projection of Q4_1 or Q8_0 blocks holds the file's bytes; Q4_0 blocks become Q4_1
-    blocks of the same weights (offset -8 d). Each dequantizes to exactly gguf's own
-    dequantization of the file's tensor."""
+    """A projection of Q4_1 or Q8_0 blocks holds the file's bytes (Q4_1 rows repacked eight at
+    a time for the kernel, the same bytes moved); Q4_0 blocks become Q4_1 blocks of the same
+    weights (offset -8 d). Each dequantizes to exactly gguf's own dequantization of the file's
+    tensor."""
     raw = _gguf_blocks(kind, 40, 128)
     weights = decode_tensor("p.weight", kind, raw, [40, 128])
     weight = projection(weights, ["p.weight"], "gguf", torch.float32)
     assert isinstance(weight, BlockWeight) and weight.shape == (40, 128)
-    assert weight.kind == ("q8_0" if kind == "Q8_0" else "q4_1")
+    assert weight.kind == ("q8_0" if kind == "Q8_0" else PACKED)
     if kind != "Q4_0":
-        assert torch.equal(weight.blocks, torch.from_numpy(raw))
+        assert torch.equal(unpack_rows(weight).blocks, torch.from_numpy(raw))
     reference = torch.from_numpy(gguf.quants.dequantize(raw, Q[kind]))
     assert torch.equal(dequantize(weight), reference)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.block_quant import FORMATS, BlockWeight, dequantize, quantize
+from kernels.block_quant import FORMATS, BlockWeight, dequantize, pack_rows, quantize
 from kernels.quant_linear import Weight, maybe_quantize
 
 GGUF = "gguf"  # the quantization that takes the file's own blocks
@@ -82,11 +82,12 @@ def _joined(parts: list[torch.Tensor], rows: Rows | None) -> torch.Tensor:
 def joined_blocks(weights: dict[str, torch.Tensor], names: Sequence[str],
                   rows: Rows | None = None) -> BlockWeight | None:
     """The blocks of ``names`` with their rows joined in turn (reordered by ``rows``), where
-    every part holds blocks of one format; else None."""
+    every part holds blocks of one format, Q4_1 repacked for the kernel
+    (:func:`~kernels.block_quant.pack_rows`); else None."""
     kinds = {_block_kind(weights, n) for n in names}
     if len(kinds) != 1 or (kind := kinds.pop()) is None:
         return None
-    return BlockWeight(kind, _joined([weights[n] for n in names], rows).contiguous())
+    return pack_rows(BlockWeight(kind, _joined([weights[n] for n in names], rows).contiguous()))
 
 
 def projection(weights: dict[str, torch.Tensor], names: Sequence[str], quantization: str | None,

@@ -14,6 +14,17 @@
  *                      y[r, n] = sum over blocks b of row r of x and row n of w:
  *                        Q4_1: d_w d_x sum(q_w q_x) + m_w s_x;  Q8_0: d_w d_x sum(q_w q_x)
  *                      y fp32 [rows, n], rows y_stride apart.
+ *   matmul_q4_1x8      the Q4_1 product with the weight's rows repacked eight at a time
+ *                      (kernels/block_quant.py packs them): per block of 32 inputs, the eight
+ *                      rows' fp16 d, their fp16 m, then the codes as four 32-byte vectors whose
+ *                      byte 4c + t holds, in its low nibble, row c's code at input 4j + t of the
+ *                      block (j the vector) and, in its high nibble, the code at 16 + 4j + t.
+ *                      Against one broadcast group of 4 activation codes, one maddubs then
+ *                      sums 4 products for each of the 8 rows, lane by lane: the eight outputs
+ *                      come out in one vector, with no horizontal sums and no scalar
+ *                      conversions, where the plain layout spends most of its instructions.
+ *                      Each output: acc = fma(d_w d_x, sum(q_w q_x), acc), off = fma(m_w, s_x,
+ *                      off) over the blocks in order, then acc + off.
  *
  * Each output is one fixed sequence of operations over its two rows, whatever the number of
  * rows in the call, so a sequence's results do not depend on what it is batched with. Output
@@ -39,6 +50,9 @@ typedef struct { float d, s; int8_t qs[QK]; } block_q8;
 
 _Static_assert(sizeof(block_q4_1) == 20, "GGUF's Q4_1 block is 20 bytes");
 _Static_assert(sizeof(block_q8_0) == 34, "GGUF's Q8_0 block is 34 bytes");
+
+typedef struct { uint16_t d[8], m[8]; uint8_t qs[128]; } block_q4_1x8;
+_Static_assert(sizeof(block_q4_1x8) == 160, "eight Q4_1 blocks take 160 bytes repacked");
 
 static inline float half_to_float(uint16_t h)
 {
@@ -211,11 +225,58 @@ static void dot_q8_0(const block_q8_0 *w, const block_q8 *x, int64_t blocks, int
 #endif
 }
 
-#define DEFINE_MATMUL(NAME, BLOCK, DOT)                                                        \
+#ifdef __AVX2__
+/* A single row of x against COLS weight rows at once: the same operations per output as
+ * dot_q4_1 with one row (so the same results), interleaved over the columns, whose independent
+ * accumulators keep the FMA units busy where one column's chain would wait. (Q8_0, bound by
+ * memory at the vocabulary's width, ran slower so.) */
+#define COLS 4
+
+static void dot_q4_1_cols(const block_q4_1 *w, int64_t w_stride, const block_q8 *x,
+                          int64_t blocks, float *out)
+{
+    __m256 acc[COLS];
+    float offset[COLS];
+    for (int c = 0; c < COLS; c++) {
+        acc[c] = _mm256_setzero_ps();
+        offset[c] = 0.f;
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        for (int c = 0; c < COLS; c++) {
+            const block_q4_1 *wb = w + c * w_stride + b;
+            const float d = half_to_float(wb->d), m = half_to_float(wb->m);
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[b].d), products(unpack_q4(wb->qs), xq),
+                                     acc[c]);
+            offset[c] += m * x[b].s;
+        }
+    }
+    for (int c = 0; c < COLS; c++)
+        out[c] = sum8(acc[c]) + offset[c];
+}
+
+/* One row of x: columns COLS at a time, the remainder one by one. */
+#define SINGLE_ROW(DOT)                                                                        \
+    if (rows == 1) {                                                                           \
+        const int64_t groups = n / COLS;                                                       \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                  \
+        for (int64_t g = 0; g < groups; g++)                                                   \
+            PS_CAT(DOT, _cols)(w + g * COLS * blocks, blocks, x, blocks, y + g * COLS);        \
+        for (int64_t col = groups * COLS; col < n; col++)                                      \
+            DOT(w + col * blocks, x, blocks, 1, y + col);                                      \
+        return;                                                                                \
+    }
+#else
+#define SINGLE_ROW(DOT)
+#endif
+#define ROWS_TOGETHER(DOT)
+
+#define DEFINE_MATMUL(NAME, BLOCK, DOT, ONE_ROW)                                               \
     void NAME(const block_q8 *x, int64_t rows, const BLOCK *w, int64_t n, int64_t k, float *y,  \
               int64_t y_stride, int num_threads)                                               \
     {                                                                                          \
         const int64_t blocks = k / QK;                                                         \
+        ONE_ROW(DOT)                                                                           \
         _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                  \
         for (int64_t col = 0; col < n; col++) {                                                \
             float out[TILE];                                                                   \
@@ -228,5 +289,84 @@ static void dot_q8_0(const block_q8_0 *w, const block_q8 *x, int64_t blocks, int
         }                                                                                      \
     }
 
-DEFINE_MATMUL(matmul_q4_1, block_q4_1, dot_q4_1)
-DEFINE_MATMUL(matmul_q8_0, block_q8_0, dot_q8_0)
+DEFINE_MATMUL(matmul_q4_1, block_q4_1, dot_q4_1, SINGLE_ROW)
+DEFINE_MATMUL(matmul_q8_0, block_q8_0, dot_q8_0, ROWS_TOGETHER)
+
+#ifdef __AVX2__
+static inline __m256i broadcast4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+#endif
+
+/* The 8 outputs of one group of repacked rows for `count` rows of x (rows `blocks` apart). */
+static void dot_q4_1x8(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks, int count,
+                       float *out, int64_t out_stride)
+{
+#ifdef __AVX2__
+    __m256 acc[TILE], off[TILE];
+    for (int r = 0; r < count; r++) {
+        acc[r] = _mm256_setzero_ps();
+        off[r] = _mm256_setzero_ps();
+    }
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i q[8];
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
+            q[j] = _mm256_and_si256(v, low);
+            q[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].m));
+        for (int r = 0; r < count; r++) {
+            const block_q8 *xb = x + r * blocks + b;
+            /* Each 16-bit lane sums at most 8 pairs of products of |q_w| <= 15 and
+             * |q_x| <= 127: 30480, inside int16. */
+            __m256i pairs = _mm256_maddubs_epi16(q[0], broadcast4(xb->qs));
+            for (int j = 1; j < 8; j++)
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(q[j],
+                                                                     broadcast4(xb->qs + 4 * j)));
+            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs,
+                                                                     _mm256_set1_epi16(1)));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), sums, acc[r]);
+            off[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xb->s), off[r]);
+        }
+    }
+    for (int r = 0; r < count; r++)
+        _mm256_storeu_ps(out + r * out_stride, _mm256_add_ps(acc[r], off[r]));
+#else
+    for (int r = 0; r < count; r++)
+        for (int c = 0; c < 8; c++) {
+            float acc = 0.f, off = 0.f;
+            for (int64_t b = 0; b < blocks; b++) {
+                const block_q8 *xb = x + r * blocks + b;
+                int isum = 0;
+                for (int j = 0; j < 4; j++)
+                    for (int t = 0; t < 4; t++) {
+                        const uint8_t byte = w[b].qs[32 * j + 4 * c + t];
+                        isum += (byte & 0x0F) * xb->qs[4 * j + t] +
+                                (byte >> 4) * xb->qs[16 + 4 * j + t];
+                    }
+                acc += half_to_float(w[b].d[c]) * xb->d * (float)isum;
+                off += half_to_float(w[b].m[c]) * xb->s;
+            }
+            out[r * out_stride + c] = acc + off;
+        }
+#endif
+}
+
+void matmul_q4_1x8(const block_q8 *x, int64_t rows, const block_q4_1x8 *w, int64_t n, int64_t k,
+                   float *y, int64_t y_stride, int num_threads)
+{
+    const int64_t blocks = k / QK;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t g = 0; g < n / 8; g++)
+        for (int64_t r = 0; r < rows; r += TILE) {
+            const int count = rows - r < TILE ? (int)(rows - r) : TILE;
+            dot_q4_1x8(w + g * blocks, x + r * blocks, blocks, count, y + r * y_stride + 8 * g,
+                       y_stride);
+        }
+}
