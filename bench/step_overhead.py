@@ -90,10 +90,14 @@ def in_blocks(loaded: LoadedModel) -> LoadedModel:
 
 
 def profile(loaded: LoadedModel, name: str, quantization: str | None, batch: int,
-            tokens: int) -> StepProfile:
+            tokens: int, fused: bool = True) -> StepProfile:
+    """Median decode step of ``batch`` requests; ``fused=False`` runs a block-quantized
+    model's decode layers one operation at a time (backend.model.fused_decode off)."""
     recorder = _PhaseRecorder()
     engine = EngineCore(EngineConfig(kv_cache_bytes=256 * 2**20, quantization=quantization,
                                      enable_prefix_caching=False), loaded, [recorder])
+    if not fused:
+        engine.model.fused_decode = None  # type: ignore[attr-defined]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     try:
         for run in range(2):  # the first run warms up
@@ -110,7 +114,8 @@ def profile(loaded: LoadedModel, name: str, quantization: str | None, batch: int
     phase_ms = {phase: statistics.median((getattr(s, b) - getattr(s, a)) / 1e6 for s in steps)
                 for phase, (a, b) in zip(PHASES, bounds)}
     step_ms = statistics.median((s.end_ns - s.start_ns) / 1e6 for s in steps)
-    return StepProfile(name, quantization, batch, len(steps), step_ms, phase_ms)
+    return StepProfile(name if fused else f"{name}/ops", quantization, batch, len(steps), step_ms,
+                       phase_ms)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantization", nargs="+", default=["none", "int4"],
                         help="'none' for the model's dtype; 'gguf' for the file's own blocks")
     parser.add_argument("--tokens", type=int, default=64, help="generated per request")
+    parser.add_argument("--per-operation", action="store_true",
+                        help="run gguf's decode layers one operation at a time, not fused")
     parser.add_argument("--out", type=Path, default=Path("bench/results/step_overhead.json"))
     return parser.parse_args(argv)
 
@@ -137,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                        else (("model", loaded), ("skeleton", skeleton)))
             for batch in args.batches:
                 for name, source in sources:
-                    rows.append(profile(source, name, quantization, batch, args.tokens))
+                    rows.append(profile(source, name, quantization, batch, args.tokens,
+                                        fused=not args.per_operation))
     others = monitor.stop().others_fraction_of_machine
-    print(f"{'quantization':>12} {'batch':>5} {'system':>8} {'step ms':>8} "
+    print(f"{'quantization':>12} {'batch':>5} {'system':>12} {'step ms':>8} "
           + " ".join(f"{p:>9}" for p in PHASES))
     for row in rows:
-        print(f"{row.quantization or 'none':>12} {row.batch:>5} {row.model:>8} "
+        print(f"{row.quantization or 'none':>12} {row.batch:>5} {row.model:>12} "
               f"{row.step_ms:>8.2f} " + " ".join(f"{row.phase_ms[p]:>9.2f}" for p in PHASES))
     for full, bare in zip(rows[::2], rows[1::2]):
         print(f"{full.quantization or 'none'} batch {full.batch}: host overhead "
