@@ -7,7 +7,8 @@ projection left as the file's dequantized Q8_0 values, to weigh that choice). Pe
 
 * greedy agreement with fp32: each token chosen after fp32's own prefix (the model's
   decisions), and free-running (one different token changes all that follow);
-* perplexity of ``tests.prompts.LONG_PROMPT``;
+* perplexity of ``tests.prompts.LONG_PROMPT`` (and llama.cpp's on the same GGUF file, where
+  ``bench.peer_venvs`` has built its venv);
 * one-stream decode tok/s: one short prompt, ``--tokens`` greedy tokens (EOS ignored), run
   ``--runs`` times; the prefill (timed alone) is subtracted.
 
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, load_model
+from backend.model.loader import LoadedModel, default_model_path, load_model
+from bench import peer_venvs
 from kernels.quant_linear import Int4Weight, dequantize
 from tests.prompts import LONG_PROMPT, PROMPTS
 
@@ -144,6 +146,23 @@ def main() -> None:
               f"({ppl / fp32_ppl - 1:+.2%} vs fp32); decode tok/s "
               f"{', '.join(f'{s:.1f}' for s in speeds)}{extra}", flush=True)
         del llm
+    print(f"{'llama.cpp Q4_1':>15}: {llamacpp_perplexity(text, args.threads, fp32_ppl)}")
+
+
+def llamacpp_perplexity(text: list[int], threads: int, fp32_ppl: float) -> str:
+    """llama.cpp's perplexity of ``text`` on the same GGUF file, in its venv
+    (``bench.peer_venvs``), as a line of the report."""
+    problem = peer_venvs.peer_problem("llamacpp")
+    if problem is not None:
+        return f"not measured ({problem})"
+    try:
+        result = peer_venvs.run_peer("llamacpp", "llamacpp_perplexity", {
+            "model": default_model_path(), "token_ids": text, "threads": threads})
+    except peer_venvs.PeerError as e:
+        return f"failed: {e}"
+    ppl = result["perplexity"]
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    return f"perplexity {ppl:.3f} ({ppl / fp32_ppl - 1:+.2%} vs our fp32; {versions})"
 
 
 if __name__ == "__main__":
