@@ -10,7 +10,7 @@ import pytest
 
 from bench import latency, peer_venvs, throughput_vllm
 from bench.latency import StreamSummary
-from bench.peers import jobs, llamacpp_stream, vllm_batch, vllm_engine
+from bench.peers import jobs, llamacpp_perplexity, llamacpp_stream, vllm_batch, vllm_engine
 from bench.throughput import Request
 
 
@@ -130,6 +130,21 @@ def test_llamacpp_stream_takes_exactly_max_tokens():
     record = llamacpp_stream.stream(_EndlessLlama(), [5, 6], 4)
     assert record["token_ids"] == [7, 8, 9, 10]
     assert record["token_times_s"] == sorted(record["token_times_s"])
+
+
+def test_llamacpp_perplexity_is_ours_computed_on_its_scores():
+    """The peer's perplexity (numpy, in its venv) is the cross-entropy ours is computed with."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(9, 50, generator=generator) * 3
+    token_ids = torch.randint(0, 50, (9,), generator=generator).tolist()
+    expected = float(torch.exp(F.cross_entropy(scores[:-1].double(),
+                                               torch.tensor(token_ids[1:]))))
+    got = llamacpp_perplexity.perplexity(np.asarray(scores.numpy()), token_ids)
+    assert got == pytest.approx(expected, rel=1e-9)
 
 
 def test_stream_figures_ratios_and_agreement():
