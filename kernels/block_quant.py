@@ -4,6 +4,8 @@ A block holds 32 consecutive inputs of one output row: Q4_1 as an fp16 scale ``d
 offset ``m`` and 4-bit codes (``w = d * q + m``), Q8_0 as an fp16 scale and int8 codes
 (``w = d * q``). These are the bytes of a GGUF file's tensors, so a GGUF model's projections
 serve from its own bytes; :func:`quantize` makes the same blocks from any float weight.
+:func:`pack_rows` moves a Q4_1 weight's bytes into the kernel's faster layout (eight rows
+interleaved, :data:`PACKED`); :func:`unpack_rows` moves them back.
 
 The product (:func:`block_linear`) runs on the C kernel of ``kernels/csrc/block_quant_cpu.c``,
 which quantizes the activations to 8 bits per block of 32 as llama.cpp does and multiplies
