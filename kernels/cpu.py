@@ -10,7 +10,9 @@ compiled (about a second) once per source, compiler and CPU (``-march=native``) 
 OpenMP runtime (the same ``libgomp.so.1``).
 
 Each kernel comes in fp32, bf16 and fp16 (:data:`DTYPES`): it computes in fp32 and rounds where
-torch's reference rounds, so every dtype the engine serves runs on the kernels.
+torch's reference rounds, so every dtype the engine serves runs on the kernels. The products
+with llama.cpp's block formats (:func:`block_matmul`) and the fused decode layers built on them
+(:func:`decode_layers`) take fp32 activations.
 
 Without a C compiler, or with ``PAGEDSERVE_CPU_KERNELS=0``, :func:`available` is false and the
 callers keep their torch implementations, which are also the kernels' test references.
