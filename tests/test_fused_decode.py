@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from backend import LLM, SamplingParams
 from backend.model import projections
+from backend.model.fused_decode import FusedDecode
 from backend.model.loader import LoadedModel, load_model
 from backend.model.projections import GGUF, as_blocks
-from kernels import cpu
+from kernels import block_quant, cpu
 from tests.conftest import assert_all_blocks_free
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the C kernels (a compiler)")
@@ -159,6 +160,12 @@ def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], Loaded
     assert int4.engine.model.fused_decode is None  # type: ignore[attr-defined]
     in_bf16 = LLM(loaded=loaded, quantization="gguf", dtype="bfloat16", kv_cache_bytes=2**22)
     assert in_bf16.engine.model.fused_decode is None  # type: ignore[attr-defined]
+    # The C layers size their scratch from one shape: a layer of another shape is refused.
+    layers = LLM(loaded=loaded, quantization="gguf",
+                 **settings).engine.model.layers  # type: ignore[attr-defined]
+    assert FusedDecode.of(layers, 64) is not None
+    layers[1].down = block_quant.quantize(torch.randn(64, 96), "q8_0")
+    assert FusedDecode.of(layers, 64) is None
 
 
 def test_a_slot_outside_the_cache_is_refused(tiny_blocks: Callable[[str], LoadedModel]) -> None:

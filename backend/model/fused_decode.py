@@ -42,6 +42,18 @@ def _fp32_vector(t: torch.Tensor | None) -> bool:
                          and t.device.type == "cpu")
 
 
+def _shapes(layer: LlamaLayer) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(_blocks(w).shape) for w in (
+        layer.qkv, layer.o_proj, layer.mlp_in, layer.down))
+
+
+def _expected_shapes(shape: cpu.DecodeShape) -> tuple[tuple[int, ...], ...]:
+    q_width = shape.num_heads * shape.head_dim
+    qkv_rows = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
+    return ((qkv_rows, shape.hidden), (shape.hidden, q_width),
+            (2 * shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate))
+
+
 class FusedDecode:
     """The fused decode path of a model's ``layers``; build with :meth:`of`."""
 
@@ -75,6 +87,10 @@ class FusedDecode:
         shape = cpu.DecodeShape(hidden=hidden, intermediate=gate_up.shape[0] // 2,
                                 num_heads=first.num_heads, num_kv_heads=first.num_kv_heads,
                                 head_dim=first.head_dim, eps=first.eps, scale=first.scale)
+        # The C layers size their scratch from one shape for all: every layer must have it.
+        if not all(_shapes(layer) == _expected_shapes(shape) and layer.eps == shape.eps
+                   and layer.scale == shape.scale for layer in layers):
+            return None
         return FusedDecode(layers, shape)
 
     def applies(self, h: torch.Tensor, meta: AttentionMetadata) -> bool:
