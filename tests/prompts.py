@@ -1,4 +1,7 @@
-"""Varied prompts for the greedy-equivalence tests: short, long, non-English, code, chat."""
+"""Varied prompts for the greedy-equivalence tests: short, long, non-English, code, chat; and
+random token-id prompts for the tiny random-weight models."""
+
+import random
 
 _HISTORY = (
     "The history of computing is a story of abstractions stacked upon abstractions. Early "
@@ -40,3 +43,11 @@ PROMPTS: list[str] = [
     "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n",
     "A",
 ]
+
+
+def random_prompts(seed: int, count: int, longest: int) -> list[list[int]]:
+    """``count`` prompts of 1 to ``longest`` token ids drawn from SmolLM2's vocabulary (past
+    its special tokens), the same for the same ``seed``."""
+    gen = random.Random(seed)
+    return [[gen.randrange(3, 49152) for _ in range(gen.randint(1, longest))]
+            for _ in range(count)]

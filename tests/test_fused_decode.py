@@ -5,7 +5,6 @@ grouped heads) and both block formats."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from backend.model.loader import LoadedModel, load_model
 from backend.model.projections import GGUF, as_blocks
 from kernels import block_quant, cpu
 from tests.conftest import assert_all_blocks_free
+from tests.prompts import random_prompts
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the C kernels (a compiler)")
 
@@ -75,11 +75,6 @@ def tiny_blocks(tmp_path_factory: pytest.TempPathFactory,
     yield make
 
 
-def _prompts(seed: int, count: int, longest: int) -> list[list[int]]:
-    gen = random.Random(seed)
-    return [[gen.randrange(3, 49152) for _ in range(gen.randint(1, longest))]
-            for _ in range(count)]
-
 
 def _run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
@@ -106,7 +101,7 @@ def _assert_bit_for_bit(loaded: LoadedModel, seed: int,
         return fused_layers(*args, **kwargs)
 
     monkeypatch.setattr(cpu, "decode_layers", counted)
-    prompts = _prompts(seed=seed, count=5, longest=40)
+    prompts = random_prompts(seed=seed, count=5, longest=40)
     fused = LLM(**settings)
     assert fused.engine.model.fused_decode is not None  # type: ignore[attr-defined]
     with_fusion = _run(fused, prompts)

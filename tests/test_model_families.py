@@ -4,7 +4,6 @@ GGUF and safetensors alike, the C kernels in use, and Mistral's KV blocks bounde
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from backend.model.runner import kv_block_bytes
 from kernels import cpu
 from tests.conftest import assert_all_blocks_free, hf_greedy
 from tests.gguf_files import write_gguf
+from tests.prompts import random_prompts
 
 MAX_NEW = 6
 WINDOW = 24  # Mistral's sliding window: shorter than the longer prompts
@@ -84,11 +84,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory,
     yield make
 
 
-def _prompts(seed: int, count: int, longest: int) -> list[list[int]]:
-    gen = random.Random(seed)
-    return [[gen.randrange(3, 49152) for _ in range(gen.randint(1, longest))]
-            for _ in range(count)]
-
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -110,7 +105,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def test_greedy_matches_transformers(family: str, tiny_model, kernel_calls) -> None:
     tiny = tiny_model(family)
     loaded = tiny.loaded
-    prompts = _prompts(len(family), 4, 40)
+    prompts = random_prompts(len(family), 4, 40)
     reference = [hf_greedy(tiny.hf, p, MAX_NEW) for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     llm = LLM(loaded=loaded, dtype="float32", kv_cache_bytes=2**22)
@@ -148,7 +143,7 @@ def test_hidden_states_match_transformers(family: str, tiny_model,
         return final[-1]
 
     monkeypatch.setattr(model, "forward", capture)
-    prompt = _prompts(7, 1, 40)[0] + [5] * 40  # longer than the window
+    prompt = random_prompts(7, 1, 40)[0] + [5] * 40  # longer than the window
     out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False,
                        sampling_params=SamplingParams(temperature=0.0, max_tokens=3))
     tokens = prompt + out[0].outputs[0].token_ids[:-1]  # the last one was never fed back
@@ -168,7 +163,7 @@ def test_gguf_gives_the_outputs_of_safetensors(family: str, tiny_model, tmp_path
     path = tiny_model(family).path
     gguf = write_gguf(path, tmp_path / f"{family}.gguf")
     monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path / "cache"))  # its conversion
-    prompts = _prompts(3, 4, 40)
+    prompts = random_prompts(3, 4, 40)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     runs = [LLM(source, dtype="float32", kv_cache_bytes=2**22).generate(
         prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
@@ -179,7 +174,7 @@ def test_gguf_gives_the_outputs_of_safetensors(family: str, tiny_model, tmp_path
 
 def test_sliding_window_keeps_blocks_per_sequence_bounded(tiny_model) -> None:
     tiny = tiny_model("mistral-window")
-    prompts = _prompts(11, 2, 30)
+    prompts = random_prompts(11, 2, 30)
     new_tokens = 2 * WINDOW
     reference = [hf_greedy(tiny.hf, p, new_tokens) for p in prompts]
     block_size = 4
