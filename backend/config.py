@@ -131,8 +131,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     nnodes: int = 1
     # Weight-only quantization of every projection and the output projection (vLLM's name):
-    # None (the model's dtype), "int8" (per output channel), "int4" (per group of 32 inputs) or
-    # "gguf" (a .gguf model's own Q4_0/Q4_1/Q8_0 tensors), on CPUs (kernels.quant_linear).
+    # None (the model's dtype), "int8" (Q8_0 blocks), "int4" (Q4_1 blocks), one scale per 32
+    # inputs, or "gguf" (a .gguf model's own Q4_0/Q4_1/Q8_0 tensors), on CPUs
+    # (kernels.quant_linear).
     quantization: str | None = None
     # Speculative decoding of greedy requests; also accepted as vLLM's dict, e.g.
     # ``{"method": "ngram", "num_speculative_tokens": 4}``. None: one token per step.
@@ -195,7 +196,7 @@ class EngineConfig:
             # The ranks slice plain tensors; slicing the file's blocks is not done.
             raise ValueError(f"quantization='gguf' runs on one rank: tensor_parallel_size must "
                              f"be 1, got {self.tensor_parallel_size}")
-        if self.device != "cpu":  # the packed kernels are torch's CPU ones
+        if self.device != "cpu":  # the block kernels are C for CPUs
             raise ValueError(f"quantization={self.quantization!r} runs on the CPU only, "
                              f"got device {self.device!r}")
 

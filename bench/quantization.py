@@ -12,8 +12,8 @@ projection left as the file's dequantized Q8_0 values, to weigh that choice). Pe
 * one-stream decode tok/s: one short prompt, ``--tokens`` greedy tokens (EOS ignored), run
   ``--runs`` times; the prefill (timed alone) is subtracted.
 
-For ``gguf`` also the kind of weight its projections hold and, for int4 ones, their distance
-from the file's values (the rounding of the scales and zeros to bf16):
+For the quantized settings also the block format their projections hold and, for int8 and int4
+(quantized again at load), their distance from the file's values:
 ``|W_kernel - W_file| / |W_file|`` over all projections.
 
 The machine may be shared: decode speeds are printed per run, with the load average, and torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from backend import LLM, SamplingParams
 from backend.model.loader import LoadedModel, default_model_path, load_model
 from bench import peer_venvs
-from kernels.quant_linear import Int4Weight, dequantize
+from kernels.block_quant import BlockWeight, dequantize
 from tests.prompts import LONG_PROMPT, PROMPTS
 
 SETTINGS = ("fp32", "int8", "int4", "gguf", "gguf-fp32-head")
@@ -73,25 +73,29 @@ def build(setting: str, plain: LoadedModel, blocks: LoadedModel) -> LLM:
     return llm
 
 
-def gguf_weights(llm: LLM, plain: LoadedModel) -> str:
-    """The kind of the gguf model's projections and, for int4, |W_kernel - W_file| / |W_file|
-    over all of them."""
+def _format(weight: object) -> str:
+    return weight.kind if isinstance(weight, BlockWeight) else "plain"
+
+
+def weight_report(llm: LLM, plain: LoadedModel, setting: str) -> str:
+    """The block formats of the model's projections and output projection and, where they were
+    quantized at build (int8, int4), their distance from the file's values,
+    ``|W_kernel - W_file| / |W_file|`` over all the layers' projections."""
     names = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-             "o_proj": ["self_attn.o_proj"], "gate": ["mlp.gate_proj"], "up": ["mlp.up_proj"],
+             "o_proj": ["self_attn.o_proj"], "mlp_in": ["mlp.gate_proj", "mlp.up_proj"],
              "down": ["mlp.down_proj"]}
     model = llm.engine.model
-    kinds = f"projections {type(model.layers[0].qkv).__name__}, "  # type: ignore[attr-defined]
-    kinds += f"output {type(model.lm_head).__name__}"
+    layers = model.layers  # type: ignore[attr-defined]
+    report = f"projections {_format(layers[0].qkv)}, output {_format(model.lm_head)}"
+    if setting not in ("int8", "int4"):
+        return report
     diff = total = 0.0
-    for i, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+    for i, layer in enumerate(layers):
         for attr, parts in names.items():
-            weight = getattr(layer, attr)
-            if not isinstance(weight, Int4Weight):
-                return kinds
             exact = torch.cat([plain.weights[f"model.layers.{i}.{p}.weight"] for p in parts])
-            diff += float((dequantize(weight) - exact).square().sum())
+            diff += float((dequantize(getattr(layer, attr)) - exact).square().sum())
             total += float(exact.square().sum())
-    return f"{kinds}; weights vs the file's {(diff / total) ** 0.5:.2e}"
+    return f"{report}; weights vs the file's {(diff / total) ** 0.5:.2e}"
 
 
 def decode_speed(llm: LLM, prompt: list[int], tokens: int) -> float:
@@ -140,7 +144,7 @@ def main() -> None:
             for a, b in zip(logits_of(llm, p + t[:-1])[len(p) - 1:].argmax(-1).tolist(), t))
         free = sum(a == b for g, t in zip(got, reference) for a, b in zip(g, t))
         speeds = [decode_speed(llm, prompts[1], args.tokens) for _ in range(args.runs)]
-        extra = f"; {gguf_weights(llm, plain)}" if setting == "gguf" else ""
+        extra = "" if setting.startswith("fp32") else f"; {weight_report(llm, plain, setting)}"
         print(f"{setting:>15}: agreement {forced / total:.3f} after fp32's prefix, "
               f"{free / total:.3f} free-running; perplexity {ppl:.3f} "
               f"({ppl / fp32_ppl - 1:+.2%} vs fp32); decode tok/s "

@@ -138,8 +138,9 @@ def test_fused_decode_takes_q4_1_rows_as_stored(tiny_blocks: Callable[[str], Loa
 
 def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], LoadedModel],
                                              smollm: LoadedModel) -> None:
-    """A model with any projection left plain (a GGUF tensor type without a kernel), int4
-    weights, or bf16 activations runs its layers one by one."""
+    """A model with any projection left plain (a GGUF tensor type without a kernel) or bf16
+    activations runs its layers one by one; int4 and int8 weights, blocks made at load, take
+    the fused path."""
     loaded = tiny_blocks("llama-gqa")
     settings = dict(dtype="float32", kv_cache_bytes=2**22)
     one_plain = dict(loaded.weights)
@@ -151,8 +152,9 @@ def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], Loaded
     assert LLM(loaded=loaded, quantization="gguf",
                **settings).engine.model.fused_decode is not None  # type: ignore[attr-defined]
     plain = load_model(str(Path(loaded.path)))
-    int4 = LLM(loaded=plain, quantization="int4", **settings)
-    assert int4.engine.model.fused_decode is None  # type: ignore[attr-defined]
+    for kind in ("int4", "int8"):
+        built = LLM(loaded=plain, quantization=kind, **settings)
+        assert built.engine.model.fused_decode is not None  # type: ignore[attr-defined]
     in_bf16 = LLM(loaded=loaded, quantization="gguf", dtype="bfloat16", kv_cache_bytes=2**22)
     assert in_bf16.engine.model.fused_decode is None  # type: ignore[attr-defined]
     # The C layers size their scratch from one shape: a layer of another shape is refused.

@@ -107,16 +107,16 @@ def test_tiny_llama_matches_transformers(tiny_llama, heads, kv_heads, head_dim, 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_tiny_llama_quantized_outputs_do_not_depend_on_batching(tiny_llama,
                                                                 quantization: str) -> None:
-    """Quantized weights run torch's packed int8 and int4 kernels, which transformers does not
-    have: a request's greedy tokens are held to the same engine's one at a time, in a batch of
-    mixed lengths and prefilled in chunks (the kernels give each row the same result whatever
-    the rows beside it).
+    """Quantized weights run the block kernels (Q8_0, Q4_1) on 8-bit activations, which
+    transformers does not have: a request's greedy tokens are held to the same engine's one at
+    a time, in a batch of mixed lengths and prefilled in chunks (the kernels give each row the
+    same result whatever the rows beside it).
 
     Not preemption, nor prefix-cache hits on generated tokens: there a token's keys and values
     are recomputed by a prefill where a decode step first wrote them, which rounds differently
-    in fp32 (a few 1e-6 relative); the bf16 rounding of the activations before every quantized
-    projection can turn that into a bf16 unit (4e-3), and near-ties then flip greedy picks. The
-    fp32 engine is held to those schedules against transformers."""
+    in fp32 (a few 1e-6 relative); the 8-bit rounding of the activations before every quantized
+    projection can turn that into a step of their codes, and near-ties then flip greedy picks.
+    The fp32 engine is held to those schedules against transformers."""
     path = str(tiny_llama())
     gen = random.Random(7)
     prompts = [[gen.randrange(3, 49152) for _ in range(gen.randint(1, 80))] for _ in range(6)]

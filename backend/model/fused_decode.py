@@ -1,5 +1,6 @@
 """A decode step's decoder layers in one call to the C kernels, for Llama-family models whose
-projections are all block-quantized (``quantization="gguf"``), in fp32 on CPUs.
+projections are all block-quantized (``quantization="gguf"``, ``"int4"``, ``"int8"``), in fp32
+on CPUs.
 
 A decode step at batch 1 is a few milliseconds of kernels behind a dozen Python calls a layer,
 each checking its tensors and allocating its result; run from Python the host's share of the

@@ -17,10 +17,11 @@ rank's q, k and v heads, its share of the MLP width and of the vocabulary; the a
 and down projections sum their partial products over the group.
 
 With a ``quantization`` (``"int8"``, ``"int4"``) every projection and the output projection are
-quantized as the model is built (after slicing, under tensor parallelism) and run on the packed
-kernels of :mod:`kernels.quant_linear`; the embeddings and norms keep the model's dtype. With
-``"gguf"`` the projections that a GGUF file holds quantized run on those kernels with the file's
-own codes (:mod:`backend.model.projections`).
+quantized into blocks as the model is built (after slicing, under tensor parallelism) and run on
+the block kernels (:mod:`kernels.quant_linear`); the embeddings and norms keep the model's dtype.
+With ``"gguf"`` the projections that a GGUF file holds quantized run on those kernels with the
+file's own codes (:mod:`backend.model.projections`). A decode step of a model whose projections
+are all blocks runs its layers in one C call (:mod:`backend.model.fused_decode`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from backend.model.parallel import (
     vocab_parallel_embedding,
     vocab_shard,
 )
-from backend.model.projections import cast_weights, dense, joined_blocks, projection
+from backend.model.projections import block_projection, cast_weights, dense, projection
 from kernels import block_quant
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.block_quant import BlockWeight
@@ -134,7 +135,9 @@ class LlamaLayer:
         self.o_bias = maybe("self_attn.o_proj.bias")
         # Block-quantized gate and up rows run as one product, gate's first (as the fused
         # decode layers of backend.model.fused_decode run them).
-        gate_up = joined_blocks(weights, [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up")])
+        gate_up = block_projection(
+            weights, [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up")], quantization,
+            dtype)
         self.mlp_in: BlockWeight | tuple[Weight, Weight] = (
             gate_up if gate_up is not None else (proj("mlp.gate_proj"), proj("mlp.up_proj")))
         self.gate_bias = maybe("mlp.gate_proj.bias")

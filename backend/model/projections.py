@@ -1,6 +1,6 @@
-"""A model's projection weights built from its state dict, plain, quantized at build
-(``quantization="int8"`` or ``"int4"``) or from a GGUF file's own quantized blocks
-(``"gguf"``).
+"""A model's projection weights built from its state dict, plain, quantized at build into blocks
+(``quantization="int8"`` or ``"int4"``, :mod:`kernels.quant_linear`) or from a GGUF file's own
+quantized blocks (``"gguf"``).
 
 A GGUF read for ``"gguf"`` (:mod:`backend.model.gguf_weights`) leaves each tensor of a block
 format the kernels take (Q4_1, and Q4_0 rewritten as Q4_1; Q8_0) in the state dict as its bytes,
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels.block_quant import FORMATS, BlockWeight, dequantize, pack_rows, quantize
-from kernels.quant_linear import Weight, maybe_quantize
+from kernels.quant_linear import BLOCK_FORMATS, Weight, maybe_quantize
 
 GGUF = "gguf"  # the quantization that takes the file's own blocks
 
@@ -104,3 +104,14 @@ def projection(weights: dict[str, torch.Tensor], names: Sequence[str], quantizat
         return blocks
     plain = _joined([dense(weights, n, dtype) for n in names], rows)
     return maybe_quantize(plain, None if quantization == GGUF else quantization)
+
+
+def block_projection(weights: dict[str, torch.Tensor], names: Sequence[str],
+                     quantization: str | None, dtype: torch.dtype) -> BlockWeight | None:
+    """The projection of ``names`` (their rows joined in turn) where it runs on blocks: the
+    parts quantized at build, or a file's blocks of one format; else None."""
+    if quantization in BLOCK_FORMATS:
+        weight = projection(weights, names, quantization, dtype)
+        assert isinstance(weight, BlockWeight)
+        return weight
+    return joined_blocks(weights, names)
