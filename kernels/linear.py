@@ -5,7 +5,7 @@ On CPU in fp32 the projections go to oneDNN's inner-product primitive (through t
 project's CPUs it runs the model's shapes 10-35% faster, most of all the small-batch shapes of
 decode steps and the vocabulary projection (measured in ``docs/benchmarks.md``). The results
 differ from MKL's only in summation order (fp32 rounding). Everything else uses ``F.linear``,
-except quantized weights, which go to their packed kernels (:mod:`kernels.quant_linear`).
+except quantized weights, which go to the block kernels (:mod:`kernels.quant_linear`).
 """
 
 from __future__ import annotations

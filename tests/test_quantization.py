@@ -1,8 +1,8 @@
-"""Weight-only int8 and int4 quantization: the packed kernels against their reference and the
-fp32 product, the shapes they refuse, the settings that select them, and SmolLM2 quantized
-against fp32 (greedy agreement, perplexity). A GGUF's own Q4_0/Q4_1/Q8_0 tensors
-(``quantization="gguf"``) against ``gguf``'s dequantization of them, on tiny models and on
-SmolLM2's Q4_1 file."""
+"""Weight-only int8 and int4 quantization: the blocks they make (Q8_0, Q4_1), their products
+against the blocks' reference and the fp32 product, the shapes they refuse, the settings that
+select them, and SmolLM2 quantized against fp32 (greedy agreement, perplexity). A GGUF's own
+Q4_0/Q4_1/Q8_0 tensors (``quantization="gguf"``) against ``gguf``'s dequantization of them, on
+tiny models and on SmolLM2's Q4_1 file."""
 
 from __future__ import annotations
 
