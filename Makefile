@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Write a haiku about paged attention.
 
-.PHONY: setup setup-dev generate test lint bench serve protos
+.PHONY: setup setup-dev generate test test-fast lint bench serve protos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy backend kernels
 	$(BIN)/python -m pytest -q --durations=40
+
+# The same without the tests marked slow (end-to-end servers, images, wheels), for the edit-test
+# loop; CI runs `make test`.
+test-fast: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy backend kernels
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20
 
 lint: setup-dev
 	$(BIN)/ruff check .
