@@ -1,4 +1,4 @@
-"""Command line: ``python -m backend generate "prompt"`` and ``python -m backend serve``."""
+"""Command line: ``python -m pagedserve generate "prompt"`` and ``python -m pagedserve serve``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from backend import LLM, SamplingParams
+    from pagedserve import LLM, SamplingParams
 
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb * 2**20,
               tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
@@ -30,7 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from backend.model.worker import rendezvous, run_node
+    from pagedserve.model.worker import rendezvous, run_node
 
     world = args.tensor_parallel_size
     if world < 1 or args.nnodes < 2 or world % args.nnodes:
@@ -48,17 +48,17 @@ def _add_parallel(parser: argparse.ArgumentParser) -> None:
 
 
 def _triton(args: argparse.Namespace) -> int:
-    from backend.python_backend.host import run
+    from pagedserve.python_backend.host import run
 
     return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     # The same commands as the ``pagedserve`` console script (pyproject.toml).
-    prog = "pagedserve" if Path(sys.argv[0]).name == "pagedserve" else "python -m backend"
+    prog = "pagedserve" if Path(sys.argv[0]).name == "pagedserve" else "python -m pagedserve"
     arguments = sys.argv[1:] if argv is None else argv
-    if arguments[:1] == ["bench"]:  # every flag after it is bench.throughput's own
-        from bench.throughput import main as throughput
+    if arguments[:1] == ["bench"]:  # every flag after it is pagedserve.bench.throughput's own
+        from pagedserve.bench.throughput import main as throughput
 
         return throughput(arguments[1:])
     parser = argparse.ArgumentParser(prog=prog)
@@ -90,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="as the engine's: gloo collectives on CPUs, NCCL on GPUs")
     worker.set_defaults(run=_worker)
     srv = commands.add_parser("serve", help="serve a model repository over Triton's gRPC protocol")
-    from backend.server.cli import add_arguments
-    from backend.server.cli import run as serve_run
+    from pagedserve.server.cli import add_arguments
+    from pagedserve.server.cli import run as serve_run
 
     add_arguments(srv)
     srv.set_defaults(run=serve_run)
-    commands.add_parser("bench", help="offline engine throughput: bench.throughput, with its "
-                                      "flags (bench --help)")
+    commands.add_parser("bench", help="offline engine throughput: pagedserve.bench.throughput, "
+                                      "with its flags (bench --help)")
     triton = commands.add_parser("triton", help="real tritonserver (the nvidia-pytriton wheel's) "
                                                 "serving a repository with our backend")
-    from backend.python_backend.host import add_arguments as triton_arguments
+    from pagedserve.python_backend.host import add_arguments as triton_arguments
 
     triton_arguments(triton)
     triton.set_defaults(run=_triton)

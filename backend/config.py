@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from backend.model.dtypes import DTYPES, auto_dtype
-from backend.model.projections import GGUF
-from kernels.dispatch import BACKENDS, ENV_VAR
-from kernels.quant_linear import QUANTIZATIONS
+from pagedserve.kernels.dispatch import BACKENDS, ENV_VAR
+from pagedserve.kernels.quant_linear import QUANTIZATIONS
+from pagedserve.model.dtypes import DTYPES, auto_dtype
+from pagedserve.model.projections import GGUF
 
 # Upper bounds far beyond any real deployment: past them a size is a typo or an attack (a
 # load override), and tables and budgets would be sized from it.
@@ -103,15 +103,16 @@ class EngineConfig:
     """
 
     model: str | None = None
-    # "auto": the faster dtype on this device, by measurement (backend.model.dtypes).
+    # "auto": the faster dtype on this device, by measurement (pagedserve.model.dtypes).
     dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.3
     gpu_memory_utilization: float = 0.9
-    # Which kernels run (kernels.dispatch): "auto" (Triton on CUDA; C kernels, else torch, on
-    # CPUs), "torch", "cpu" or "triton" (interpreted on CPUs: slow, for checking that path).
+    # Which kernels run (pagedserve.kernels.dispatch): "auto" (Triton on CUDA; C kernels, else
+    # torch, on CPUs), "torch", "cpu" or "triton" (interpreted on CPUs: slow, for checking that
+    # path).
     attention_backend: str = field(default_factory=lambda: os.environ.get(ENV_VAR, "auto"))
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
@@ -127,13 +128,13 @@ class EngineConfig:
     max_queue_size: int = 1024
     # Ranks the model is split over, one worker process each (1: in this process). With
     # ``nnodes`` > 1 this node runs the first tensor_parallel_size / nnodes of them and the
-    # others join from ``python -m backend worker`` on the other nodes (docs/tensor-parallel.md).
+    # others join from ``python -m pagedserve worker`` on the other nodes (docs/tensor-parallel.md).
     tensor_parallel_size: int = 1
     nnodes: int = 1
     # Weight-only quantization of every projection and the output projection (vLLM's name):
     # None (the model's dtype), "int8" (Q8_0 blocks), "int4" (Q4_1 blocks), one scale per 32
     # inputs, or "gguf" (a .gguf model's own Q4_0/Q4_1/Q8_0 tensors), on CPUs
-    # (kernels.quant_linear).
+    # (pagedserve.kernels.quant_linear).
     quantization: str | None = None
     # Speculative decoding of greedy requests; also accepted as vLLM's dict, e.g.
     # ``{"method": "ngram", "num_speculative_tokens": 4}``. None: one token per step.
@@ -225,7 +226,7 @@ class EngineConfig:
     def _check_size_types_and_bounds(self) -> None:
         """Sizes are integers (not bools, not floats) under their upper bounds; the lower bounds
         are checked with the other settings. ``kv_cache_bytes`` is bounded by the device's
-        memory where the cache is sized (``backend.model.runner.num_kv_blocks``)."""
+        memory where the cache is sized (``pagedserve.model.runner.num_kv_blocks``)."""
         for name, bound in _SIZES.items():
             value = getattr(self, name)
             if value is None and name in ("kv_cache_bytes", "max_model_len"):

@@ -10,13 +10,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
-from backend.config import EngineConfig
-from backend.engine.core import EngineCore, EngineStats
-from backend.engine.stats import EngineObserver
-from backend.engine.tracing import EngineTracer, TraceSettings
-from backend.model.loader import LoadedModel
-from backend.outputs import RequestOutput
-from backend.sampling_params import SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.engine.core import EngineCore, EngineStats
+from pagedserve.engine.stats import EngineObserver
+from pagedserve.engine.tracing import EngineTracer, TraceSettings
+from pagedserve.model.loader import LoadedModel
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 ChatMessages = list[dict[str, str]]
 

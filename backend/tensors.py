@@ -29,9 +29,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
-from backend.engine.input_processor import AdmissionLimits
-from backend.outputs import RequestOutput
-from backend.sampling_params import SamplingParams
+from pagedserve.engine.input_processor import AdmissionLimits
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 # Request parameters that are Triton's own, never sampling parameters.
 RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority",

@@ -3,7 +3,7 @@
 On a machine with a CUDA GPU (about five minutes on one data-centre GPU, nothing downloaded;
 the models are random-weight Llamas built on the spot, the tokenizer is the embedded SmolLM2's)::
 
-    python -m bench.gpu_check [--out bench/results/gpu_check.json]
+    python -m pagedserve.bench.gpu_check [--out bench/results/gpu_check.json]
 
 1. runs ``tests/test_triton_kernels.py`` on the GPU;
 2. measures the device-to-device copy bandwidth (``triton.testing.do_bench``, median) and times
@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, resolve_model_dir
-from kernels import rotary
-from kernels.attention import AttentionMetadata, paged_attention
-from kernels.norm import add_rms_norm
+from pagedserve import LLM, SamplingParams
+from pagedserve.kernels import rotary
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention
+from pagedserve.kernels.norm import add_rms_norm
+from pagedserve.model.loader import LoadedModel, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # Largest relative error of the bf16 Triton attention against the torch path: bf16's rounding,
@@ -234,10 +234,11 @@ def _random_llama(config: LlamaConfig, dtype: torch.dtype, device: torch.device
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
+    # transformers types PreTrainedModel.to through a decorator mypy misreads.
+    return model.to(dtype).eval()  # type: ignore[arg-type]
 
 
-def _llama_config(tokenizer: Any, **shape: int) -> LlamaConfig:
+def _llama_config(tokenizer: Any, **shape: Any) -> LlamaConfig:
     return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.eos_token_id, **shape)
@@ -311,10 +312,11 @@ def engine_rows(shapes: Shapes, device: torch.device, smoke: bool) -> list[Row]:
     # Beam search keeps its scores on the host while the logits come from the device.
     width = 3
     beams = SamplingParams(beam_width=width, n=width, max_tokens=shapes.output_len)
-    got = [[c.token_ids for c in o.outputs]
-           for o in llm.generate(prompt_token_ids=prompts, sampling_params=beams,
-                                 use_tqdm=False)]
-    same = sum(g == _hf_beams(tiny, p, width, shapes.output_len) for g, p in zip(got, prompts))
+    got_beams = [[c.token_ids for c in o.outputs]
+                 for o in llm.generate(prompt_token_ids=prompts, sampling_params=beams,
+                                       use_tqdm=False)]
+    same = sum(g == _hf_beams(tiny, p, width, shapes.output_len)
+               for g, p in zip(got_beams, prompts))
     rows.append(Row("beam search = transformers (fp32)",
                     note=f"width {width}: {same}/{len(prompts)} prompts identical",
                     passed=same == len(prompts)))
@@ -373,7 +375,8 @@ def print_table(device: str, bandwidth: float, rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pagedserve.bench.gpu_check",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, interpreted kernels, tiny shapes: the code paths only")

@@ -25,12 +25,13 @@ over the first ``--agreement-tokens`` tokens is printed and recorded: the fp32 e
 agree; llama.cpp computes in Q4_1 with 8-bit activations and may not.
 
 The machine is shared: figures are ratios measured in one run, and the run records how much CPU
-other processes took while each system ran (``bench.cpu_steal``).
+other processes took while each system ran (``pagedserve.bench.cpu_steal``).
 
 Usage (from the repository root)::
 
-    python -m bench.latency [--setup-peers] [--systems a,b] [--max-tokens N] [--out FILE]
-    python -m bench.latency --quick   # our fp32 and int8 only, 8 tokens (run by the tests)
+    python -m pagedserve.bench.latency [--setup-peers] [--systems a,b] [--max-tokens N] [--out FILE]
+    python -m pagedserve.bench.latency --quick   # our fp32 and int8 only, 8 tokens (run by the
+                                                 # tests)
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ from typing import Any
 import torch
 import transformers
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, default_model_path, load_model, resolve_model_dir
-from bench import latency_prompts, peer_venvs
-from bench.cpu_steal import ContentionMonitor
-from bench.peers.jobs import stream_record
-from bench.throughput import git_state
+from pagedserve import LLM, SamplingParams
+from pagedserve.bench import latency_prompts, peer_venvs
+from pagedserve.bench.cpu_steal import ContentionMonitor
+from pagedserve.bench.peers.jobs import stream_record
+from pagedserve.bench.throughput import git_state
+from pagedserve.model.loader import LoadedModel, default_model_path, load_model, resolve_model_dir
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latency.json"
 SETS = ("chat", "repeating")
@@ -109,7 +110,7 @@ class StreamSummary:
 
 
 def summarize(streams: list[dict[str, Any]]) -> StreamSummary:
-    """The set's figures from its streams (``bench.peers.jobs.stream_record``)."""
+    """The set's figures from its streams (``pagedserve.bench.peers.jobs.stream_record``)."""
     if not streams:
         raise ValueError("no streams to summarize")
     decode_tokens = 0

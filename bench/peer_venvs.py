@@ -7,10 +7,11 @@
   pulls in, are removed: their builds do not match this torch and vLLM runs text models without
   them.
 
-``python -m bench.peer_venvs [llamacpp] [vllm]`` builds what is missing (both by default) and
-prints every command it runs; a venv that already imports its engine is left as it is. The
-benchmarks run a peer with :func:`run_peer`: ``python -m bench.peers.<runner> JOB OUT`` in the
-peer's venv, from the repository root, a JSON job in and a JSON result out.
+``python -m pagedserve.bench.peer_venvs [llamacpp] [vllm]`` builds what is missing (both by
+default) and prints every command it runs; a venv that already imports its engine is left as it
+is. The benchmarks run a peer with :func:`run_peer`: ``python -m bench.peers.<runner> JOB OUT``
+in the peer's venv, which sees only this ``bench`` folder of ours, a JSON job in and a JSON
+result out.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
 VENVS_DIR = ROOT / ".venvs"
 # Lines of a failed runner's output kept in the error.
 ERROR_TAIL_LINES = 30
@@ -75,7 +77,7 @@ def peer_problem(name: str, root: Path | None = None) -> str | None:
     peer = _peer(name)
     root = venvs_root(root)
     python = venv_python(name, root)
-    build = f"build it with `python -m bench.peer_venvs {name}` (or pass --setup-peers)"
+    build = f"build it with `python -m pagedserve.bench.peer_venvs {name}` (or pass --setup-peers)"
     if not python.exists():
         return f"{name}: no venv at {root / name}; {build}"
     found = subprocess.run(
@@ -143,10 +145,14 @@ def run_peer(name: str, runner: str, job: dict[str, Any], *, env: dict[str, str]
     with tempfile.TemporaryDirectory(prefix=f"peer-{name}-") as scratch:
         job_path, out_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
         job_path.write_text(json.dumps(job))
-        cmd = [str(venv_python(name, root)), "-m", f"bench.peers.{runner}", str(job_path),
+        # The peer's venv imports this package's ``bench`` folder alone, as a top-level package
+        # (``-P``: not the working directory), so no other module of ours can shadow its own.
+        (Path(scratch) / "bench").symlink_to(BENCH_DIR, target_is_directory=True)
+        cmd = [str(venv_python(name, root)), "-P", "-m", f"bench.peers.{runner}", str(job_path),
                str(out_path)]
         try:
-            run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+            run = subprocess.run(cmd, cwd=scratch,
+                                 env={**os.environ, **(env or {}), "PYTHONPATH": scratch},
                                  capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as e:
             raise PeerError(f"{name}: {runner} ran past {timeout_s:.0f} s") from e

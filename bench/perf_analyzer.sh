@@ -5,7 +5,7 @@
 #                          [-d INPUT_JSON] [-- extra perf_analyzer flags]
 #
 # Defaults: -u 127.0.0.1:8001 -m smollm2 -c 1:4:1 -t 5000 -d clients/perf_analyzer_input.json.
-# Start a server first: `python -m backend serve` (ours), or `python -m tests.triton_ref` (real
+# Start a server first: `python -m pagedserve serve` (ours), or `python -m tests.triton_ref` (real
 # Triton serving the echo model `echo_vllm`, for comparison). perf_analyzer prints, per
 # concurrency, throughput (infer/sec) and latency (avg, p50/p90/p95/p99, in usec); this script
 # also writes them as CSV to bench/results/perf_analyzer.csv (-f to change).

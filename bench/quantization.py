@@ -2,13 +2,13 @@
 
 Settings: ``fp32`` (the GGUF's Q4_1 weights dequantized: the file's values), ``int8`` and
 ``int4`` (re-quantized from those), ``gguf`` (the file's own blocks, as
-``backend.model.gguf_weights`` serves them) and ``gguf-fp32-head`` (the same, the tied output
+``pagedserve.model.gguf_weights`` serves them) and ``gguf-fp32-head`` (the same, the tied output
 projection left as the file's dequantized Q8_0 values, to weigh that choice). Per setting:
 
 * greedy agreement with fp32: each token chosen after fp32's own prefix (the model's
   decisions), and free-running (one different token changes all that follow);
 * perplexity of ``tests.prompts.LONG_PROMPT`` (and llama.cpp's on the same GGUF file, where
-  ``bench.peer_venvs`` has built its venv);
+  ``pagedserve.bench.peer_venvs`` has built its venv);
 * one-stream decode tok/s: one short prompt, ``--tokens`` greedy tokens (EOS ignored), run
   ``--runs`` times; the prefill (timed alone) is subtracted.
 
@@ -22,8 +22,9 @@ other's descheduled peers, which hides the kernels' differences).
 
 Usage (from the repository root)::
 
-    python -m bench.quantization [--tokens 128] [--runs 2] [--prompts 12] [--agreement 32]
-                                 [--threads 1] [--settings fp32,int4,gguf]
+    python -m pagedserve.bench.quantization [--tokens 128] [--runs 2] [--prompts 12]
+                                            [--agreement 32] [--threads 1]
+                                            [--settings fp32,int4,gguf]
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, default_model_path, load_model
-from bench import peer_venvs
-from kernels.block_quant import BlockWeight, dequantize
+from pagedserve import LLM, SamplingParams
+from pagedserve.bench import peer_venvs
+from pagedserve.kernels.block_quant import BlockWeight, dequantize
+from pagedserve.model.loader import LoadedModel, default_model_path, load_model
 from tests.prompts import LONG_PROMPT, PROMPTS
 
 SETTINGS = ("fp32", "int8", "int4", "gguf", "gguf-fp32-head")
@@ -155,7 +156,7 @@ def main() -> None:
 
 def llamacpp_perplexity(text: list[int], threads: int, fp32_ppl: float) -> str:
     """llama.cpp's perplexity of ``text`` on the same GGUF file, in its venv
-    (``bench.peer_venvs``), as a line of the report."""
+    (``pagedserve.bench.peer_venvs``), as a line of the report."""
     problem = peer_venvs.peer_problem("llamacpp")
     if problem is not None:
         return f"not measured ({problem})"

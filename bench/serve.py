@@ -3,11 +3,11 @@
 What is measured, in one run, on one workload (64 requests by default, greedy, every request
 generating exactly ``max_tokens`` tokens with EOS ignored, all submitted at once):
 
-* **gRPC**: our server (``python -m backend serve``, the default ``model_repository/``) in a
+* **gRPC**: our server (``python -m pagedserve serve``, the default ``model_repository/``) in a
   subprocess on loopback, driven by ``clients/load.py`` (``tritonclient.grpc.aio``, requests
   dealt over 16 ModelStreamInfer streams).
 * **direct**: the same engine settings (read from the same repository by the server's own
-  ``backend.repository`` code) in a worker process (``bench/serve_direct.py``), the requests
+  ``pagedserve.repository`` code) in a worker process (``bench/serve_direct.py``), the requests
   driven through ``AsyncEngine.generate`` concurrently.
 
 Figures: output tokens/s of each (tokens over the wall time from the first submission to the
@@ -29,7 +29,7 @@ reports the median of each.
 
 ``--compare-triton`` measures instead our server against **real Triton hosting the same engine**
 (the nvidia-pytriton wheel's ``tritonserver`` with the ``pagedserve`` Python-based backend,
-``backend.python_backend.host``), both serving ``model_repository/`` at once, on the same
+``pagedserve.python_backend.host``), both serving ``model_repository/`` at once, on the same
 concurrent workload through the same client: output tokens/s and TTFT p50/p95 of each, and the
 ratio ours/Triton (target >= 1.0, with a lower TTFT). The Triton figure includes its Python
 backend's costs (every response crosses from the stub process to the server by shared memory
@@ -37,8 +37,9 @@ and a message queue; docs/benchmarks.md).
 
 Usage (from the repository root)::
 
-    python -m bench.serve [--quick] [--rounds N] [--requests 64] [--max-tokens 64] [--out FILE]
-    python -m bench.serve --compare-triton [--rounds N] [--out FILE]
+    python -m pagedserve.bench.serve [--quick] [--rounds N] [--requests 64] [--max-tokens 64]
+                                     [--out FILE]
+    python -m pagedserve.bench.serve --compare-triton [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backend.python_backend.host import Ports, TritonHost, wait_ready
-from bench.cpu_steal import proc_stat_cpu as _proc_stat_cpu
-from bench.throughput import git_state
 from clients.load import LoadRequest, make_requests, run_load
+from pagedserve.bench.cpu_steal import proc_stat_cpu as _proc_stat_cpu
+from pagedserve.bench.throughput import git_state
+from pagedserve.python_backend.host import Ports, TritonHost, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "serve.json"
@@ -141,7 +142,7 @@ class PhaseResult:
 
 
 class Server:
-    """``python -m backend serve`` on a free loopback port (HTTP and metrics off)."""
+    """``python -m pagedserve serve`` on a free loopback port (HTTP and metrics off)."""
 
     def __init__(self, repository: Path) -> None:
         with socket.socket() as sock:  # a loopback port free right now
@@ -152,7 +153,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile(prefix="serve-bench-", suffix=".log",  # noqa: SIM115
                                                delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model-repository", str(repository),
+            [sys.executable, "-m", "pagedserve", "serve", "--model-repository", str(repository),
              "--host", "127.0.0.1", "--grpc-port", str(self.port), "--http-port", "0",
              "--metrics-port", "0"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -201,7 +202,7 @@ class DirectWorker:
 
     def __init__(self, repository: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.serve_direct", "--repository", str(repository),
+            [sys.executable, "-m", "pagedserve.bench.serve_direct", "--repository", str(repository),
              "--model", MODEL], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             text=True)
 

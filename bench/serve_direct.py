@@ -10,7 +10,7 @@ for ``<repository>/<model>/1`` and prints ``{"ready": true}``; then for each lin
 on stdin it runs all requests concurrently (or one at a time) through ``AsyncEngine.generate``
 (greedy, EOS ignored) and prints one result line; an empty line or EOF ends it.
 
-    python -m bench.serve_direct --repository model_repository --model smollm2
+    python -m pagedserve.bench.serve_direct --repository model_repository --model smollm2
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from backend import SamplingParams
-from backend.engine.async_engine import AsyncEngine
-from backend.engine.core import EngineCore
-from backend.repository.engine_args import engine_config
-from backend.repository.model_config import load_config
-from bench.throughput import ContentionMonitor
+from pagedserve import SamplingParams
+from pagedserve.bench.throughput import ContentionMonitor
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.core import EngineCore
+from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.model_config import load_config
 
 
 def build_engine(repository: Path, model: str) -> AsyncEngine:

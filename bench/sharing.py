@@ -15,11 +15,11 @@
     forking's alone.
 
 The machine is shared and noisy: compare the ratios, not absolute rates. The run records how
-much CPU other processes took (see ``bench.throughput``).
+much CPU other processes took (see ``pagedserve.bench.throughput``).
 
 Usage (from the repository root)::
 
-    python -m bench.sharing [--quick] [--out FILE]
+    python -m pagedserve.bench.sharing [--quick] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, load_model
-from bench.throughput import ContentionMonitor, git_state
+from pagedserve import LLM, SamplingParams
+from pagedserve.bench.throughput import ContentionMonitor, git_state
+from pagedserve.model.loader import LoadedModel, load_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sharing.json"
 SEED = 0

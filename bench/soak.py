@@ -1,6 +1,6 @@
 """Soak: hours of serving compressed into minutes of hostile, cancelled, concurrent streams.
 
-The server (``python -m backend serve``, the default ``model_repository/``) runs in a subprocess
+The server (``python -m pagedserve serve``, the default ``model_repository/``) runs in a subprocess
 on free loopback ports. For ``--duration`` seconds ``--streams`` concurrent ``ModelStreamInfer``
 calls (one asyncio process, ``grpc.aio``) each keep one request in flight:
 
@@ -33,7 +33,7 @@ reported, not enforced), and the CPU other processes took (the machine may be sh
 
 Usage (from the repository root)::
 
-    python -m bench.soak [--duration 600] [--streams 256] [--cancel-fraction 0.2]
+    python -m pagedserve.bench.soak [--duration 600] [--streams 256] [--cancel-fraction 0.2]
         [--poison-fraction 0.05] [--seed 0] [--max-tokens 64] [--stall-timeout 900]
         [--out bench/results/soak.json]
 
@@ -92,8 +92,9 @@ LOG_FORBIDDEN = ("engine step failed",)
 
 
 # ------------------------------------------------------------------------------------ server
-# (bench.serve and bench.throughput have the same helpers, but importing them loads torch and the
-# engine into this process: the client stays small so it does not compete with the server.)
+# (pagedserve.bench.serve and pagedserve.bench.throughput have the same helpers, but importing them
+# loads torch and the engine into this process: the client stays small so it does not compete with
+# the server.)
 
 
 def git_state() -> dict[str, Any]:
@@ -151,7 +152,7 @@ def _free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """``python -m backend serve`` on free loopback ports, its log in a file kept afterwards."""
+    """``python -m pagedserve serve`` on free loopback ports, its log in a file kept afterwards."""
 
     process: subprocess.Popen[bytes]
     grpc_port: int
@@ -162,7 +163,7 @@ class ServerProcess:
     def start(cls, repository: Path, timeout: float = 300.0) -> ServerProcess:
         grpc_port, http_port = _free_port(), _free_port()
         log_path = Path(tempfile.mkstemp(prefix="pagedserve-soak-", suffix=".log")[1])
-        command = [sys.executable, "-m", "backend", "serve", "--model-repository",
+        command = [sys.executable, "-m", "pagedserve", "serve", "--model-repository",
                    str(repository), "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                    "--http-port", str(http_port), "--metrics-port", str(http_port)]
         with open(log_path, "wb") as log_file:

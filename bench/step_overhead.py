@@ -12,7 +12,7 @@ tensors, layers, logits), sample, output (stop checks, detokenizing).
 
 Usage (from the repository root)::
 
-    python -m bench.step_overhead [--batches 1 8] [--quantization int4] [--tokens 64]
+    python -m pagedserve.bench.step_overhead [--batches 1 8] [--quantization int4] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from backend import SamplingParams
-from backend.config import EngineConfig
-from backend.engine.core import EngineCore
-from backend.engine.stats import FinishedRequest, RequestInfo, StepStats
-from backend.model.loader import LoadedModel, load_model
-from backend.model.projections import GGUF, as_blocks
-from bench.cpu_steal import ContentionMonitor
+from pagedserve import SamplingParams
+from pagedserve.bench.cpu_steal import ContentionMonitor
+from pagedserve.config import EngineConfig
+from pagedserve.engine.core import EngineCore
+from pagedserve.engine.stats import FinishedRequest, RequestInfo, StepStats
+from pagedserve.model.loader import LoadedModel, load_model
+from pagedserve.model.projections import GGUF, as_blocks
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 PHASES = ("schedule", "forward", "sample", "output")
@@ -92,7 +92,7 @@ def in_blocks(loaded: LoadedModel) -> LoadedModel:
 def profile(loaded: LoadedModel, name: str, quantization: str | None, batch: int,
             tokens: int, fused: bool = True) -> StepProfile:
     """Median decode step of ``batch`` requests; ``fused=False`` runs a block-quantized
-    model's decode layers one operation at a time (backend.model.fused_decode off)."""
+    model's decode layers one operation at a time (pagedserve.model.fused_decode off)."""
     recorder = _PhaseRecorder()
     engine = EngineCore(EngineConfig(kv_cache_bytes=256 * 2**20, quantization=quantization,
                                      enable_prefix_caching=False), loaded, [recorder])

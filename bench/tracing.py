@@ -1,5 +1,5 @@
 """What tracing costs: the throughput workload with every step and request traced, against
-tracing off, in one run (``python -m bench.throughput --tracing``).
+tracing off, in one run (``python -m pagedserve.bench.throughput --tracing``).
 
 Two engines share the weights: one untraced, one reporting to an OpenTelemetry SDK provider
 whose batch span processor exports over OTLP/gRPC to a receiver in another process on
@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from backend import LLM
+from pagedserve import LLM
 
 # The receiver process: prints its gRPC endpoint, then the spans received per "count" line.
 _SINK = """

@@ -45,10 +45,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's backend
 
-from backend import EngineConfig, SamplingParams
-from backend.engine.core import EngineCore
-from backend.engine.tracing import EngineTracer, TraceSettings
-from backend.model.loader import load_model
+from pagedserve import EngineConfig, SamplingParams
+from pagedserve.engine.core import EngineCore
+from pagedserve.engine.tracing import EngineTracer, TraceSettings
+from pagedserve.model.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,10 +9,11 @@ positions read finite values (they are masked out of the softmax anyway).
 A step's batch is flattened: the query tokens of all sequences are concatenated, sequences with a
 single query token (decodes) first. This module holds the torch implementation, which runs
 everywhere and is the reference of the kernels behind the same two functions: on CPUs (fp32,
-bf16, fp16), decodes are attended in place by the C kernel of :mod:`kernels.cpu` when it is
-built (torch ops must first gather each context into a copy); on CUDA the whole batch goes to
-the Triton kernels of :mod:`kernels.triton_attention` and :mod:`kernels.triton_cache`.
-:mod:`kernels.dispatch` chooses (``AttentionMetadata.backend``).
+bf16, fp16), decodes are attended in place by the C kernel of :mod:`pagedserve.kernels.cpu` when it
+is built (torch ops must first gather each context into a copy); on CUDA the whole batch goes to
+the Triton kernels of :mod:`pagedserve.kernels.triton_attention` and
+:mod:`pagedserve.kernels.triton_cache`. :mod:`pagedserve.kernels.dispatch` chooses
+(``AttentionMetadata.backend``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu, dispatch
+from pagedserve.kernels import cpu, dispatch
 
 NULL_BLOCK = 0
 # On the torch path decodes are attended in groups of consecutive rows; callers sort decodes by
@@ -73,7 +74,8 @@ class AttentionMetadata:
     seq_lens: list[int]
     num_decodes: int
     block_size: int
-    # "auto", "torch", "cpu" or "triton" (kernels.dispatch); the concrete path after init.
+    # "auto", "torch", "cpu" or "triton" (pagedserve.kernels.dispatch); the concrete path after
+    # init.
     backend: str = "auto"
     # Derived once per step (decode lengths, gather indices, masks), not per layer.
     _decode_lens: torch.Tensor | None = field(default=None, repr=False)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu
+from pagedserve.kernels import cpu
 
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")  # a GGUF file's formats, as stored

@@ -64,7 +64,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    # The same root as the converted models of backend.model.loader.
+    # The same root as the converted models of pagedserve.model.loader.
     root = os.environ.get("PAGEDSERVE_CACHE") or str(Path.home() / ".cache" / "pagedserve")
     return Path(root) / "kernels"
 
@@ -78,7 +78,7 @@ def _build(compiler: str, target: Path) -> None:
             subprocess.run([compiler, *_COMMON_FLAGS, *flags, "-c", str(_CSRC / name), "-o",
                             str(obj)], check=True, capture_output=True, text=True)
             objects.append(str(obj))
-        lib = Path(tmp) / "kernels.so"
+        lib = Path(tmp) / "pagedserve.kernels.so"
         subprocess.run([compiler, *objects, "-o", str(lib), *_LINK_FLAGS],
                        check=True, capture_output=True, text=True)
         # Atomic: concurrent processes (test servers) may build the same library at once.

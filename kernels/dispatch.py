@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kernels import cpu
+from pagedserve.kernels import cpu
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"

@@ -5,7 +5,7 @@ On CPU in fp32 the projections go to oneDNN's inner-product primitive (through t
 project's CPUs it runs the model's shapes 10-35% faster, most of all the small-batch shapes of
 decode steps and the vocabulary projection (measured in ``docs/benchmarks.md``). The results
 differ from MKL's only in summation order (fp32 rounding). Everything else uses ``F.linear``,
-except quantized weights, which go to the block kernels (:mod:`kernels.quant_linear`).
+except quantized weights, which go to the block kernels (:mod:`pagedserve.kernels.quant_linear`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_linear import Weight, quant_linear
+from pagedserve.kernels.quant_linear import Weight, quant_linear
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 

@@ -2,8 +2,9 @@
 
 The torch implementation follows ``transformers``' ``LlamaRMSNorm`` operation by operation
 (normalised in fp32, cast back, then scaled) and is the reference of the CPU kernel
-(:mod:`kernels.cpu`), which makes one pass per row instead of six, and of the Triton kernel
-(:mod:`kernels.triton_norm`) that runs on CUDA tensors (:mod:`kernels.dispatch` chooses).
+(:mod:`pagedserve.kernels.cpu`), which makes one pass per row instead of six, and of the Triton
+kernel (:mod:`pagedserve.kernels.triton_norm`) that runs on CUDA tensors
+(:mod:`pagedserve.kernels.dispatch` chooses).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu, dispatch
+from pagedserve.kernels import cpu, dispatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Weight-only quantization on CPU, made as a model is built: int8 as Q8_0 blocks, int4 as Q4_1.
 
-Both are llama.cpp's block formats (:mod:`kernels.block_quant`), one scale (and, for Q4_1, one
-offset) per 32 inputs of a row, and run on the same C kernels as a GGUF file's own blocks
+Both are llama.cpp's block formats (:mod:`pagedserve.kernels.block_quant`), one scale (and, for
+Q4_1, one offset) per 32 inputs of a row, and run on the same C kernels as a GGUF file's own blocks
 (``quantization="gguf"``), which quantize the activations to 8 bits per block of 32 and
 multiply integers:
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import block_quant
-from kernels.block_quant import BLOCK, BlockWeight, pack_rows
+from pagedserve.kernels import block_quant
+from pagedserve.kernels.block_quant import BLOCK, BlockWeight, pack_rows
 
 # Each build-time quantization and the block format it makes.
 BLOCK_FORMATS = {"int8": "q8_0", "int4": "q4_1"}

@@ -1,19 +1,19 @@
 """Rotary position embedding of a step's queries and keys, fused with the KV cache write.
 
 The torch implementation (rotate-half convention, as ``transformers``' Llama) is the reference
-of the CPU kernel (:mod:`kernels.cpu`), which rotates each token's q|k|v row in place and copies
-its keys and values to their cache slot in one pass, and of the Triton kernel
-(:mod:`kernels.triton_cache`) that does the same on CUDA tensors (:mod:`kernels.dispatch`
-chooses).
+of the CPU kernel (:mod:`pagedserve.kernels.cpu`), which rotates each token's q|k|v row in place and
+copies its keys and values to their cache slot in one pass, and of the Triton kernel
+(:mod:`pagedserve.kernels.triton_cache`) that does the same on CUDA tensors
+(:mod:`pagedserve.kernels.dispatch` chooses).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import cpu, dispatch
-from kernels.attention import write_kv
-from kernels.norm import rms_norm
+from pagedserve.kernels import cpu, dispatch
+from pagedserve.kernels.attention import write_kv
+from pagedserve.kernels.norm import rms_norm
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

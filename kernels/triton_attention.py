@@ -15,8 +15,8 @@ unnormalised partial output with its running max and sum, and a second kernel me
 Scores, softmax and accumulation are fp32 whatever the cache dtype; exponentials are base 2
 with the scale folded in.
 
-This module imports ``triton``: it is only imported through :mod:`kernels.dispatch`, which sets
-``TRITON_INTERPRET=1`` first when the tensors are on a CPU.
+This module imports ``triton``: it is only imported through :mod:`pagedserve.kernels.dispatch`,
+which sets ``TRITON_INTERPRET=1`` first when the tensors are on a CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import on_device
+from pagedserve.kernels.dispatch import on_device
 
 _LOG2_E = 1.4426950408889634
 # Upper bound on KV segments per sequence: more would make the merge cost more than it saves.

@@ -1,13 +1,14 @@
 """KV cache write in the Triton language, rotary embedding applied on the way.
 
-The GPU path behind :func:`kernels.attention.write_kv` and :func:`kernels.rotary.rotary_write_kv`.
-One program per token, all its heads as one tile: query heads are rotated in place; keys are
-rotated (in place, for the caller's view) and stored with the values at the token's cache slot.
-The torch path takes eight passes over the step's q|k|v for the same work. Tokens with a
-negative slot (padding) are rotated but not stored. Arithmetic is fp32, rounded once to the
-cache's dtype.
+The GPU path behind :func:`pagedserve.kernels.attention.write_kv` and
+:func:`pagedserve.kernels.rotary.rotary_write_kv`. One program per token, all its heads as one tile:
+query heads are rotated in place; keys are rotated (in place, for the caller's view) and stored with
+the values at the token's cache slot. The torch path takes eight passes over the step's q|k|v for
+the same work. Tokens with a negative slot (padding) are rotated but not stored. Arithmetic is fp32,
+rounded once to the cache's dtype.
 
-Imported through :mod:`kernels.dispatch` only, which sets ``TRITON_INTERPRET=1`` first on CPUs.
+Imported through :mod:`pagedserve.kernels.dispatch` only, which sets ``TRITON_INTERPRET=1`` first on
+CPUs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import on_device
+from pagedserve.kernels.dispatch import on_device
 
 
 @triton.jit

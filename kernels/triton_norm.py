@@ -5,7 +5,8 @@ stream is updated in place) and the normalised row: one pass where the torch ops
 Rounding follows ``transformers``' ``LlamaRMSNorm``: the sum in the stream's dtype, the
 normalisation in fp32, cast back before the weight multiplies it.
 
-Imported through :mod:`kernels.dispatch` only, which sets ``TRITON_INTERPRET=1`` first on CPUs.
+Imported through :mod:`pagedserve.kernels.dispatch` only, which sets ``TRITON_INTERPRET=1`` first on
+CPUs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import on_device
+from pagedserve.kernels.dispatch import on_device
 
 
 @triton.jit

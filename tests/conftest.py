@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from backend import LLM
-from backend.model.dtypes import AUTO_ENV
-from backend.model.loader import LoadedModel, load_model
+from pagedserve import LLM
+from pagedserve.model.dtypes import AUTO_ENV
+from pagedserve.model.loader import LoadedModel, load_model
 from tests.server.conftest import DEFAULT_REPOSITORY, ServerHandle, start_server
 
 # The tests compare with transformers in fp32: "auto" must not pick bf16 on CPUs that have it
@@ -34,7 +34,7 @@ def smollm() -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerHandle]:
-    """``python -m backend serve`` of the default repository (the embedded model as
+    """``python -m pagedserve serve`` of the default repository (the embedded model as
     ``smollm2``), one per test session: the modules that only send it requests share it."""
     handle = start_server(DEFAULT_REPOSITORY)
     yield handle

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from backend import LLM, EngineConfig, SamplingParams
-from backend.engine.async_engine import AsyncEngine
-from backend.engine.core import EngineCore
+from pagedserve import LLM, EngineConfig, SamplingParams
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.core import EngineCore
 
 PROMPTS = ["Hello, my name is", "def quicksort(arr):", "Les fleurs du printemps",
            "Emoji: 🎉🎉", "The year 1969 is famous because"]

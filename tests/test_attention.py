@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from kernels import attention, cpu
-from kernels.attention import NULL_BLOCK, AttentionMetadata, paged_attention
+from pagedserve.kernels import attention, cpu
+from pagedserve.kernels.attention import NULL_BLOCK, AttentionMetadata, paged_attention
 
 
 def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, load_model
+from pagedserve import LLM, SamplingParams
+from pagedserve.model.loader import LoadedModel, load_model
 from tests.conftest import TinyFactory, assert_all_blocks_free
 
 

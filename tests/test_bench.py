@@ -12,7 +12,8 @@ import pytest
 @pytest.mark.slow
 def test_throughput_quick_writes_its_figures(tmp_path):
     out = tmp_path / "throughput.json"
-    run = subprocess.run([sys.executable, "-m", "bench.throughput", "--quick", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "pagedserve.bench.throughput", "--quick", "--out",
+                          str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -28,7 +29,8 @@ def test_throughput_quick_writes_its_figures(tmp_path):
 @pytest.mark.slow
 def test_sharing_quick_writes_its_figures(tmp_path):
     out = tmp_path / "sharing.json"
-    run = subprocess.run([sys.executable, "-m", "bench.sharing", "--quick", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "pagedserve.bench.sharing", "--quick", "--out",
+                          str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -1,4 +1,5 @@
-"""bench.gpu_check runs every step in its CPU smoke mode (kernels interpreted, tiny shapes)."""
+"""pagedserve.bench.gpu_check runs every step in its CPU smoke mode (kernels interpreted, tiny
+shapes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_check
+from pagedserve.bench import gpu_check
 
 
 def test_gpu_check_smoke_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]

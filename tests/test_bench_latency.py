@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from bench import latency, peer_venvs, throughput_vllm
-from bench.latency import StreamSummary
-from bench.peers import jobs, llamacpp_perplexity, llamacpp_stream, vllm_batch, vllm_engine
-from bench.throughput import Request
+from pagedserve.bench import latency, peer_venvs, throughput_vllm
+from pagedserve.bench.latency import StreamSummary
+from pagedserve.bench.peers import (
+    jobs,
+    llamacpp_perplexity,
+    llamacpp_stream,
+    vllm_batch,
+    vllm_engine,
+)
+from pagedserve.bench.throughput import Request
 
 
 @pytest.mark.slow
@@ -47,7 +53,7 @@ def test_missing_peer_venvs_are_reported_with_how_to_build_them(tmp_path, monkey
     systems = json.loads(out.read_text())["systems"]
     for name, venv in (("llamacpp-q4_1", "llamacpp"), ("vllm-fp32", "vllm")):
         assert systems[name]["status"] == "missing"
-        assert f"python -m bench.peer_venvs {venv}" in systems[name]["reason"]
+        assert f"python -m pagedserve.bench.peer_venvs {venv}" in systems[name]["reason"]
         assert systems[name]["sets"] is None
     assert "--setup-peers" in capsys.readouterr().out
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.throughput import default_out
+from pagedserve.bench.throughput import default_out
 
 
 @pytest.mark.parametrize("marker", [".git", "pyproject.toml"])
@@ -17,4 +17,4 @@ def test_checkout_writes_under_bench_results(tmp_path: Path, marker: str) -> Non
 
 def test_installed_writes_to_the_current_directory(tmp_path: Path) -> None:
     site_packages = tmp_path / "lib" / "python3.11" / "site-packages"
-    assert default_out(site_packages / "bench") == Path("throughput.json")
+    assert default_out(site_packages / "pagedserve" / "bench") == Path("throughput.json")

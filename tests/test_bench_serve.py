@@ -12,7 +12,8 @@ import pytest
 @pytest.mark.slow
 def test_serve_quick_writes_its_figures(tmp_path):
     out = tmp_path / "serve.json"
-    run = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "pagedserve.bench.serve", "--quick", "--out",
+                          str(out)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())

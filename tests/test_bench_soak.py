@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from bench.soak import poisons
+from pagedserve.bench.soak import poisons
 
 
 @pytest.mark.slow
 def test_short_soak_keeps_its_invariants(tmp_path):
     out = tmp_path / "soak.json"
-    command = [sys.executable, "-m", "bench.soak", "--duration", "4", "--streams", "6",
+    command = [sys.executable, "-m", "pagedserve.bench.soak", "--duration", "4", "--streams", "6",
                "--cancel-fraction", "0.3", "--poison-fraction", "0.2", "--max-tokens", "16",
                "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -1,11 +1,12 @@
-"""bench.step_overhead: the skeleton keeps the model's calls, and a profile splits real steps."""
+"""pagedserve.bench.step_overhead: the skeleton keeps the model's calls, and a profile splits real
+steps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from backend.model.loader import LoadedModel
-from bench.step_overhead import PHASES, profile, skeleton_of
+from pagedserve.bench.step_overhead import PHASES, profile, skeleton_of
+from pagedserve.model.loader import LoadedModel
 
 
 def test_skeleton_profile_splits_decode_steps_into_phases(smollm: LoadedModel,

@@ -19,8 +19,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from backend.engine.block_manager import BlockManager, BlockTable, block_key
-from kernels.attention import NULL_BLOCK
+from pagedserve.engine.block_manager import BlockManager, BlockTable, block_key
+from pagedserve.kernels.attention import NULL_BLOCK
 
 MAX_SEQS = 5
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # few symbols: many shared prefixes

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import block_quant, cpu
+from pagedserve.kernels import block_quant, cpu
 
 GGUF_TYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 

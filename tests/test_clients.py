@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.python_backend.host import wait_ready
 from clients.load import make_requests, run_load
+from pagedserve.python_backend.host import wait_ready
 from tests.server.conftest import MODEL, ServerHandle
 from tests.triton_ref import make_echo_repository, running_triton
 

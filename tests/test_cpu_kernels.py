@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu
-from kernels.attention import write_kv
-from kernels.norm import rms_norm
-from kernels.rotary import apply_rotary
+from pagedserve.kernels import cpu
+from pagedserve.kernels.attention import write_kv
+from pagedserve.kernels.norm import rms_norm
+from pagedserve.kernels.rotary import apply_rotary
 
 ROOT = Path(__file__).resolve().parent.parent
 

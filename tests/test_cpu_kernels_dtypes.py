@@ -1,5 +1,5 @@
 """The C kernels in bf16 and fp16, and their sliding-window, ALiBi, q/k-norm and LayerNorm
-paths, against the torch references they replace (kernels.attention, norm, rotary)."""
+paths, against the torch references they replace (pagedserve.kernels.attention, norm, rotary)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu, norm, rotary
-from kernels.attention import NULL_BLOCK, AttentionMetadata, paged_attention
+from pagedserve.kernels import cpu, norm, rotary
+from pagedserve.kernels.attention import NULL_BLOCK, AttentionMetadata, paged_attention
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler on this machine "
                                 "(tests/test_attention.py asserts that one is then absent)")

@@ -35,11 +35,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from backend.repository.engine_args import engine_config
-from backend.repository.model_config import load_config
-from backend.repository.names import model_names
-from backend.server import app as server_app
-from backend.server.cli import add_arguments
+from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.model_config import load_config
+from pagedserve.repository.names import model_names
+from pagedserve.server import app as server_app
+from pagedserve.server.cli import add_arguments
 from tests.conftest import hf_greedy
 from tests.server.conftest import MODEL, is_final, llm_inputs, text_of
 

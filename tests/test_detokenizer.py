@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
-from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.model.loader import load_model
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.model.loader import load_model
 
 REPLACEMENT = "\ufffd"
 

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.engine.metrics import (
+from pagedserve.engine.metrics import (
     FINISH_REASONS,
     ITL_BUCKETS,
     REQUEST_LATENCY_BUCKETS,
@@ -18,7 +18,7 @@ from backend.engine.metrics import (
     MetricFamilies,
     build_1_2_5_buckets,
 )
-from backend.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
+from pagedserve.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
 
 S = 1_000_000_000  # ns per second
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from backend import LLM, EngineConfig, SamplingParams
-from backend.engine.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
-from backend.engine.core import EngineCore
-from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.model.batch import ModelInput
-from backend.model.runner import ModelRunner
-from backend.model.sampler import Sampler
+from pagedserve import LLM, EngineConfig, SamplingParams
+from pagedserve.engine.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
+from pagedserve.engine.core import EngineCore
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.model.batch import ModelInput
+from pagedserve.model.runner import ModelRunner
+from pagedserve.model.sampler import Sampler
 from tests.conftest import assert_all_blocks_free
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",

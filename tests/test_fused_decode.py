@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from backend import LLM, SamplingParams
-from backend.model import projections
-from backend.model.fused_decode import FusedDecode
-from backend.model.loader import LoadedModel, load_model
-from backend.model.projections import GGUF, as_blocks
-from kernels import block_quant, cpu
+from pagedserve import LLM, SamplingParams
+from pagedserve.kernels import block_quant, cpu
+from pagedserve.model import projections
+from pagedserve.model.fused_decode import FusedDecode
+from pagedserve.model.loader import LoadedModel, load_model
+from pagedserve.model.projections import GGUF, as_blocks
 from tests.conftest import assert_all_blocks_free
 from tests.prompts import random_prompts
 

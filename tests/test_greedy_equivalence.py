@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel
+from pagedserve import LLM, SamplingParams
+from pagedserve.model.loader import LoadedModel
 from tests.conftest import assert_all_blocks_free, hf_greedy
 from tests.prompts import PROMPTS
 

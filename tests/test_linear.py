@@ -1,4 +1,5 @@
-"""kernels.linear against torch's own ops, on the oneDNN path (fp32 CPU) and the fallback."""
+"""pagedserve.kernels.linear against torch's own ops, on the oneDNN path (fp32 CPU) and the
+fallback."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import linear, silu_gated
+from pagedserve.kernels.linear import linear, silu_gated
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from backend import LLM, SamplingParams
+from pagedserve import LLM, SamplingParams
 from tests.conftest import assert_all_blocks_free
 
 
@@ -73,7 +73,7 @@ def test_cli_generate_prints_the_greedy_completion(llm, smollm):
     expected = llm.generate("The capital of France is",
                             SamplingParams(temperature=0, max_tokens=8),
                             use_tqdm=False)[0].outputs[0].text
-    run = subprocess.run([sys.executable, "-m", "backend", "generate",
+    run = subprocess.run([sys.executable, "-m", "pagedserve", "generate",
                           "The capital of France is", "--max-tokens", "8",
                           "--model", smollm.path], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

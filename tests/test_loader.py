@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from backend.model.loader import default_model_path, gguf_fingerprint
+from pagedserve.model.loader import default_model_path, gguf_fingerprint
 
 
 def test_a_copy_elsewhere_has_the_same_fingerprint(tmp_path: Path) -> None:

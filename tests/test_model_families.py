@@ -20,11 +20,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from backend import LLM, SamplingParams
-from backend.model.loader import LoadedModel, load_model
-from backend.model.registry import UnsupportedModelError
-from backend.model.runner import kv_block_bytes
-from kernels import cpu
+from pagedserve import LLM, SamplingParams
+from pagedserve.kernels import cpu
+from pagedserve.model.loader import LoadedModel, load_model
+from pagedserve.model.registry import UnsupportedModelError
+from pagedserve.model.runner import kv_block_bytes
 from tests.conftest import assert_all_blocks_free, hf_greedy
 from tests.gguf_files import write_gguf
 from tests.prompts import random_prompts

@@ -1,12 +1,13 @@
-"""kernels.norm and kernels.rotary: the CPU kernel path and the torch path give the same."""
+"""pagedserve.kernels.norm and pagedserve.kernels.rotary: the CPU kernel path and the torch path
+give the same."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import cpu, norm, rotary
-from kernels.attention import write_kv
+from pagedserve.kernels import cpu, norm, rotary
+from pagedserve.kernels.attention import write_kv
 
 
 @pytest.fixture(params=["kernel", "torch", "float64"])

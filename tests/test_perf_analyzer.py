@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.python_backend.host import wait_ready
+from pagedserve.python_backend.host import wait_ready
 from tests.server.conftest import MODEL
 from tests.triton_ref import make_echo_repository, running_triton
 

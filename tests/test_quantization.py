@@ -17,26 +17,26 @@ import torch
 import torch.nn.functional as F
 from transformers import FalconConfig, FalconForCausalLM
 
-from backend import LLM, SamplingParams
-from backend.config import EngineConfig
-from backend.model.gguf_weights import decode_tensor
-from backend.model.loader import LoadedModel, load_model
-from backend.model.parallel import ParallelGroup
-from backend.model.projections import projection
-from backend.model.registry import build_model
-from backend.repository.engine_args import engine_config
-from backend.repository.errors import RepositoryError
-from backend.repository.model_config import load_config
-from kernels.block_quant import (
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.kernels.block_quant import (
     PACKED,
     BlockWeight,
     block_linear_reference,
     dequantize,
     unpack_rows,
 )
-from kernels.block_quant import quantize as block_quantize
-from kernels.linear import linear, silu_gated
-from kernels.quant_linear import quant_linear, quantize
+from pagedserve.kernels.block_quant import quantize as block_quantize
+from pagedserve.kernels.linear import linear, silu_gated
+from pagedserve.kernels.quant_linear import quant_linear, quantize
+from pagedserve.model.gguf_weights import decode_tensor
+from pagedserve.model.loader import LoadedModel, load_model
+from pagedserve.model.parallel import ParallelGroup
+from pagedserve.model.projections import projection
+from pagedserve.model.registry import build_model
+from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.model_config import load_config
 from tests.conftest import TinyFactory
 from tests.gguf_files import write_gguf
 from tests.prompts import LONG_PROMPT, PROMPTS
@@ -53,8 +53,8 @@ def _quantized(kind: str, out_features: int, in_features: int, seed: int = 0
 @pytest.mark.parametrize("out_features", [40, 44])
 def test_quantization_makes_the_block_format_of_its_kind(kind: str, out_features: int) -> None:
     """int8 is Q8_0, int4 Q4_1 (rows repacked eight at a time where their count allows): the
-    blocks ``kernels.block_quant`` makes from the same weight, and what the kernel multiplies
-    is their reference product."""
+    blocks ``pagedserve.kernels.block_quant`` makes from the same weight, and what the kernel
+    multiplies is their reference product."""
     w, qw = _quantized(kind, out_features, 192)
     expected = block_quantize(w, "q8_0" if kind == "int8" else "q4_1")
     packed = kind == "int4" and out_features % 8 == 0
@@ -322,7 +322,7 @@ def test_tiny_gguf_runs_its_own_blocks_close_to_their_dequantization(
     monkeypatch.setenv("PAGEDSERVE_CACHE", str(cache))
     settings = {"dtype": "float32", "kv_cache_bytes": 2**22, "enable_prefix_caching": False}
     plain = LLM(str(path), **settings)
-    with caplog.at_level(logging.WARNING, logger="backend.model.gguf_weights"):
+    with caplog.at_level(logging.WARNING, logger="pagedserve.model.gguf_weights"):
         ours = LLM(str(path), quantization="gguf", **settings)
     assert "1 Q5_0 tensors dequantized" in caplog.text
     model = ours.engine.model

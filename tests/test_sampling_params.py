@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from backend.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams
 
 BAD_VALUES = [
     # n

@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.config import EngineConfig
-from backend.engine.block_manager import BlockManager
-from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.engine.scheduler import Scheduler, SchedulerOutput
-from backend.engine.sequence import Request, Sequence, SequenceStatus
-from backend.sampling_params import SamplingParams
-from kernels.attention import NULL_BLOCK
+from pagedserve.config import EngineConfig
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.sequence import Request, Sequence, SequenceStatus
+from pagedserve.kernels.attention import NULL_BLOCK
+from pagedserve.sampling_params import SamplingParams
 
 
 class _StubTokenizer:

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from backend import LLM, EngineConfig, SamplingParams
-from backend.engine.async_engine import AsyncEngine
-from backend.engine.core import EngineCore
-from backend.model.loader import LoadedModel, load_model
+from pagedserve import LLM, EngineConfig, SamplingParams
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.core import EngineCore
+from pagedserve.model.loader import LoadedModel, load_model
 from tests.conftest import TinyFactory, assert_all_blocks_free
 from tests.prompts import LONG_PROMPT
 

@@ -23,22 +23,22 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from backend import LLM, SamplingParams
-from backend.__main__ import main
-from backend.config import EngineConfig, SpeculativeConfig
-from backend.engine.block_manager import BlockManager
-from backend.engine.core import EngineCore
-from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.engine.metrics import EngineMetrics, MetricFamilies
-from backend.engine.ngram_proposer import NgramProposer
-from backend.engine.scheduler import Scheduler
-from backend.engine.sequence import Request, Sequence
-from backend.engine.stats import FinishedRequest, RequestInfo, StepStats
-from backend.model.loader import LoadedModel, load_model
-from backend.outputs import RequestOutput
-from backend.repository.engine_args import engine_config
-from backend.repository.errors import RepositoryError
-from backend.repository.model_config import load_config
+from pagedserve import LLM, SamplingParams
+from pagedserve.__main__ import main
+from pagedserve.config import EngineConfig, SpeculativeConfig
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.core import EngineCore
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.metrics import EngineMetrics, MetricFamilies
+from pagedserve.engine.ngram_proposer import NgramProposer
+from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.sequence import Request, Sequence
+from pagedserve.engine.stats import FinishedRequest, RequestInfo, StepStats
+from pagedserve.model.loader import LoadedModel, load_model
+from pagedserve.outputs import RequestOutput
+from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.model_config import load_config
 from tests.conftest import assert_all_blocks_free
 
 VOCAB = 96

@@ -31,13 +31,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from backend import LLM, EngineConfig, SamplingParams
-from backend.engine.async_engine import AsyncEngine, EngineDead
-from backend.engine.core import EngineCore
-from backend.model.batch import ModelInput, SeqChunk
-from backend.model.executor import ExecutorDied
-from backend.model.loader import LoadedModel, load_model
-from backend.model.multiproc import MultiprocExecutor
+from pagedserve import LLM, EngineConfig, SamplingParams
+from pagedserve.engine.async_engine import AsyncEngine, EngineDead
+from pagedserve.engine.core import EngineCore
+from pagedserve.model.batch import ModelInput, SeqChunk
+from pagedserve.model.executor import ExecutorDied
+from pagedserve.model.loader import LoadedModel, load_model
+from pagedserve.model.multiproc import MultiprocExecutor
 from tests.conftest import TinyFactory, assert_all_blocks_free, hf_greedy
 from tests.server.conftest import ROOT, free_port
 
@@ -247,7 +247,7 @@ def test_a_rank_that_fails_to_load_fails_the_start(tiny_llama: TinyFactory,
 
 DRIVER = """
 import sys
-from backend import LLM
+from pagedserve import LLM
 llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_cache_bytes=2**22)
 print(*llm.engine.executor.worker_pids, flush=True)
 sys.stdin.read()
@@ -285,7 +285,7 @@ def test_ranks_exit_when_the_driver_is_killed(tiny_llama: TinyFactory) -> None:
 @pytest.mark.slow
 def test_two_nodes_on_loopback(tiny_llama: TinyFactory, monkeypatch: pytest.MonkeyPatch,
                                tmp_path: Path) -> None:
-    """Node 1 is ``python -m backend worker`` in another process, joining node 0's engine
+    """Node 1 is ``python -m pagedserve worker`` in another process, joining node 0's engine
     through ``MASTER_ADDR`` / ``MASTER_PORT``, as on another machine."""
     shape, ranks = CASES["gqa-head128-tp2"]
     path = tiny_llama(**shape, intermediate=384)
@@ -295,7 +295,7 @@ def test_two_nodes_on_loopback(tiny_llama: TinyFactory, monkeypatch: pytest.Monk
     log = tmp_path / "node1.log"
     with open(log, "wb") as out:
         node = subprocess.Popen(
-            [sys.executable, "-m", "backend", "worker", "--tensor-parallel-size", str(ranks),
+            [sys.executable, "-m", "pagedserve", "worker", "--tensor-parallel-size", str(ranks),
              "--nnodes", "2", "--node-rank", "1"], cwd=ROOT, stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})

@@ -28,16 +28,16 @@ from transformers import (
     Qwen3Config,
 )
 
-from backend.model.batch import ModelInput, SeqChunk
-from backend.model.loader import LoadedModel
-from backend.model.parallel import (
+from pagedserve.model.batch import ModelInput, SeqChunk
+from pagedserve.model.loader import LoadedModel
+from pagedserve.model.parallel import (
     ParallelGroup,
     all_gather_last_dim,
     all_reduce,
     check_tensor_parallel,
 )
-from backend.model.registry import build_model
-from backend.model.runner import ModelRunner
+from pagedserve.model.registry import build_model
+from pagedserve.model.runner import ModelRunner
 
 BLOCK = 4
 NUM_BLOCKS = 64

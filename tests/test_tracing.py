@@ -16,11 +16,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from backend import LLM, EngineConfig, SamplingParams
-from backend.engine.core import EngineCore
-from backend.engine.scheduler import Scheduler
-from backend.engine.tracing import EngineTracer, TraceSettings
-from backend.model.loader import LoadedModel, load_model
+from pagedserve import LLM, EngineConfig, SamplingParams
+from pagedserve.engine.core import EngineCore
+from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.tracing import EngineTracer, TraceSettings
+from pagedserve.model.loader import LoadedModel, load_model
 from tests.prompts import LONG_PROMPT
 
 

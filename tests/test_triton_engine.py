@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from backend import LLM, SamplingParams
-from backend.config import EngineConfig
-from backend.engine.async_engine import AsyncEngine
-from backend.engine.core import EngineCore
-from backend.model.loader import load_model
-from backend.model.runner import num_kv_blocks
-from kernels import dispatch
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.core import EngineCore
+from pagedserve.kernels import dispatch
+from pagedserve.model.loader import load_model
+from pagedserve.model.runner import num_kv_blocks
 from tests.conftest import TinyFactory, assert_all_blocks_free
 
 MAX_NEW = 4
@@ -93,8 +93,8 @@ def test_engine_drops_the_weights_it_loaded_before_sizing_the_cache(
         held_at_sizing.append(len(loaded.weights))
         return num_kv_blocks(*args)
 
-    monkeypatch.setattr("backend.model.executor.load_model", lambda *args, **kwargs: loaded)
-    monkeypatch.setattr("backend.model.executor.num_kv_blocks", sizing)
+    monkeypatch.setattr("pagedserve.model.executor.load_model", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr("pagedserve.model.executor.num_kv_blocks", sizing)
     count = len(loaded.weights)
     EngineCore(config, loaded=loaded)
     assert len(loaded.weights) == count

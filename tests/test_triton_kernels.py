@@ -1,7 +1,7 @@
 """The Triton kernels against the torch references and dense float64 attention.
 
 They run on CUDA where a GPU is present, else in Triton's interpreter (``TRITON_INTERPRET=1``,
-set by ``kernels.dispatch`` before the kernels are imported); shapes stay small for the
+set by ``pagedserve.kernels.dispatch`` before the kernels are imported); shapes stay small for the
 interpreter. Inputs are fresh random values and outputs are poisoned with NaN first, so an
 element a kernel fails to write fails the comparison.
 """
@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from kernels import dispatch, rotary
-from kernels.attention import AttentionMetadata, paged_attention
-from kernels.norm import rms_norm
+from pagedserve.kernels import dispatch, rotary
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention
+from pagedserve.kernels.norm import rms_norm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -99,7 +99,8 @@ def dense_reference(batch: Batch, scale: float) -> torch.Tensor:
 
 
 def torch_reference(batch: Batch, scale: float, **bias: Any) -> torch.Tensor:
-    """``kernels.attention.paged_attention`` on its torch path (decodes must come first)."""
+    """``pagedserve.kernels.attention.paged_attention`` on its torch path (decodes must come
+    first)."""
     num_decodes = 0
     while num_decodes < len(batch.query_lens) and batch.query_lens[num_decodes] == 1:
         num_decodes += 1

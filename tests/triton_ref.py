@@ -3,7 +3,7 @@
 The ``nvidia-pytriton`` wheel (installed with ``--no-deps`` by ``make setup-dev``) ships a real
 ``tritonserver`` 2.51 binary with its Python backend; it runs on a CPU. This module builds a
 temporary model repository of echo-style Python models that have the inputs and outputs of
-Triton's vLLM backend and runs ``tritonserver`` on it (``backend.python_backend.host``'s runner,
+Triton's vLLM backend and runs ``tritonserver`` on it (``pagedserve.python_backend.host``'s runner,
 on a free loopback port), so tests can check a behaviour against Triton itself
 (``tests/server/test_parity.py``) and ``docs/triton-behaviour.md`` can record what Triton
 answers.
@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from backend.python_backend.host import Ports, TritonHost
+from pagedserve.python_backend.host import Ports, TritonHost
 
 # The vLLM backend's tensors (shared/reference/triton-wire.md §3), minus ``image`` and
 # ``embedding_request``, which an echo has no use for.

@@ -24,12 +24,12 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from backend.engine.core import EngineCore
-from backend.engine.input_processor import AdmissionLimits, InputProcessor
-from backend.engine.sequence import Request
-from backend.model.executor import ExecutorDied
-from backend.outputs import RequestOutput
-from backend.sampling_params import SamplingParams
+from pagedserve.engine.core import EngineCore
+from pagedserve.engine.input_processor import AdmissionLimits, InputProcessor
+from pagedserve.engine.sequence import Request
+from pagedserve.model.executor import ExecutorDied
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kernels.attention import NULL_BLOCK
+from pagedserve.kernels.attention import NULL_BLOCK
 
 _ROOT_KEY = b""
 

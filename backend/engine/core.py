@@ -16,22 +16,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from backend.config import EngineConfig
-from backend.engine.beam_search import BeamSearch
-from backend.engine.block_manager import BlockManager
-from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.engine.input_processor import AdmissionLimits, InputProcessor, max_prompt_chars
-from backend.engine.output_processor import OutputProcessor
-from backend.engine.scheduler import Scheduler, SchedulerOutput
-from backend.engine.sequence import Request, Sequence
-from backend.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
-from backend.model.base import CausalLM
-from backend.model.batch import ModelInput, ModelOutput, SeqChunk
-from backend.model.executor import ExecutorDied, InProcessExecutor, start_executor
-from backend.model.loader import LoadedModel
-from backend.model.sampler import Sampler, SamplerOutput, SamplingRow
-from backend.outputs import RequestOutput, TokenLogprobs
-from backend.sampling_params import SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.engine.beam_search import BeamSearch
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.input_processor import AdmissionLimits, InputProcessor, max_prompt_chars
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.sequence import Request, Sequence
+from pagedserve.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
+from pagedserve.model.base import CausalLM
+from pagedserve.model.batch import ModelInput, ModelOutput, SeqChunk
+from pagedserve.model.executor import ExecutorDied, InProcessExecutor, start_executor
+from pagedserve.model.loader import LoadedModel
+from pagedserve.model.sampler import Sampler, SamplerOutput, SamplingRow
+from pagedserve.outputs import RequestOutput, TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

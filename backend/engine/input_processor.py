@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.engine.sequence import Request
-from backend.sampling_params import SamplingParams
+from pagedserve.engine.sequence import Request
+from pagedserve.sampling_params import SamplingParams
 
 # Input characters one token can cover, over the longest token string of the vocabulary.
 # Byte-level and SentencePiece tokenizers never exceed 1; normalizers that fold characters

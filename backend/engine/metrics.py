@@ -26,7 +26,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from backend.engine.stats import FinishedRequest, RequestInfo, StepStats
+from pagedserve.engine.stats import FinishedRequest, RequestInfo, StepStats
 
 # vLLM's boundaries (PrometheusStatLogger).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from backend.engine.sequence import Request, Sequence
-from backend.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.sequence import Request, Sequence
+from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
 class OutputProcessor:

@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from backend.config import EngineConfig
-from backend.engine.block_manager import BlockManager
-from backend.engine.ngram_proposer import NgramProposer
-from backend.engine.sequence import Request, Sequence, SequenceStatus
-from backend.model.batch import ModelInput, SeqChunk
+from pagedserve.config import EngineConfig
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.ngram_proposer import NgramProposer
+from pagedserve.engine.sequence import Request, Sequence, SequenceStatus
+from pagedserve.model.batch import ModelInput, SeqChunk
 
 
 @dataclass

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.engine.beam_search import BeamSearch
-from backend.engine.block_manager import BlockTable
-from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.outputs import TokenLogprobs
-from backend.sampling_params import SamplingParams
+from pagedserve.engine.beam_search import BeamSearch
+from pagedserve.engine.block_manager import BlockTable
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.outputs import TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -23,7 +23,7 @@ from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from backend.engine.stats import FinishedRequest, RequestInfo, StepStats
+from pagedserve.engine.stats import FinishedRequest, RequestInfo, StepStats
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _GETTER: DefaultGetter = DefaultGetter()

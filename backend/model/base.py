@@ -9,8 +9,8 @@ from typing import Protocol, TypeVar
 import torch
 from transformers import PretrainedConfig
 
-from kernels.attention import AttentionMetadata
-from kernels.quant_linear import Weight
+from pagedserve.kernels.attention import AttentionMetadata
+from pagedserve.kernels.quant_linear import Weight
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -4,7 +4,7 @@ The engine sees an ``Executor``: ``execute(step)``, the facts it plans with (KV 
 vocabulary, positions, window, dtype, family, device) and ``shutdown()``. With one device the
 model and its runner live in the engine's own process (``InProcessExecutor``: nothing spawned,
 no copies); with ``tensor_parallel_size`` N > 1 they live in N worker processes, one per rank
-(``backend.model.multiproc``).
+(``pagedserve.model.multiproc``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Protocol
 import torch
 from transformers import PretrainedConfig
 
-from backend.config import EngineConfig
-from backend.model.base import CausalLM
-from backend.model.batch import ModelInput, ModelOutput
-from backend.model.loader import LoadedModel, check_loaded_for, load_model
-from backend.model.registry import build_model, family_of
-from backend.model.runner import ModelRunner, num_kv_blocks
+from pagedserve.config import EngineConfig
+from pagedserve.model.base import CausalLM
+from pagedserve.model.batch import ModelInput, ModelOutput
+from pagedserve.model.loader import LoadedModel, check_loaded_for, load_model
+from pagedserve.model.registry import build_model, family_of
+from pagedserve.model.runner import ModelRunner, num_kv_blocks
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def start_executor(config: EngineConfig, loaded: LoadedModel | None
                                       quantization=config.quantization)
         check_loaded_for(loaded, config.quantization)
         return InProcessExecutor(config, loaded, owns_weights), loaded
-    from backend.model.multiproc import MultiprocExecutor
+    from pagedserve.model.multiproc import MultiprocExecutor
 
     described = loaded or load_model(config.model, config.device, config.torch_dtype,
                                      weights=False)

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from backend.model.base import KVCache, lm_head_name, run_layers
-from backend.model.llama import rotary_tables
-from backend.model.parallel import ParallelGroup, check_tensor_parallel
-from backend.model.projections import Rows, cast_weights, dense, projection
-from kernels.attention import AttentionMetadata, paged_attention, write_kv
-from kernels.linear import linear
-from kernels.norm import add_layer_norm
-from kernels.quant_linear import Weight
-from kernels.rotary import rotary_write_kv
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from pagedserve.kernels.linear import linear
+from pagedserve.kernels.norm import add_layer_norm
+from pagedserve.kernels.quant_linear import Weight
+from pagedserve.kernels.rotary import rotary_write_kv
+from pagedserve.model.base import KVCache, lm_head_name, run_layers
+from pagedserve.model.llama import rotary_tables
+from pagedserve.model.parallel import ParallelGroup, check_tensor_parallel
+from pagedserve.model.projections import Rows, cast_weights, dense, projection
 
 Norm = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -163,7 +163,7 @@ class FalconLayer:
 
 
 class FalconModel:
-    """Falcon as a ``CausalLM`` (:mod:`backend.model.base`)."""
+    """Falcon as a ``CausalLM`` (:mod:`pagedserve.model.base`)."""
 
     sliding_window: int | None = None  # Falcon attends over the whole context
 

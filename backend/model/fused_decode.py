@@ -4,8 +4,8 @@ on CPUs.
 
 A decode step at batch 1 is a few milliseconds of kernels behind a dozen Python calls a layer,
 each checking its tensors and allocating its result; run from Python the host's share of the
-step is large (``bench.step_overhead``). ``kernels/csrc/decode_layers_cpu.c`` runs every layer
-of the step in one call, through the same kernels in the same order as the layers' own
+step is large (``pagedserve.bench.step_overhead``). ``kernels/csrc/decode_layers_cpu.c`` runs every
+layer of the step in one call, through the same kernels in the same order as the layers' own
 ``__call__``, so its results are those of the per-operation path bit for bit (tested): it is a
 faster route to the same numbers, taken for steps whose every sequence has one new token and
 whose caller wants no per-layer hidden states. Prefills, speculative verification and mixed
@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from backend.model.base import KVCache
-from kernels import cpu
-from kernels.attention import AttentionMetadata
-from kernels.block_quant import BlockWeight
+from pagedserve.kernels import cpu
+from pagedserve.kernels.attention import AttentionMetadata
+from pagedserve.kernels.block_quant import BlockWeight
+from pagedserve.model.base import KVCache
 
 if TYPE_CHECKING:
-    from backend.model.llama import LlamaLayer
+    from pagedserve.model.llama import LlamaLayer
 
 
 def _address(t: torch.Tensor | None) -> int | None:
@@ -132,7 +132,7 @@ class FusedDecode:
                  caches: list[KVCache], meta: AttentionMetadata
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the layers over ``h`` (updated in place); returns it with the last layer's
-        output, not yet added, as :func:`backend.model.base.run_layers`."""
+        output, not yet added, as :func:`pagedserve.model.base.run_layers`."""
         k_cache = caches[0][0]
         delta = cpu.decode_layers(
             self._layer_structs(caches), self.shape, h, cos, sin, meta.slot_mapping,

@@ -1,10 +1,10 @@
 """A GGUF file's tensors read as they are stored, for ``quantization="gguf"``.
 
 Q4_1 and Q8_0 tensors come out as their blocks, byte for byte: the block-quantized kernels
-(:mod:`kernels.block_quant`) multiply them as llama.cpp does. Q4_0 blocks (``w = d * (q - 8)``)
-are rewritten as Q4_1 blocks with the same scale and codes and the offset ``m = -8 d`` (exact in
-fp16), so one kernel serves both. Blocks sit in the state dict as
-:func:`backend.model.projections.blocks_entries` lays them out.
+(:mod:`pagedserve.kernels.block_quant`) multiply them as llama.cpp does. Q4_0 blocks
+(``w = d * (q - 8)``) are rewritten as Q4_1 blocks with the same scale and codes and the offset
+``m = -8 d`` (exact in fp16), so one kernel serves both. Blocks sit in the state dict as
+:func:`pagedserve.model.projections.blocks_entries` lays them out.
 
 F32 and F16 tensors stay as stored. Other types (k-quants, Q5, ...) have no kernel here: they
 are dequantized by ``gguf``'s reference code, with a log line naming them, rather than refused,
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from backend.model.projections import blocks_entries
+from pagedserve.model.projections import blocks_entries
 
 log = logging.getLogger(__name__)
 

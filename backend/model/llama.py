@@ -9,19 +9,19 @@ Weights are read from a ``transformers`` state dict. The math follows ``transfor
 ``LlamaForCausalLM`` operation by operation (fp32 RMSNorm, rotary tables computed the same way)
 so that greedy decoding matches it token for token; the q|k|v projections are fused into one
 matmul, and the MLP's activation and product run inside its projections where the GEMM library
-allows (``kernels.linear``).
+allows (``pagedserve.kernels.linear``).
 
-Under tensor parallelism (a :class:`~backend.model.parallel.ParallelGroup` of more than one
+Under tensor parallelism (a :class:`~pagedserve.model.parallel.ParallelGroup` of more than one
 rank) the weights are sliced at load and the layers run unchanged on the smaller shards: this
 rank's q, k and v heads, its share of the MLP width and of the vocabulary; the attention output
 and down projections sum their partial products over the group.
 
 With a ``quantization`` (``"int8"``, ``"int4"``) every projection and the output projection are
 quantized into blocks as the model is built (after slicing, under tensor parallelism) and run on
-the block kernels (:mod:`kernels.quant_linear`); the embeddings and norms keep the model's dtype.
-With ``"gguf"`` the projections that a GGUF file holds quantized run on those kernels with the
-file's own codes (:mod:`backend.model.projections`). A decode step of a model whose projections
-are all blocks runs its layers in one C call (:mod:`backend.model.fused_decode`).
+the block kernels (:mod:`pagedserve.kernels.quant_linear`); the embeddings and norms keep the
+model's dtype. With ``"gguf"`` the projections that a GGUF file holds quantized run on those kernels
+with the file's own codes (:mod:`pagedserve.model.projections`). A decode step of a model whose
+projections are all blocks runs its layers in one C call (:mod:`pagedserve.model.fused_decode`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,22 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from backend.model.base import (
+from pagedserve.kernels import block_quant
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention
+from pagedserve.kernels.block_quant import BlockWeight
+from pagedserve.kernels.linear import linear, silu_gated
+from pagedserve.kernels.norm import add_rms_norm
+from pagedserve.kernels.quant_linear import Weight
+from pagedserve.kernels.rotary import rotary_write_kv
+from pagedserve.model.base import (
     KVCache,
     common_window,
     layer_windows,
     lm_head_name,
     run_layers,
 )
-from backend.model.fused_decode import FusedDecode
-from backend.model.parallel import (
+from pagedserve.model.fused_decode import FusedDecode
+from pagedserve.model.parallel import (
     ParallelGroup,
     all_gather_last_dim,
     check_tensor_parallel,
@@ -46,14 +53,7 @@ from backend.model.parallel import (
     vocab_parallel_embedding,
     vocab_shard,
 )
-from backend.model.projections import block_projection, cast_weights, dense, projection
-from kernels import block_quant
-from kernels.attention import AttentionMetadata, paged_attention
-from kernels.block_quant import BlockWeight
-from kernels.linear import linear, silu_gated
-from kernels.norm import add_rms_norm
-from kernels.quant_linear import Weight
-from kernels.rotary import rotary_write_kv
+from pagedserve.model.projections import block_projection, cast_weights, dense, projection
 
 __all__ = ["KVCache", "LlamaLayer", "LlamaModel", "rotary_tables", "shard_weights"]
 
@@ -134,7 +134,7 @@ class LlamaLayer:
         self.o_proj = proj("self_attn.o_proj")
         self.o_bias = maybe("self_attn.o_proj.bias")
         # Block-quantized gate and up rows run as one product, gate's first (as the fused
-        # decode layers of backend.model.fused_decode run them).
+        # decode layers of pagedserve.model.fused_decode run them).
         gate_up = block_projection(
             weights, [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up")], quantization,
             dtype)

@@ -3,13 +3,13 @@
 Sources: the embedded SmolLM2 GGUF (default), a local Hugging Face directory (``config.json`` plus
 safetensors, sharded or not), or a local ``.gguf`` file. Nothing is ever fetched from a network,
 and no model's own code is ever run (``trust_remote_code`` stays off): the architecture must be
-one of :mod:`backend.model.registry`'s families, else ``UnsupportedModelError`` names it.
+one of :mod:`pagedserve.model.registry`'s families, else ``UnsupportedModelError`` names it.
 
 Parsing a GGUF file in Python takes ~20 s, so the first load of a GGUF converts it once into a
 Hugging Face directory under the cache folder (dequantized fp32 weights, tokenizer, config) and
 later loads read that directory, which takes about a second. With ``quantization="gguf"`` the
 config and tokenizer still come from there, and the weights from the GGUF file itself, its
-quantized tensors as stored (:mod:`backend.model.gguf_weights`).
+quantized tensors as stored (:mod:`pagedserve.model.gguf_weights`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from backend.model.gguf_weights import INDEX_NAME, read_gguf_weights
-from backend.model.projections import GGUF
-from backend.model.registry import UnsupportedModelError, find_family, supported
+from pagedserve.model.gguf_weights import INDEX_NAME, read_gguf_weights
+from pagedserve.model.projections import GGUF
+from pagedserve.model.registry import UnsupportedModelError, find_family, supported
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,7 +45,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     weights: dict[str, torch.Tensor]
     # "gguf" when ``weights`` hold a GGUF file's quantized tensors as stored (codes and scales,
-    # laid out as backend.model.projections reads them), else None: plain tensors.
+    # laid out as pagedserve.model.projections reads them), else None: plain tensors.
     quantization: str | None = None
 
 

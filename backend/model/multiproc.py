@@ -1,7 +1,7 @@
 """The tensor-parallel executor's driver side: spawns this node's ranks and feeds rank 0.
 
 Ranks are ``torch.multiprocessing`` processes (spawn context, as vLLM's multiprocessing
-executor starts them), running ``backend.model.worker.run_worker``. Every wait of the driver is
+executor starts them), running ``pagedserve.model.worker.run_worker``. Every wait of the driver is
 on rank 0's pipe *and* every rank's process sentinel, so a rank that dies (killed, crashed,
 failed to load) raises ``ExecutorDied`` at once, naming its rank, pid and exit code, instead of
 leaving the driver waiting for an answer that cannot come. After that the executor is dead:
@@ -21,12 +21,12 @@ from typing import Any, NoReturn
 import torch
 from transformers import PretrainedConfig
 
-from backend.config import EngineConfig
-from backend.model.batch import ModelInput, ModelOutput
-from backend.model.executor import ExecutorDied, ModelFacts
-from backend.model.loader import LoadedModel
-from backend.model.parallel import check_tensor_parallel
-from backend.model.worker import SharedModel, StepReply, rendezvous, run_worker
+from pagedserve.config import EngineConfig
+from pagedserve.model.batch import ModelInput, ModelOutput
+from pagedserve.model.executor import ExecutorDied, ModelFacts
+from pagedserve.model.loader import LoadedModel
+from pagedserve.model.parallel import check_tensor_parallel
+from pagedserve.model.worker import SharedModel, StepReply, rendezvous, run_worker
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig
 
-from kernels.linear import linear
-from kernels.quant_linear import Weight
+from pagedserve.kernels.linear import linear
+from pagedserve.kernels.quant_linear import Weight
 
-# The model types whose layers shard (``backend.model.llama`` serves them all).
+# The model types whose layers shard (``pagedserve.model.llama`` serves them all).
 SHARDED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 

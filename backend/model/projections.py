@@ -1,13 +1,13 @@
 """A model's projection weights built from its state dict, plain, quantized at build into blocks
-(``quantization="int8"`` or ``"int4"``, :mod:`kernels.quant_linear`) or from a GGUF file's own
-quantized blocks (``"gguf"``).
+(``quantization="int8"`` or ``"int4"``, :mod:`pagedserve.kernels.quant_linear`) or from a GGUF
+file's own quantized blocks (``"gguf"``).
 
-A GGUF read for ``"gguf"`` (:mod:`backend.model.gguf_weights`) leaves each tensor of a block
+A GGUF read for ``"gguf"`` (:mod:`pagedserve.model.gguf_weights`) leaves each tensor of a block
 format the kernels take (Q4_1, and Q4_0 rewritten as Q4_1; Q8_0) in the state dict as its bytes,
 uint8 ``[out, in / 32 * block bytes]``, under its name and, to say the format, also under
 :func:`block_key` of its name and format (the same tensor: the key is the mark). A projection whose
-parts are all blocks of one format becomes a :class:`~kernels.block_quant.BlockWeight` of the
-file's bytes as they are (the rows of fused parts joined); otherwise its parts are dequantized
+parts are all blocks of one format becomes a :class:`~pagedserve.kernels.block_quant.BlockWeight` of
+the file's bytes as they are (the rows of fused parts joined); otherwise its parts are dequantized
 and joined plain. Tables that are read by lookup, not multiplied (the embeddings), are
 dequantized to the model's dtype; float tensors of the file stay plain under ``"gguf"``.
 """
@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.block_quant import FORMATS, BlockWeight, dequantize, pack_rows, quantize
-from kernels.quant_linear import BLOCK_FORMATS, Weight, maybe_quantize
+from pagedserve.kernels.block_quant import FORMATS, BlockWeight, dequantize, pack_rows, quantize
+from pagedserve.kernels.quant_linear import BLOCK_FORMATS, Weight, maybe_quantize
 
 GGUF = "gguf"  # the quantization that takes the file's own blocks
 
@@ -83,7 +83,7 @@ def joined_blocks(weights: dict[str, torch.Tensor], names: Sequence[str],
                   rows: Rows | None = None) -> BlockWeight | None:
     """The blocks of ``names`` with their rows joined in turn (reordered by ``rows``), where
     every part holds blocks of one format, Q4_1 repacked for the kernel
-    (:func:`~kernels.block_quant.pack_rows`); else None."""
+    (:func:`~pagedserve.kernels.block_quant.pack_rows`); else None."""
     kinds = {_block_kind(weights, n) for n in names}
     if len(kinds) != 1 or (kind := kinds.pop()) is None:
         return None

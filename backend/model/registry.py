@@ -2,7 +2,7 @@
 
 A config's ``architectures`` (``LlamaForCausalLM``, ...) pick the family, its ``model_type``
 where the architectures are missing. Families that are Llama with additions share
-:class:`~backend.model.llama.LlamaModel`; Falcon has its own module.
+:class:`~pagedserve.model.llama.LlamaModel`; Falcon has its own module.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from backend.model.base import CausalLM
-from backend.model.falcon import FalconModel
-from backend.model.llama import LlamaModel
-from backend.model.parallel import ParallelGroup
+from pagedserve.model.base import CausalLM
+from pagedserve.model.falcon import FalconModel
+from pagedserve.model.llama import LlamaModel
+from pagedserve.model.parallel import ParallelGroup
 
 ModelBuilder = Callable[[PretrainedConfig, dict[str, torch.Tensor], torch.dtype, str,
                          ParallelGroup | None, str | None], CausalLM]

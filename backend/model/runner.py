@@ -6,11 +6,11 @@ import os
 
 import torch
 
-from backend.config import EngineConfig
-from backend.model.base import CausalLM, KVCache
-from backend.model.batch import ModelInput, ModelOutput
-from kernels.attention import NULL_BLOCK, AttentionMetadata
-from kernels.dispatch import to_device
+from pagedserve.config import EngineConfig
+from pagedserve.kernels.attention import NULL_BLOCK, AttentionMetadata
+from pagedserve.kernels.dispatch import to_device
+from pagedserve.model.base import CausalLM, KVCache
+from pagedserve.model.batch import ModelInput, ModelOutput
 
 
 def kv_block_bytes(model: CausalLM, block_size: int) -> int:

@@ -7,8 +7,8 @@ draw their noise from their own generator, so their results do not depend on the
 them.
 
 On a GPU the step waits for the device once: the per-row settings reach it without blocking
-(:func:`kernels.dispatch.to_device`), which work to skip is decided from the requests' settings
-rather than from device values, and the sampled tokens come back with their logprobs in one
+(:func:`pagedserve.kernels.dispatch.to_device`), which work to skip is decided from the requests'
+settings rather than from device values, and the sampled tokens come back with their logprobs in one
 copy.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.outputs import TokenLogprobs
-from backend.sampling_params import SamplingParams
-from kernels.dispatch import to_device
+from pagedserve.kernels.dispatch import to_device
+from pagedserve.outputs import TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
 
 
 @dataclass

@@ -35,12 +35,12 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig
 
-from backend.config import EngineConfig
-from backend.model.executor import ModelFacts, model_facts
-from backend.model.loader import load_model
-from backend.model.parallel import CommStats, ParallelGroup, check_tensor_parallel
-from backend.model.registry import build_model
-from backend.model.runner import ModelRunner, num_kv_blocks
+from pagedserve.config import EngineConfig
+from pagedserve.model.executor import ModelFacts, model_facts
+from pagedserve.model.loader import load_model
+from pagedserve.model.parallel import CommStats, ParallelGroup, check_tensor_parallel
+from pagedserve.model.registry import build_model
+from pagedserve.model.runner import ModelRunner, num_kv_blocks
 
 # The control group waits for the driver's next step: a server may sit idle for days.
 CONTROL_TIMEOUT = timedelta(days=365)
@@ -216,7 +216,7 @@ def _follow(runner: ModelRunner, control: Any) -> None:
 
 
 def run_node(rdv: Rendezvous, node_rank: int) -> int:
-    """``python -m backend worker``: runs this node's ranks of an engine whose driver runs on
+    """``python -m pagedserve worker``: runs this node's ranks of an engine whose driver runs on
     node 0, until they end; returns the first failing rank's exit code (0 when all stop)."""
     if not 0 < node_rank < rdv.nnodes:
         raise ValueError(f"node_rank must be between 1 and nnodes - 1 = {rdv.nnodes - 1} "

@@ -4,16 +4,16 @@ The wheel (installed with ``--no-deps``: its declared ``tritonclient~=2.50`` wou
 client) ships Triton 2.51's server binary, its Python backend and per-version stubs; all run on
 a CPU. This module lays out a backend folder: Triton's ``python`` backend with the stub for this
 interpreter beside ``libtriton_python.so`` (where Triton looks for it), and the Python-based
-backend ``pagedserve`` (a ``model.py`` importing ``backend.python_backend.model``). It starts
+backend ``pagedserve`` (a ``model.py`` importing ``pagedserve.python_backend.model``). It starts
 the server on loopback with that folder as ``--backend-directory`` and waits until it is ready::
 
-    python -m backend.python_backend.host --model-repository model_repository   # or
+    python -m pagedserve.python_backend.host --model-repository model_repository   # or
     pagedserve triton --model-repository model_repository
 
 The stub embeds libpython and imports packages as the ``python3`` first on ``PATH`` sees them,
 so this interpreter's ``bin`` leads ``PATH``, its own ``lib`` (``libpython3.x.so``) leads
-``LD_LIBRARY_PATH`` before the wheel's bundled libraries, and the folder holding ``backend`` is
-on ``PYTHONPATH`` (a checkout need not be installed).
+``LD_LIBRARY_PATH`` before the wheel's bundled libraries: the stub finds ``pagedserve`` where
+this interpreter does (installed, or a checkout installed editable by ``make setup``).
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import backend
-from backend.repository.default import default_repository
+from pagedserve.repository.default import default_repository
 
 BACKEND_NAME = "pagedserve"
 SHIM = ('"""pagedserve\'s engine as a Triton Python-based backend '
-        '(written by backend.python_backend.host)."""\n\n'
-        "from backend.python_backend.model import TritonPythonModel  # noqa: F401\n")
+        '(written by pagedserve.python_backend.host)."""\n\n'
+        "from pagedserve.python_backend.model import TritonPythonModel  # noqa: F401\n")
 
 
 def wheel_dirs() -> tuple[Path, Path]:
@@ -52,8 +51,8 @@ def wheel_dirs() -> tuple[Path, Path]:
 
 
 def tritonserver_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment under which the Python-backend stub imports this interpreter's packages
-    and ``backend`` (see the module docstring)."""
+    """The environment under which the Python-backend stub imports this interpreter's packages,
+    ``pagedserve`` among them (see the module docstring)."""
     _, libs = wheel_dirs()
     env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -61,8 +60,6 @@ def tritonserver_env(base: dict[str, str] | None = None) -> dict[str, str]:
     if env.get("LD_LIBRARY_PATH"):
         lib_path.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_path)
-    source_root = str(Path(backend.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -128,8 +125,9 @@ class TritonHost:
         try:
             wait_ready(self.grpc_url, timeout, self.proc)
         except RuntimeError as e:
+            output = self.log()  # before stop() removes the folder that holds it
             self.stop()
-            raise RuntimeError(f"{e}\n{self.log()}") from None
+            raise RuntimeError(f"{e}\n{output}") from None
 
     def log(self) -> str:
         """The server's output so far (the last 8000 characters)."""
@@ -213,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.python_backend.host",
+    parser = argparse.ArgumentParser(prog="python -m pagedserve.python_backend.host",
                                      description=__doc__.split("\n", 1)[0])
     add_arguments(parser)
     try:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend.engine.stats import FinishedRequest, RequestInfo, StepStats
+from pagedserve.engine.stats import FinishedRequest, RequestInfo, StepStats
 
-# name -> description; the gauges of backend.engine.metrics that say what the engine holds.
+# name -> description; the gauges of pagedserve.engine.metrics that say what the engine holds.
 GAUGES = {
     "vllm:num_requests_running": "Number of requests in model execution batches.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",

@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backend.engine.async_engine import AsyncEngine, EngineOverloaded
-from backend.protocol import model_config_pb2 as mc
-from backend.python_backend.loop import LoopThread
-from backend.python_backend.metrics import TritonEngineGauges
-from backend.python_backend.settings import engine_settings
-from backend.repository.errors import RepositoryError
-from backend.repository.manager import build_engine
-from backend.repository.model_config import VLLM_INPUTS, VLLM_OUTPUTS
-from backend.tensors import (
+from pagedserve.engine.async_engine import AsyncEngine, EngineOverloaded
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.python_backend.loop import LoopThread
+from pagedserve.python_backend.metrics import TritonEngineGauges
+from pagedserve.python_backend.settings import engine_settings
+from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.manager import build_engine
+from pagedserve.repository.model_config import VLLM_INPUTS, VLLM_OUTPUTS
+from pagedserve.tensors import (
     GenerateRequest,
     ResponseBuilder,
     TensorError,
@@ -61,7 +61,7 @@ class TritonPythonModel:
     @staticmethod
     def auto_complete_config(auto_complete_model_config: Any) -> Any:
         """Fills the vLLM backend's tensors a config leaves out and makes the model decoupled,
-        as our server completes a config (``backend.repository.model_config``)."""
+        as our server completes a config (``pagedserve.repository.model_config``)."""
         config = auto_complete_model_config.as_dict()
         have_inputs = {i["name"] for i in config.get("input", [])}
         for name, dtype, dims, optional in VLLM_INPUTS:

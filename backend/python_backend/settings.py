@@ -1,8 +1,8 @@
 """A model's engine settings inside Triton, read as our server reads them.
 
 Triton hands ``initialize`` the model's configuration as JSON and the model's folder; the
-settings come from the same places as for ``python -m backend serve``: config ``parameters``
-first, then ``<version>/model.json`` (``backend.repository.engine_args``). Where neither names a
+settings come from the same places as for ``python -m pagedserve serve``: config ``parameters``
+first, then ``<version>/model.json`` (``pagedserve.repository.engine_args``). Where neither names a
 ``device``, the engine runs where Triton placed the instance (``instance_group``'s kind and GPUs).
 """
 
@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from backend.config import EngineConfig
-from backend.protocol import model_config_pb2 as mc
-from backend.repository.engine_args import engine_config
+from pagedserve.config import EngineConfig
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository.engine_args import engine_config
 
 
 def config_parameters(model_config: dict[str, Any]) -> mc.ModelConfig:

@@ -1,5 +1,5 @@
 """Triton-style model repository: configs, versions, engine settings and model lifecycle."""
 
-from backend.repository.manager import ModelRepository, ModelVersion, RepositoryError
+from pagedserve.repository.manager import ModelRepository, ModelVersion, RepositoryError
 
 __all__ = ["ModelRepository", "ModelVersion", "RepositoryError"]

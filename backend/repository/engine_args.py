@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 import torch
 
-from backend.config import EngineConfig
-from backend.model.runner import check_kv_cache_bytes
-from backend.protocol import model_config_pb2 as mc
-from backend.repository.errors import RepositoryError
-from backend.repository.names import shown
-from backend.repository.paths import is_within
+from pagedserve.config import EngineConfig
+from pagedserve.model.runner import check_kv_cache_bytes
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.names import shown
+from pagedserve.repository.paths import is_within
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,17 @@ from typing import Any
 
 import grpc
 
-from backend.config import EngineConfig
-from backend.engine.async_engine import AsyncEngine
-from backend.engine.stats import EngineObserver
-from backend.protocol import model_config_pb2 as mc
-from backend.repository.engine_args import check_kv_cache_total, engine_config
-from backend.repository.errors import RepositoryError
-from backend.repository.model_config import load_config
-from backend.repository.names import model_folder, model_names, shown
-from backend.repository.paths import redact
-from backend.repository.statistics import ModelStats
-from backend.repository.versions import available_versions, select_versions
+from pagedserve.config import EngineConfig
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.stats import EngineObserver
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository.engine_args import check_kv_cache_total, engine_config
+from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.model_config import load_config
+from pagedserve.repository.names import model_folder, model_names, shown
+from pagedserve.repository.paths import redact
+from pagedserve.repository.statistics import ModelStats
+from pagedserve.repository.versions import available_versions, select_versions
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ ObserverFactory = Callable[[str, int], Sequence[EngineObserver]]
 def build_engine(config: EngineConfig, observers: Sequence[EngineObserver] = ()
                  ) -> tuple[AsyncEngine, Any]:
     """Loads the weights and starts an engine; returns it with a tokenizer copy for the loop."""
-    from backend.engine.core import EngineCore
+    from pagedserve.engine.core import EngineCore
 
     core = EngineCore(config, observers=observers)
     tokenizer = copy.deepcopy(core.tokenizer)  # before the core thread starts using its own

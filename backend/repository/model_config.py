@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format, text_format
 
-from backend.protocol import model_config_pb2 as mc
-from backend.repository.errors import RepositoryError
-from backend.repository.names import shown
-from backend.repository.paths import require_within
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.names import shown
+from pagedserve.repository.paths import require_within
 
 # Backends whose configs this server executes with its own engine.
 SUPPORTED_BACKENDS = ("vllm", "pagedserve")

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from backend.repository.paths import is_within
+from pagedserve.repository.paths import is_within
 
 log = logging.getLogger(__name__)
 

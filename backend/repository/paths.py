@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from backend.repository.errors import RepositoryError
+from pagedserve.repository.errors import RepositoryError
 
 # What stands in for the repository's location in messages that reach clients.
 REPOSITORY_PLACEHOLDER = "<model repository>"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.protocol import model_config_pb2 as mc
-from backend.repository.paths import require_within
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository.paths import require_within
 
 
 def available_versions(model_dir: Path) -> list[int]:

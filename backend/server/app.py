@@ -27,22 +27,22 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from backend.engine.stats import EngineObserver
-from backend.protocol import grpc_service_pb2 as pb
-from backend.protocol import grpc_service_pb2_grpc as pb_grpc
-from backend.protocol import health_pb2 as hpb
-from backend.protocol import health_pb2_grpc as hpb_grpc
-from backend.protocol._pool import POOL
-from backend.repository import ModelRepository
-from backend.server.access import RestrictedProtocols, Restriction
-from backend.server.health import HealthService
-from backend.server.http_endpoint import HttpEndpoint, HttpSettings
-from backend.server.metrics import MetricFamilies, RepositoryCollector, metrics_observers
-from backend.server.service import InferenceService
-from backend.server.state import SERVER_NAME, SERVER_VERSION, ServerState
-from backend.server.streaming import CUT, DRAIN
-from backend.server.tls import TlsOptions, grpc_credentials, ssl_context
-from backend.server.tracing import ServerTracing, parse_trace_config
+from pagedserve.engine.stats import EngineObserver
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
+from pagedserve.protocol import health_pb2 as hpb
+from pagedserve.protocol import health_pb2_grpc as hpb_grpc
+from pagedserve.protocol._pool import POOL
+from pagedserve.repository import ModelRepository
+from pagedserve.server.access import RestrictedProtocols, Restriction
+from pagedserve.server.health import HealthService
+from pagedserve.server.http_endpoint import HttpEndpoint, HttpSettings
+from pagedserve.server.metrics import MetricFamilies, RepositoryCollector, metrics_observers
+from pagedserve.server.service import InferenceService
+from pagedserve.server.state import SERVER_NAME, SERVER_VERSION, ServerState
+from pagedserve.server.streaming import CUT, DRAIN
+from pagedserve.server.tls import TlsOptions, grpc_credentials, ssl_context
+from pagedserve.server.tracing import ServerTracing, parse_trace_config
 
 log = logging.getLogger("pagedserve")
 

@@ -1,4 +1,4 @@
-"""``python -m backend serve``: the server's command line (Triton-style flags)."""
+"""``python -m pagedserve serve``: the server's command line (Triton-style flags)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import asyncio
 import logging
 from pathlib import Path
 
-from backend.repository.default import default_repository
-from backend.server.access import GRPC_HEADER_PREFIX, parse_restrictions
-from backend.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
-from backend.server.tls import TlsOptions
-from backend.server.tracing import parse_trace_config
+from pagedserve.repository.default import default_repository
+from pagedserve.server.access import GRPC_HEADER_PREFIX, parse_restrictions
+from pagedserve.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
+from pagedserve.server.tls import TlsOptions
+from pagedserve.server.tracing import parse_trace_config
 
 _MAX_GRPC_INT = 2**31 - 1  # gRPC's message-size options are C ints
 

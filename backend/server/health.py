@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend.protocol import health_pb2 as hpb
-from backend.protocol import health_pb2_grpc as hpb_grpc
-from backend.repository import ModelRepository
-from backend.server.state import ServerState, server_live
+from pagedserve.protocol import health_pb2 as hpb
+from pagedserve.protocol import health_pb2_grpc as hpb_grpc
+from pagedserve.repository import ModelRepository
+from pagedserve.server.state import ServerState, server_live
 
 _STATUS = hpb.HealthCheckResponse
 SERVICE_NAMES = ("", "inference.GRPCInferenceService")

@@ -2,7 +2,7 @@
 
 A stdlib ``ThreadingHTTPServer`` on its own thread (aiohttp is not a dependency). It only reads
 state that the event loop owns, through snapshots that are safe to take from another thread;
-``/metrics`` renders the server's Prometheus registry (``backend.server.metrics``).
+``/metrics`` renders the server's Prometheus registry (``pagedserve.server.metrics``).
 Optional TLS (mutual too), Triton's ``--http-restricted-api`` on the health routes, and an idle
 timeout on every connection.
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from backend.repository import ModelRepository
-from backend.server import metrics
-from backend.server.access import Restriction
-from backend.server.state import ServerState, server_live
+from pagedserve.repository import ModelRepository
+from pagedserve.server import metrics
+from pagedserve.server.access import Restriction
+from pagedserve.server.state import ServerState, server_live
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import grpc
 
-from backend.engine.async_engine import EngineOverloaded
-from backend.outputs import RequestOutput
-from backend.protocol import grpc_service_pb2 as pb
-from backend.repository import ModelVersion
-from backend.server.wire import (
+from pagedserve.engine.async_engine import EngineOverloaded
+from pagedserve.outputs import RequestOutput
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.repository import ModelVersion
+from pagedserve.server.wire import (
     build_response,
     check_request_id,
     enable_empty_final,
@@ -27,7 +27,7 @@ from backend.server.wire import (
     read_inputs,
     request_parameters,
 )
-from backend.tensors import (
+from pagedserve.tensors import (
     GenerateRequest,
     ResponseBuilder,
     TensorError,

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from backend.engine.metrics import EngineMetrics, MetricFamilies
-from backend.engine.stats import EngineObserver
-from backend.repository import ModelRepository
+from pagedserve.engine.metrics import EngineMetrics, MetricFamilies
+from pagedserve.engine.stats import EngineObserver
+from pagedserve.repository import ModelRepository
 
 __all__ = ["CONTENT_TYPE_LATEST", "MetricFamilies", "RepositoryCollector", "metrics_observers",
            "render"]

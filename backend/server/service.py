@@ -9,21 +9,21 @@ from typing import Any, NoReturn
 
 import grpc
 
-from backend.protocol import grpc_service_pb2 as pb
-from backend.protocol import grpc_service_pb2_grpc as pb_grpc
-from backend.repository import ModelRepository, ModelVersion, RepositoryError
-from backend.repository.names import shown
-from backend.server.inference import Inference, InferError, trace_headers
-from backend.server.state import (
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
+from pagedserve.repository import ModelRepository, ModelVersion, RepositoryError
+from pagedserve.repository.names import shown
+from pagedserve.server.inference import Inference, InferError, trace_headers
+from pagedserve.server.state import (
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,
     ServerState,
     server_live,
 )
-from backend.server.streaming import SHUTTING_DOWN, StreamHandler
-from backend.server.tracing import ServerTracing, TraceConfigError, check_int, check_level
-from backend.server.wire import PROTOCOL_DTYPES
+from pagedserve.server.streaming import SHUTTING_DOWN, StreamHandler
+from pagedserve.server.tracing import ServerTracing, TraceConfigError, check_int, check_level
+from pagedserve.server.wire import PROTOCOL_DTYPES
 
 log = logging.getLogger(__name__)
 

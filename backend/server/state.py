@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from backend.repository import ModelRepository
+    from pagedserve.repository import ModelRepository
 
 SERVER_NAME = "pagedserve"
 SERVER_VERSION = "0.1.0"

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from backend.protocol import grpc_service_pb2 as pb
-from backend.repository import ModelRepository, RepositoryError
-from backend.server.inference import Inference, InferError, trace_headers
-from backend.server.state import ServerState
-from backend.server.wire import MAX_REQUEST_ID_CHARS
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.repository import ModelRepository, RepositoryError
+from pagedserve.server.inference import Inference, InferError, trace_headers
+from pagedserve.server.state import ServerState
+from pagedserve.server.wire import MAX_REQUEST_ID_CHARS
 
 log = logging.getLogger(__name__)
 

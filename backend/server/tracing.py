@@ -23,8 +23,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-from backend.engine.stats import EngineObserver
-from backend.engine.tracing import EngineTracer, TraceSettings
+from pagedserve.engine.stats import EngineObserver
+from pagedserve.engine.tracing import EngineTracer, TraceSettings
 
 log = logging.getLogger(__name__)
 

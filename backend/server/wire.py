@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from backend.protocol import grpc_service_pb2 as pb
-from backend.protocol import model_config_pb2 as mc
-from backend.tensors import TensorError
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.tensors import TensorError
 
 # ModelConfig DataType -> protocol datatype string.
 PROTOCOL_DTYPES = {

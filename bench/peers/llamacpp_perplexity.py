@@ -3,7 +3,8 @@ position of the text's token ids, evaluated in one pass.
 
 Job: ``model`` (a GGUF file), ``token_ids`` (the text, tokenized by our tokenizer: the GGUF
 holds the same vocabulary), ``threads``. Result: ``perplexity`` = exp of the mean negative
-log-probability of each token after those before it, as ``bench.quantization`` computes ours.
+log-probability of each token after those before it, as ``pagedserve.bench.quantization`` computes
+ours.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import sys
 from typing import Any
 
-from bench.peers.jobs import package_versions, parse_args, read_job, write_result
+from .jobs import package_versions, parse_args, read_job, write_result
 
 FIELDS = {"model": str, "token_ids": list, "threads": int}
 

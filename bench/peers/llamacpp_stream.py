@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from bench.cpu_steal import ContentionMonitor
-from bench.peers.jobs import package_versions, parse_args, read_job, stream_record, write_result
+from ..cpu_steal import ContentionMonitor
+from .jobs import package_versions, parse_args, read_job, stream_record, write_result
 
 FIELDS = {"model": str, "prompts": list, "warmup_prompt": list, "max_tokens": int,
           "threads": int, "n_ctx": int}

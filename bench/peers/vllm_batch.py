@@ -4,7 +4,7 @@ Job: ``model`` (a Hugging Face directory), ``prompts`` (token ids), ``output_len
 prompt), ``warmup_prompts`` and ``warmup_output_lens``, ``repeat``, ``threads``,
 ``max_model_len``, ``kv_cache_gib``, ``max_num_seqs``, ``max_num_batched_tokens``. Each timed run
 is one ``LLM.generate`` over every request (EOS ignored, so each runs to its output length),
-after the prefix cache is emptied, as ``bench.throughput`` times our engine.
+after the prefix cache is emptied, as ``pagedserve.bench.throughput`` times our engine.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 import time
 from typing import Any
 
-from bench.cpu_steal import ContentionMonitor
-from bench.peers import vllm_engine
-from bench.peers.jobs import package_versions, parse_args, read_job, write_result
+from ..cpu_steal import ContentionMonitor
+from . import vllm_engine
+from .jobs import package_versions, parse_args, read_job, write_result
 
 FIELDS = {**vllm_engine.FIELDS, "prompts": list, "output_lens": list, "warmup_prompts": list,
           "warmup_output_lens": list, "repeat": int, "max_num_seqs": int,

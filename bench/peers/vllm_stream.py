@@ -13,9 +13,9 @@ import sys
 import time
 from typing import Any
 
-from bench.cpu_steal import ContentionMonitor
-from bench.peers import vllm_engine
-from bench.peers.jobs import package_versions, parse_args, read_job, stream_record, write_result
+from ..cpu_steal import ContentionMonitor
+from . import vllm_engine
+from .jobs import package_versions, parse_args, read_job, stream_record, write_result
 
 FIELDS = {**vllm_engine.FIELDS, "prompts": list, "warmup_prompt": list, "max_tokens": int}
 

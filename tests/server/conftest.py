@@ -40,7 +40,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerHandle:
-    """A running ``python -m backend serve``; ``stop()`` sends SIGTERM and returns the status."""
+    """A running ``python -m pagedserve serve``; ``stop()`` sends SIGTERM and returns the status."""
 
     process: subprocess.Popen[bytes]
     grpc_port: int
@@ -97,7 +97,7 @@ def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180,
     restricted health group, by design."""
     grpc_port, http_port = free_port(), free_port()
     log_path = Path(tempfile.mkstemp(prefix="pagedserve-", suffix=".log")[1])
-    command = [sys.executable, "-m", "backend", "serve", "--model-repository", str(repo_dir),
+    command = [sys.executable, "-m", "pagedserve", "serve", "--model-repository", str(repo_dir),
                "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                "--http-port", str(http_port), "--metrics-port", str(http_port), *extra_args]
     with open(log_path, "wb") as log_file:

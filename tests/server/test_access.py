@@ -24,9 +24,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backend.protocol import grpc_service_pb2 as pb
-from backend.protocol import health_pb2 as hpb
-from backend.server.access import (
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import health_pb2 as hpb
+from pagedserve.server.access import (
     GROUPS,
     GRPC_HEADER_PREFIX,
     GRPC_METHOD_GROUPS,
@@ -358,7 +358,7 @@ def test_every_rpc_has_its_tritons_group() -> None:
 
 
 def test_a_malformed_flag_stops_the_server() -> None:
-    command = [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "pagedserve", "serve", "--host", "127.0.0.1",
                "--grpc-port", str(free_port()), "--http-port", "0", "--metrics-port", "0",
                "--grpc-restricted-protocol=health", "--grpc-restricted-protocol=nope:k=v"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

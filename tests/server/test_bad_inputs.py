@@ -104,7 +104,7 @@ def test_bad_request_then_good_request_on_one_stream(server: ServerHandle, case:
 
 def test_engine_holds_nothing_after_bad_requests(server: ServerHandle) -> None:
     key = f'{{model="{MODEL}",version="1"}}'
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         samples = server.metrics()
         idle = (samples["pagedserve_kv_blocks_used" + key] == 0

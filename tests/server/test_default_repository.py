@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.repository import default
-from backend.repository.default import INSTALLED, default_repository
+from pagedserve.repository import default
+from pagedserve.repository.default import INSTALLED, default_repository
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backend import LLM, SamplingParams
+from pagedserve import LLM, SamplingParams
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     ServerHandle,

@@ -22,9 +22,9 @@ import tritonclient.grpc.aio as aioclient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.engine.metrics import EngineMetrics
-from backend.repository.statistics import ModelStats
-from backend.server.metrics import MetricFamilies, RepositoryCollector
+from pagedserve.engine.metrics import EngineMetrics
+from pagedserve.repository.statistics import ModelStats
+from pagedserve.server.metrics import MetricFamilies, RepositoryCollector
 from tests.server.conftest import (
     MODEL,
     ROOT,

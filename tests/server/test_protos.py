@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ GENERATED = ROOT / "backend" / "protocol"
 
 def _ours() -> dict[str, descriptor_pb2.FileDescriptorProto]:
     """Our file descriptors (they live in a private pool, so tritonclient's can coexist)."""
-    from backend.protocol import grpc_service_pb2, model_config_pb2
+    from pagedserve.protocol import grpc_service_pb2, model_config_pb2
 
     out = {}
     for module in (grpc_service_pb2, model_config_pb2):
@@ -48,6 +50,23 @@ def _fields(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, tuple]:
             found[f"{service.name}/{m.name}"] = (m.input_type, m.output_type,
                                                  m.client_streaming, m.server_streaming)
     return found
+
+
+def _committed_generator_version() -> str:
+    found = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'$",
+                      (GENERATED / "grpc_service_pb2_grpc.py").read_text(), flags=re.M)
+    assert found is not None
+    return found.group(1)
+
+
+def test_the_lock_pins_the_generator_of_the_committed_files() -> None:
+    """The generated code records its grpcio-tools version; the dev lock installs that one, so
+    regeneration on any machine set up from the lock gives the same bytes."""
+    locked = re.findall(r"^grpcio-tools==(\S+)$", (ROOT / "requirements-dev.txt").read_text(),
+                        flags=re.M)
+    assert locked == [_committed_generator_version()]
+    assert importlib.metadata.version("grpcio-tools") == locked[0], (
+        "grpcio-tools differs from the lock: `make setup-dev` installs the locked one")
 
 
 def test_regeneration_gives_the_committed_files(tmp_path: Path) -> None:

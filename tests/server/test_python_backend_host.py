@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.python_backend import host
+from pagedserve.python_backend import host
 
 
 def test_exit_status_of_a_signalled_triton() -> None:

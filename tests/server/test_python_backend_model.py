@@ -1,4 +1,5 @@
-"""``backend.python_backend.model`` outside Triton: a stand-in ``triton_python_backend_utils``."""
+"""``pagedserve.python_backend.model`` outside Triton: a stand-in
+``triton_python_backend_utils``."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def model(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
     fake.Logger = types.SimpleNamespace(  # type: ignore[attr-defined]
         log_info=lambda _: None, log_error=errors.append)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    monkeypatch.delitem(sys.modules, "backend.python_backend.model", raising=False)
-    module = importlib.import_module("backend.python_backend.model")
+    monkeypatch.delitem(sys.modules, "pagedserve.python_backend.model", raising=False)
+    module = importlib.import_module("pagedserve.python_backend.model")
     monkeypatch.setattr(module, "CANCEL_POLL_S", 0.01)
     return module, errors
 
@@ -85,7 +86,7 @@ def test_an_unexpected_watch_exit_is_logged(model: tuple[Any, list[str]]) -> Non
 
 
 def test_each_instance_writes_its_own_gauge_series() -> None:
-    from backend.python_backend.metrics import TritonEngineGauges
+    from pagedserve.python_backend.metrics import TritonEngineGauges
 
     created: list[dict[str, str]] = []
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from backend.python_backend.settings import engine_settings, instance_device
-from backend.repository.errors import RepositoryError
+from pagedserve.python_backend.settings import engine_settings, instance_device
+from pagedserve.repository.errors import RepositoryError
 
 
 def _args(root: Path, kind: str, device_id: str = "0", parameters: dict[str, str] | None = None,

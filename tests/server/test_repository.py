@@ -12,12 +12,12 @@ import grpc
 import pytest
 import torch
 
-from backend.config import EngineConfig
-from backend.protocol import model_config_pb2 as mc
-from backend.repository import ModelRepository, RepositoryError
-from backend.repository.engine_args import engine_config
-from backend.repository.model_config import load_config, parse_config
-from backend.repository.versions import available_versions, select_versions
+from pagedserve.config import EngineConfig
+from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository import ModelRepository, RepositoryError
+from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.model_config import load_config, parse_config
+from pagedserve.repository.versions import available_versions, select_versions
 from tests.server.conftest import DEFAULT_REPOSITORY
 
 

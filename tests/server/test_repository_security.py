@@ -33,14 +33,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backend import LLM
-from backend.config import EngineConfig
-from backend.model.loader import LoadedModel
-from backend.model.runner import kv_cache_limit_bytes
-from backend.repository import ModelRepository, RepositoryError
-from backend.repository.engine_args import engine_config
-from backend.repository.model_config import load_config
-from backend.repository.names import MAX_NAME_BYTES, SHOWN_CHARS, model_names, shown
+from pagedserve import LLM
+from pagedserve.config import EngineConfig
+from pagedserve.model.loader import LoadedModel
+from pagedserve.model.runner import kv_cache_limit_bytes
+from pagedserve.repository import ModelRepository, RepositoryError
+from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.model_config import load_config
+from pagedserve.repository.names import MAX_NAME_BYTES, SHOWN_CHARS, model_names, shown
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     ServerHandle,

@@ -137,7 +137,7 @@ def test_log_settings(client: grpcclient.InferenceServerClient) -> None:
 def test_grpc_health_and_reflection(server: ServerHandle) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    from backend.protocol import health_pb2, health_pb2_grpc
+    from pagedserve.protocol import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(server.grpc_url) as channel:
         health = health_pb2_grpc.HealthStub(channel)

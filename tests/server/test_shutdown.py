@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backend.server.app import CUT_WRITE_SECONDS, STOP_SECONDS
+from pagedserve.server.app import CUT_WRITE_SECONDS, STOP_SECONDS
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     MODEL,
@@ -37,6 +37,9 @@ from tests.server.conftest import (
 
 pytestmark = pytest.mark.slow
 
+# Seconds allowed beyond a promised bound for a busy machine's scheduling: a stall, not a slow
+# machine, exceeds it.
+MARGIN = 30
 PROMPTS = ["Count to twenty:", "Once upon a time,", "List some colors:", "def main():"]
 
 
@@ -118,7 +121,7 @@ def _refused(server: ServerHandle) -> None:
 # they all finish, not how fast. MAX_TOKENS keeps them generating well past the probes on a
 # fast one; whatever the speed, the assertions below hold for the streams still open then.
 GRACE = 600
-MAX_TOKENS = 256
+MAX_TOKENS = 128
 
 
 @pytest.mark.parametrize("doomed", [GRACE], indirect=True)
@@ -131,7 +134,8 @@ def test_sigterm_with_16_streams_in_flight(doomed: ServerHandle) -> None:
 
         signalled = time.monotonic()
         doomed.process.send_signal(signal.SIGTERM)
-        _wait(lambda: doomed.http_get("/v2/health/ready")[0] != 200, 5, "HTTP reports not ready")
+        _wait(lambda: doomed.http_get("/v2/health/ready")[0] != 200, MARGIN,
+              "HTTP reports not ready")
         health = grpcclient.InferenceServerClient(doomed.grpc_url)
         assert not health.is_server_ready()
         assert health.is_server_live() and doomed.http_get("/v2/health/live")[0] == 200
@@ -171,8 +175,8 @@ def test_sigterm_with_16_streams_in_flight(doomed: ServerHandle) -> None:
 
 SHORT_GRACE = 3
 # The worst case from the signal to the exit (backend/server/app.py), and a margin for the
-# signal's delivery and the process's own end.
-BOUND = SHORT_GRACE + CUT_WRITE_SECONDS + STOP_SECONDS + 5
+# signal's delivery and the process's own end on a busy machine: only a stall exceeds it.
+BOUND = SHORT_GRACE + CUT_WRITE_SECONDS + STOP_SECONDS + MARGIN
 
 
 @pytest.mark.parametrize("doomed", [SHORT_GRACE], indirect=True)
@@ -203,13 +207,13 @@ def test_sigterm_cuts_the_streams_the_grace_period_cannot_finish(doomed: ServerH
 # The server, with engines that never finish stopping: shutdown waits on a thread for good.
 _STUCK_SERVER = """
 import asyncio, sys, time
-from backend.repository import ModelRepository
+from pagedserve.repository import ModelRepository
 
 async def shutdown(self):
     await asyncio.to_thread(time.sleep, 3600)
 
 ModelRepository.shutdown = shutdown
-from backend.__main__ import main
+from pagedserve.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -245,10 +249,10 @@ def test_exit_is_bounded_when_the_engines_do_not_stop() -> None:
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         bound = grace + CUT_WRITE_SECONDS + STOP_SECONDS
-        assert server.process.wait(bound + 5) == 0
+        assert server.process.wait(bound + MARGIN) == 0
         took = time.monotonic() - signalled
         print(f"stuck engines: exit {took:.1f} s after SIGTERM (bound {bound:.0f} s)")
-        assert STOP_SECONDS <= took < bound + 5, took  # it waited for them, up to the bound
+        assert STOP_SECONDS <= took < bound + MARGIN, took  # it waited for them, up to the bound
         log = server.log()
         assert f"Shutdown took over {STOP_SECONDS:.0f} s after the grace period" in log, log
         assert "Server stopped" not in log

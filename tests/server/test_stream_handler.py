@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from backend.protocol import grpc_service_pb2 as pb
-from backend.server.state import ServerState
-from backend.server.streaming import CUT, GRACE_OVER, StreamHandler, _Request
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.server.state import ServerState
+from pagedserve.server.streaming import CUT, GRACE_OVER, StreamHandler, _Request
 
 RESPONSES_PER_REQUEST = 3
 
@@ -107,7 +107,7 @@ def test_cut_writes_what_was_queued_behind_it_then_errors_the_unanswered() -> No
                 await asyncio.sleep(0.01)  # done's end is queued behind the cut meanwhile
         return written, handler.state.no_streams.is_set()
 
-    written, closed = asyncio.run(asyncio.wait_for(main(), 10))
+    written, closed = asyncio.run(asyncio.wait_for(main(), 120))
     assert closed
     ids = [(r.infer_response.id, _final(r), r.error_message) for r in written]
     assert ids[:2] == [("done", False, ""), ("running", False, "")], ids

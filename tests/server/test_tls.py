@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.utils import InferenceServerException
 
-from backend.server.tls import TlsConfigError, TlsOptions, grpc_credentials
+from pagedserve.server.tls import TlsConfigError, TlsOptions, grpc_credentials
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     MODEL,
@@ -334,7 +334,7 @@ def test_bad_tls_files_are_named_by_their_flag(pki: Pki, tmp_path: Path) -> None
 def test_a_bad_tls_file_stops_the_server_before_any_model_loads(pki: Pki, tmp_path: Path
                                                                 ) -> None:
     missing = tmp_path / "missing.pem"
-    command = [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "pagedserve", "serve", "--host", "127.0.0.1",
                "--grpc-port", str(free_port()), "--http-port", "0", "--metrics-port", "0",
                "--http-use-ssl", "--http-server-cert", str(pki.server_cert),
                "--http-server-key", str(missing)]

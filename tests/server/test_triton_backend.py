@@ -1,6 +1,6 @@
 """Real Triton hosting our engine (``backend/python_backend``) against our own server.
 
-One ``tritonserver`` (the nvidia-pytriton wheel's, started by ``backend.python_backend.host``)
+One ``tritonserver`` (the nvidia-pytriton wheel's, started by ``pagedserve.python_backend.host``)
 serves a copy of ``model_repository/`` with a small engine, in explicit model-control mode;
 our server is the session's. The same greedy requests through ``tritonclient`` must give the
 same texts, finish reasons, token counts and logprobs from both. Then, through Triton: a
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
-from backend.python_backend.host import Ports, TritonHost, wait_ready
+from pagedserve.python_backend.host import Ports, TritonHost, wait_ready
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     MODEL,
