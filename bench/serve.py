@@ -88,6 +88,7 @@ QUICK = Workload(num_requests=8, max_tokens=8, streams=4)
 WARMUP = Workload(num_requests=4, max_tokens=4, streams=2)
 # One request at a time, one token each: the first token is the whole request.
 SEQUENTIAL = Workload(num_requests=64, max_tokens=1, streams=1)
+QUICK_SEQUENTIAL = Workload(num_requests=8, max_tokens=1, streams=1)
 
 
 # ----------------------------------------------------------------------------------- contention
@@ -262,6 +263,7 @@ def _median(phases: list[PhaseResult], key: str) -> float:
 
 
 async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    one_at_a_time = QUICK_SEQUENTIAL if args.quick else SEQUENTIAL
     requests = make_requests(workload.num_requests, workload.max_tokens)
     warmup = make_requests(WARMUP.num_requests, WARMUP.max_tokens)
     server = Server(REPOSITORY)
@@ -288,7 +290,7 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
                 print(f"round {i + 1} {path:6s} {last.tokens_per_s:8.1f} tok/s  TTFT p50 "
                       f"{last.ttft_p50_s * 1e3:7.1f} ms  wall {last.wall_s:6.2f} s", flush=True)
         # One request at a time, alternating paths round by round like the concurrent phases.
-        sequential = make_requests(SEQUENTIAL.num_requests, SEQUENTIAL.max_tokens)
+        sequential = make_requests(one_at_a_time.num_requests, one_at_a_time.max_tokens)
         grpc_seq: list[PhaseResult] = []
         direct_seq: list[PhaseResult] = []
         for i in range(2 * args.rounds):
@@ -331,7 +333,7 @@ async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
         "ratio_grpc_over_direct": grpc_tps / direct_tps,
         "concurrent_grpc_ttft_p50_s": grpc_ttft,
         "concurrent_direct_ttft_p50_s": direct_ttft,
-        "sequential_workload": asdict(SEQUENTIAL),
+        "sequential_workload": asdict(one_at_a_time),
         "sequential_grpc": [asdict(p) for p in grpc_seq],
         "sequential_direct": [asdict(p) for p in direct_seq],
         "grpc_ttft_p50_s": grpc_seq_p50,

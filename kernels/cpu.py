@@ -72,14 +72,19 @@ def _cache_dir() -> Path:
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        objects = []
-        for name, flags in _SOURCES.items():
-            obj = Path(tmp) / f"{name}.o"
-            subprocess.run([compiler, *_COMMON_FLAGS, *flags, "-c", str(_CSRC / name), "-o",
-                            str(obj)], check=True, capture_output=True, text=True)
-            objects.append(str(obj))
-        lib = Path(tmp) / "pagedserve.kernels.so"
-        subprocess.run([compiler, *objects, "-o", str(lib), *_LINK_FLAGS],
+        # The sources compile at once, on as many cores as there are: a first start waits for
+        # the slowest one, not for their sum.
+        objects = {name: Path(tmp) / f"{name}.o" for name in _SOURCES}
+        compiles = [subprocess.Popen([compiler, *_COMMON_FLAGS, *flags, "-c", str(_CSRC / name),
+                                      "-o", str(objects[name])],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for name, flags in _SOURCES.items()]
+        for compile_ in compiles:
+            out, err = compile_.communicate()
+            if compile_.returncode != 0:
+                raise subprocess.CalledProcessError(compile_.returncode, compile_.args, out, err)
+        lib = Path(tmp) / "kernels.so"
+        subprocess.run([compiler, *map(str, objects.values()), "-o", str(lib), *_LINK_FLAGS],
                        check=True, capture_output=True, text=True)
         # Atomic: concurrent processes (test servers) may build the same library at once.
         os.replace(lib, target)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from pagedserve import LLM
 from pagedserve.model.dtypes import AUTO_ENV
 from pagedserve.model.loader import LoadedModel, load_model
+from tests.prompts import TINY_VOCAB
 from tests.server.conftest import DEFAULT_REPOSITORY, ServerHandle, start_server
 
 # The tests compare with transformers in fp32: "auto" must not pick bf16 on CPUs that have it
@@ -70,16 +71,18 @@ TinyFactory = Callable[..., Path]
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory,
                smollm: LoadedModel) -> Iterator[TinyFactory]:
-    """Builds (once per shape) a random-weight Llama saved as a Hugging Face directory."""
+    """Builds (once per shape) a random-weight Llama saved as a Hugging Face directory, with
+    SmolLM2's tokenizer; its vocabulary is the tokenizer's first ``vocab_size`` ids."""
     made: dict[tuple, Path] = {}
 
     def make(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 64,
-             num_layers: int = 2, intermediate: int = 384, seed: int = 0) -> Path:
-        key = (num_heads, num_kv_heads, head_dim, num_layers, intermediate, seed)
+             num_layers: int = 2, intermediate: int = 384, seed: int = 0,
+             vocab_size: int = TINY_VOCAB) -> Path:
+        key = (num_heads, num_kv_heads, head_dim, num_layers, intermediate, seed, vocab_size)
         if key not in made:
             torch.manual_seed(seed)
             config = LlamaConfig(
-                vocab_size=len(smollm.tokenizer), hidden_size=num_heads * head_dim,
+                vocab_size=vocab_size, hidden_size=num_heads * head_dim,
                 intermediate_size=intermediate, num_hidden_layers=num_layers,
                 num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                 head_dim=head_dim, max_position_embeddings=2048,

@@ -45,9 +45,18 @@ PROMPTS: list[str] = [
 ]
 
 
+# The vocabulary of the tiny random-weight models: the first ids of the real tokenizer's. A
+# 49152-row output projection would cost each of a tiny model's steps (and each of
+# transformers' reference steps) most of its time, and test nothing the smaller one does not.
+TINY_VOCAB = 4096
+# SmolLM2's vocabulary: a tiny model that is fed text (its prompts encoded by the real tokenizer)
+# takes this one.
+TOKENIZER_VOCAB = 49152
+
+
 def random_prompts(seed: int, count: int, longest: int) -> list[list[int]]:
-    """``count`` prompts of 1 to ``longest`` token ids drawn from SmolLM2's vocabulary (past
-    its special tokens), the same for the same ``seed``."""
+    """``count`` prompts of 1 to ``longest`` token ids drawn from the tiny models' vocabulary
+    (past SmolLM2's special tokens), the same for the same ``seed``."""
     gen = random.Random(seed)
-    return [[gen.randrange(3, 49152) for _ in range(gen.randint(1, longest))]
+    return [[gen.randrange(3, TINY_VOCAB) for _ in range(gen.randint(1, longest))]
             for _ in range(count)]

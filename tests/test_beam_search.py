@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.loader import LoadedModel, load_model
 from tests.conftest import TinyFactory, assert_all_blocks_free
+from tests.prompts import random_prompts
 
 
 def hf_beams(model: torch.nn.Module, prompt_ids: list[int], width: int, n: int,
@@ -68,13 +69,14 @@ def chat_prompts(smollm: LoadedModel) -> list[list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("width", [2, 4, 8])
+# Width 2 is the tiny model's case (below) too; on SmolLM2 the wider ones.
+@pytest.mark.parametrize("width", [4, 8])
 def test_beam_search_matches_transformers_on_smollm(smollm: LoadedModel,
                                                     hf_smollm: torch.nn.Module,
                                                     chat_prompts: list[list[int]],
                                                     width: int) -> None:
     llm = LLM(loaded=smollm, kv_cache_bytes=96 << 20)
-    check_against_hf(llm, hf_smollm, chat_prompts, width, n=min(width, 2), max_tokens=24)
+    check_against_hf(llm, hf_smollm, chat_prompts, width, n=min(width, 2), max_tokens=16)
 
 
 @pytest.mark.slow
@@ -95,8 +97,7 @@ def test_beam_search_matches_transformers_on_tiny_llama(tiny_llama: TinyFactory,
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     loaded = load_model(str(path))
     llm = LLM(loaded=loaded, kv_cache_bytes=8 << 20, block_size=4)
-    prompts = [loaded.tokenizer.encode(p) for p in
-               ["Beam search keeps", "the k best", "A longer prompt, for the blocks to fill."]]
+    prompts = random_prompts(seed=3, count=3, longest=16)
     check_against_hf(llm, hf, prompts, width, n=width, max_tokens=12)
 
 
@@ -104,7 +105,7 @@ def test_beam_search_under_preemption_matches_roomy_cache(tiny_llama: TinyFactor
     """A cache too small for all requests at once forces whole beam groups out and back."""
     path = tiny_llama(num_heads=4, num_kv_heads=2, head_dim=64)
     loaded = load_model(str(path))
-    prompts = [loaded.tokenizer.encode(f"Prompt number {i} talks about blocks") for i in range(6)]
+    prompts = [[100 + i, *random_prompts(seed=4, count=1, longest=9)[0]] for i in range(6)]
     params = SamplingParams(beam_width=4, n=4, max_tokens=16)
     roomy = LLM(loaded=loaded, kv_cache_bytes=8 << 20, block_size=4)
     expected = roomy.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)

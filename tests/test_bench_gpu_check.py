@@ -11,6 +11,7 @@ import pytest
 from pagedserve.bench import gpu_check
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                          ) -> None:
     out = tmp_path / "gpu_check.json"

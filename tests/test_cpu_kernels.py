@@ -93,12 +93,13 @@ def test_decode_attention_refuses_layouts_it_cannot_read() -> None:
 
 
 def _available_in_subprocess(env: dict[str, str]) -> str:
-    code = "from kernels import cpu; print(cpu.available())"
+    code = "from pagedserve.kernels import cpu; print(cpu.available())"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, check=True, timeout=120)
     return done.stdout.strip()
 
 
+@pytest.mark.slow  # compiles the kernels from scratch
 def test_builds_into_an_empty_cache_and_can_be_switched_off(tmp_path: Path) -> None:
     assert _available_in_subprocess({"PAGEDSERVE_CACHE": str(tmp_path)}) == "True"
     built = list((tmp_path / "kernels").glob("pagedserve_cpu-*.so"))

@@ -21,7 +21,7 @@ from pagedserve.model.fused_decode import FusedDecode
 from pagedserve.model.loader import LoadedModel, load_model
 from pagedserve.model.projections import GGUF, as_blocks
 from tests.conftest import assert_all_blocks_free
-from tests.prompts import random_prompts
+from tests.prompts import TINY_VOCAB, random_prompts
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the C kernels (a compiler)")
 
@@ -55,7 +55,7 @@ def tiny_blocks(tmp_path_factory: pytest.TempPathFactory,
             config_class, shape = FAMILIES[name]
             torch.manual_seed(0)
             config = config_class(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, max_position_embeddings=512, initializer_range=0.15,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.eos_token_id, **shape)

@@ -9,9 +9,9 @@ import pytest
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.loader import LoadedModel
 from tests.conftest import assert_all_blocks_free, hf_greedy
-from tests.prompts import PROMPTS
+from tests.prompts import PROMPTS, TINY_VOCAB
 
-MAX_NEW = 24
+MAX_NEW = 16
 LONG_PROMPT = 17  # the prompt of more than 512 tokens
 
 
@@ -81,7 +81,8 @@ def test_tiny_llama_matches_transformers(tiny_llama, heads, kv_heads, head_dim, 
     path = tiny_llama(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
     gen = __import__("random").Random(heads * 1000 + head_dim)
-    prompts = [[gen.randrange(3, 49152) for _ in range(gen.randint(1, 300))] for _ in range(32)]
+    prompts = [[gen.randrange(3, TINY_VOCAB) for _ in range(gen.randint(1, 300))]
+               for _ in range(32)]
     reference = [hf_greedy(hf, p, 16) for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=16)
     settings = [dict(), dict(max_num_batched_tokens=50),
@@ -119,7 +120,7 @@ def test_tiny_llama_quantized_outputs_do_not_depend_on_batching(tiny_llama,
     The fp32 engine is held to those schedules against transformers."""
     path = str(tiny_llama())
     gen = random.Random(7)
-    prompts = [[gen.randrange(3, 49152) for _ in range(gen.randint(1, 80))] for _ in range(6)]
+    prompts = [[gen.randrange(3, TINY_VOCAB) for _ in range(gen.randint(1, 80))] for _ in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
     def run(llm: LLM, batch: list[list[int]]) -> list[list[int]]:

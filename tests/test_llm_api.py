@@ -69,6 +69,7 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
         LLM(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # a process of its own loads the model
 def test_cli_generate_prints_the_greedy_completion(llm, smollm):
     expected = llm.generate("The capital of France is",
                             SamplingParams(temperature=0, max_tokens=8),

@@ -27,7 +27,7 @@ from pagedserve.model.registry import UnsupportedModelError
 from pagedserve.model.runner import kv_block_bytes
 from tests.conftest import assert_all_blocks_free, hf_greedy
 from tests.gguf_files import write_gguf
-from tests.prompts import random_prompts
+from tests.prompts import TINY_VOCAB, random_prompts
 
 MAX_NEW = 6
 WINDOW = 24  # Mistral's sliding window: shorter than the longer prompts
@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory,
             torch.manual_seed(0)
             shape = {"hidden_size": 64, **shape}
             config = config_class(
-                vocab_size=len(tok), intermediate_size=128, num_hidden_layers=2,
+                vocab_size=TINY_VOCAB, intermediate_size=128, num_hidden_layers=2,
                 max_position_embeddings=512, initializer_range=0.15,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.eos_token_id, **shape)

@@ -12,7 +12,7 @@ from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.core import EngineCore
 from pagedserve.model.loader import LoadedModel, load_model
 from tests.conftest import TinyFactory, assert_all_blocks_free
-from tests.prompts import LONG_PROMPT
+from tests.prompts import LONG_PROMPT, TOKENIZER_VOCAB, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -38,25 +38,34 @@ def _run_sharing(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return first + second
 
 
-@pytest.mark.slow
-def test_prefix_caching_changes_no_output_on_smollm(smollm: LoadedModel) -> None:
-    prompts = _sharing_workload(smollm.tokenizer)
+@pytest.fixture(scope="module")
+def without_caching(smollm: LoadedModel) -> tuple[list[list[int]], LLM]:
+    """The sharing workload's outputs with prefix caching off (what caching must not change),
+    and the engine that made them."""
     off = LLM(loaded=smollm, kv_cache_bytes=128 << 20, enable_prefix_caching=False)
+    outputs = _run_sharing(off, _sharing_workload(smollm.tokenizer))
+    assert_all_blocks_free(off)
+    return outputs, off
+
+
+@pytest.mark.slow
+def test_prefix_caching_changes_no_output_on_smollm(
+        smollm: LoadedModel, without_caching: tuple[list[list[int]], LLM]) -> None:
+    expected, off = without_caching
     on = LLM(loaded=smollm, kv_cache_bytes=128 << 20)
-    assert _run_sharing(on, prompts) == _run_sharing(off, prompts)
+    assert _run_sharing(on, _sharing_workload(smollm.tokenizer)) == expected
     stats = on.stats()
     assert stats.prefix_cache_hit_tokens >= 7 * 288 + 4 * 300  # the prefix, then whole prompts
     assert stats.num_prefilled_tokens < off.stats().num_prefilled_tokens / 3
     assert off.stats().prefix_cache_hit_tokens == 0
     assert_all_blocks_free(on)
-    assert_all_blocks_free(off)
 
 
 @pytest.mark.slow
-def test_prefix_caching_under_eviction_and_preemption(smollm: LoadedModel) -> None:
+def test_prefix_caching_under_eviction_and_preemption(
+        smollm: LoadedModel, without_caching: tuple[list[list[int]], LLM]) -> None:
     prompts = _sharing_workload(smollm.tokenizer)
-    off = LLM(loaded=smollm, kv_cache_bytes=128 << 20, enable_prefix_caching=False)
-    expected = _run_sharing(off, prompts)
+    expected, _ = without_caching
     block_bytes = 2 * 30 * 3 * 64 * 4 * 16  # K/V, layers, kv heads, head dim, fp32, tokens
     tight = LLM(loaded=smollm, kv_cache_bytes=30 * block_bytes, max_num_batched_tokens=512)
     assert _run_sharing(tight, prompts) == expected
@@ -69,8 +78,8 @@ def test_prefix_caching_under_eviction_and_preemption(smollm: LoadedModel) -> No
 
 def test_prefix_caching_on_tiny_llama_with_small_blocks(tiny_llama: TinyFactory) -> None:
     loaded = load_model(str(tiny_llama()))
-    prompts = [loaded.tokenizer.encode("A shared beginning of every prompt here, " * 3 + s)
-               for s in ["one", "two", "three", "four", "five", "six"]]
+    shared = random_prompts(seed=5, count=1, longest=30)[0] * 2
+    prompts = [shared + tail for tail in random_prompts(seed=6, count=6, longest=4)]
     results = {}
     for caching in (False, True):
         llm = LLM(loaded=loaded, kv_cache_bytes=1 << 20, block_size=4,
@@ -82,7 +91,7 @@ def test_prefix_caching_on_tiny_llama_with_small_blocks(tiny_llama: TinyFactory)
 
 def test_parallel_sampling_prefills_once_and_repeats(tiny_llama: TinyFactory) -> None:
     loaded = load_model(str(tiny_llama()))
-    prompt = loaded.tokenizer.encode("Parallel samples share the prompt's blocks " * 4)
+    prompt = random_prompts(seed=7, count=1, longest=12)[0] * 3
     params = SamplingParams(n=4, temperature=0.9, seed=7, max_tokens=20, ignore_eos=True)
     llm = LLM(loaded=loaded, kv_cache_bytes=4 << 20, block_size=8,
               enable_prefix_caching=False)
@@ -104,8 +113,7 @@ def test_parallel_sampling_prefills_once_and_repeats(tiny_llama: TinyFactory) ->
 
 def test_parallel_sampling_survives_preemption(tiny_llama: TinyFactory) -> None:
     loaded = load_model(str(tiny_llama()))
-    prompts = [loaded.tokenizer.encode(f"Request {i} samples several continuations")
-               for i in range(6)]
+    prompts = [[100 + i, *random_prompts(seed=8, count=1, longest=7)[0]] for i in range(6)]
     params = SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=24, ignore_eos=True)
     roomy = LLM(loaded=loaded, kv_cache_bytes=4 << 20, block_size=4)
     expected = roomy.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
@@ -119,7 +127,7 @@ def test_parallel_sampling_survives_preemption(tiny_llama: TinyFactory) -> None:
 
 
 def test_aborting_forked_requests_returns_every_block(tiny_llama: TinyFactory) -> None:
-    loaded = load_model(str(tiny_llama()))
+    loaded = load_model(str(tiny_llama(vocab_size=TOKENIZER_VOCAB)))  # text prompts
     core = EngineCore(EngineConfig(kv_cache_bytes=4 << 20, block_size=4), loaded)
     engine = AsyncEngine(core)
 

@@ -39,6 +39,7 @@ from pagedserve.model.executor import ExecutorDied
 from pagedserve.model.loader import LoadedModel, load_model
 from pagedserve.model.multiproc import MultiprocExecutor
 from tests.conftest import TinyFactory, assert_all_blocks_free, hf_greedy
+from tests.prompts import TINY_VOCAB
 from tests.server.conftest import ROOT, free_port
 
 MAX_NEW = 12
@@ -50,7 +51,7 @@ CASES = {"gqa-head64-tp3": ({"num_heads": 6, "num_kv_heads": 3, "head_dim": 64},
 
 def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
+    return [[rng.randrange(100, TINY_VOCAB) for _ in range(n)] for n in lengths]
 
 
 FIRST = _prompts(1, [40, 5, 17, 33, 9, 24])
@@ -164,6 +165,7 @@ def _two_rank_engine(tiny_llama: TinyFactory) -> tuple[AsyncEngine, list[int]]:
     return engine, executor.worker_pids
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None:
     """SIGKILL to rank 1 mid-request: the request fails naming the rank, pid and signal, the
     engine refuses new requests with that error, and no rank is left running (the weights
@@ -193,6 +195,7 @@ def test_a_killed_rank_fails_the_engine_at_once(tiny_llama: TinyFactory) -> None
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_a_rank_killed_while_idle_stops_the_others(tiny_llama: TinyFactory) -> None:
     """No request running: the idle engine still sees the death, stops the other rank and
     reports itself dead, within a bounded wait."""
@@ -210,6 +213,7 @@ def test_a_rank_killed_while_idle_stops_the_others(tiny_llama: TinyFactory) -> N
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_a_failed_step_ends_the_ranks_at_once(tiny_llama: TinyFactory) -> None:
     """A step that raises on the ranks (a block table past the cache) ends them, rather than
     leaving them out of step in their collectives: the executor dies naming the rank and its
@@ -230,6 +234,7 @@ def test_a_failed_step_ends_the_ranks_at_once(tiny_llama: TinyFactory) -> None:
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_to_load_fails_the_start(tiny_llama: TinyFactory,
                                                    tmp_path: Path) -> None:
     """The driver reads only the config and tokenizer; the ranks read the weights, here cut

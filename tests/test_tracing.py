@@ -21,7 +21,7 @@ from pagedserve.engine.core import EngineCore
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.tracing import EngineTracer, TraceSettings
 from pagedserve.model.loader import LoadedModel, load_model
-from tests.prompts import LONG_PROMPT
+from tests.prompts import LONG_PROMPT, TOKENIZER_VOCAB
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SchedulerCounts:
 @pytest.fixture(scope="module")
 def tiny(tiny_llama: Any) -> LoadedModel:
     """A two-layer random Llama: spans do not depend on the weights, and it steps fast."""
-    return load_model(str(tiny_llama()))
+    return load_model(str(tiny_llama(vocab_size=TOKENIZER_VOCAB)))  # fed text
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pagedserve.kernels import dispatch
 from pagedserve.model.loader import load_model
 from pagedserve.model.runner import num_kv_blocks
 from tests.conftest import TinyFactory, assert_all_blocks_free
+from tests.prompts import TINY_VOCAB
 
 MAX_NEW = 4
 
@@ -35,9 +36,9 @@ def test_triton_path_matches_torch_path(tiny_llama: TinyFactory,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path = tiny_llama(num_heads=4, num_kv_heads=1, head_dim=16, intermediate=128)
     gen = random.Random(11)
-    shared = [gen.randrange(3, 49152) for _ in range(20)]  # more than a block: cached
-    prompts = [shared + [gen.randrange(3, 49152) for _ in range(n)] for n in (3, 6, 0)]
-    prompts.append([gen.randrange(3, 49152) for _ in range(13)])
+    shared = [gen.randrange(3, TINY_VOCAB) for _ in range(20)]  # more than a block: cached
+    prompts = [shared + [gen.randrange(3, TINY_VOCAB) for _ in range(n)] for n in (3, 6, 0)]
+    prompts.append([gen.randrange(3, TINY_VOCAB) for _ in range(13)])
     kernels = dispatch.triton_module("triton_attention", torch.device("cpu"))
     launches = []
 

@@ -317,7 +317,7 @@ def one_slot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 def test_requests_beyond_the_queue_get_resource_exhausted(one_slot_server: ServerHandle) -> None:
     client = grpcclient.InferenceServerClient(one_slot_server.grpc_url)
     done: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client.async_infer("one", llm_inputs("Count to a thousand:", 300, stream=False,
+    client.async_infer("one", llm_inputs("Count to a thousand:", 120, stream=False,
                                          params={"ignore_eos": True}),
                        callback=lambda result, error: done.put((result, error)))
     key = '{engine="1",model_name="one"}'

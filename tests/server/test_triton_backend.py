@@ -36,6 +36,8 @@ from tests.server.conftest import (
     tensor,
 )
 
+pytestmark = pytest.mark.slow  # a tritonserver process hosting our engine
+
 ROOT = Path(__file__).resolve().parents[2]
 # Small enough to load fast, big enough for every case here (beams of 4 included).
 SMALL_ENGINE = {"max_num_seqs": 8, "kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 1024}
@@ -213,7 +215,6 @@ def test_bad_sampling_parameters_get_our_error(triton: TritonHost, ours: str,
     assert named in theirs["error"] and theirs["error"] == mine["error"]
 
 
-@pytest.mark.slow
 def test_perf_analyzer_streams_through_triton(triton: TritonHost, tmp_path: Path) -> None:
     from tests.test_perf_analyzer import SCRIPT, short_input
 
