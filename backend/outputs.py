@@ -43,3 +43,8 @@ class RequestOutput:
     delta_token_ids: list[list[int]] = field(default_factory=list)
     # Set when the request's own step work failed: it ended there, with no completions.
     error: str | None = None
+    # Prompt tokens whose keys and values came from the prefix cache when the request started.
+    num_cached_tokens: int = 0
+    # With ``SamplingParams.prompt_logprobs``: each prompt token's logprob and the most likely
+    # tokens at its position (``None`` for the first token, which nothing predicts).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

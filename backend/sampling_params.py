@@ -30,7 +30,9 @@ class SamplingParams:
 
     Field names and meanings follow vLLM's ``SamplingParams``. ``temperature=0`` is greedy
     decoding. ``logprobs=N`` returns the N most likely tokens of the model's raw distribution
-    at every position (plus the sampled one). Invalid values raise ``ValueError`` naming the field.
+    at every position (plus the sampled one); ``prompt_logprobs=N`` the same for every prompt
+    token but the first, each with the prompt's own token (such a request computes its whole
+    prompt, its prefix cache hits forgone). Invalid values raise ``ValueError`` naming the field.
 
     ``beam_width > 1`` switches to beam search, with the semantics of ``transformers``'
     ``generate(num_beams=beam_width, do_sample=False, length_penalty=..., early_stopping=...)``:
@@ -56,6 +58,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     beam_width: int = 1
     length_penalty: float = 1.0
@@ -96,7 +99,7 @@ class SamplingParams:
 
         for name in ("n", "top_k", "min_tokens", "beam_width"):
             check_int(name)
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             check_int(name, optional=True)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty", "length_penalty"):
@@ -128,6 +131,8 @@ class SamplingParams:
             fail("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and self.logprobs < 0:
             fail("logprobs", "must be non-negative")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            fail("prompt_logprobs", "must be non-negative")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             fail("seed", "must be in [0, 2**63)")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -156,7 +161,8 @@ class SamplingParams:
             fail("n", f"must not exceed beam_width ({self.beam_width}) in beam search")
         # Beam search ranks raw log-probabilities; knobs that reshape or sample them do not apply.
         unsupported = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                       "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None}
+                       "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None,
+                       "prompt_logprobs": None}
         for name, default in unsupported.items():
             if getattr(self, name) != default:
                 fail(name, "is not supported with beam search (beam_width > 1)")

@@ -26,7 +26,7 @@ from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
 from pagedserve.model.base import CausalLM
-from pagedserve.model.batch import ModelInput, ModelOutput, SeqChunk
+from pagedserve.model.batch import ModelInput, ModelOutput, PromptLogprobs, SeqChunk
 from pagedserve.model.executor import ExecutorDied, InProcessExecutor, start_executor
 from pagedserve.model.loader import LoadedModel
 from pagedserve.model.sampler import Sampler, SamplerOutput, SamplingRow
@@ -346,6 +346,8 @@ class EngineCore:
         seqs_by_id = {item.seq.seq_id: item.seq for item in batch.scheduled}
         drafts = {item.seq: item.draft_token_ids for item in batch.scheduled
                   if item.draft_token_ids}
+        for seq_id, found in model_output.prompt_logprobs.items():
+            self._add_prompt_logprobs(seqs_by_id[seq_id].request, found)
         seqs: list[Sequence] = []
         rows: list[int] = []
         histories: list[list[int]] = []  # the tokens each sampled row follows
@@ -421,8 +423,18 @@ class EngineCore:
             request = item.seq.request
             if request.first_scheduled_ns is None:
                 request.first_scheduled_ns = now_ns
-                # Not computed yet this step, so what the sequence has came from the cache.
-                request.num_cached_tokens = item.seq.num_computed_tokens
+
+    @staticmethod
+    def _add_prompt_logprobs(request: Request, found: PromptLogprobs) -> None:
+        """Appends a chunk's prompt logprobs: each position's own token and the most likely
+        ones (the first position, which nothing predicts, has none)."""
+        got = request.prompt_logprobs
+        if not got:
+            got.append(None)
+        for logprob, top in zip(found.token_logprobs, found.top):
+            position: TokenLogprobs = dict(top)
+            position[request.prompt_token_ids[len(got)]] = logprob
+            got.append(position)
 
     def _mark_token(self, request: Request, timing: _StepTiming) -> None:
         """Records the request's first token, or the gap since its last one."""
@@ -499,7 +511,9 @@ class EngineCore:
         if not done:
             return ModelOutput([], torch.empty(0, self.vocab_size)), failed
         return ModelOutput([i for d in done for i in d.seq_ids],
-                           torch.cat([d.logits for d in done])), failed
+                           torch.cat([d.logits for d in done]),
+                           prompt_logprobs={k: v for d in done
+                                            for k, v in d.prompt_logprobs.items()}), failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], histories: list[list[int]]
                 ) -> tuple[SamplerOutput, dict[Request, Exception]]:

@@ -123,9 +123,11 @@ class InputProcessor:
             field = "beam_width" if params.use_beam_search else "n"
             raise ValueError(f"SamplingParams.{field} is {params.num_seqs}, more than "
                              f"max_num_seqs ({limits.max_num_seqs})")
-        if params.logprobs is not None and params.logprobs > limits.max_logprobs:
-            raise ValueError(f"SamplingParams.logprobs is {params.logprobs}, more than the "
-                             f"engine's max_logprobs ({limits.max_logprobs})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limits.max_logprobs:
+                raise ValueError(f"SamplingParams.{name} is {value}, more than the engine's "
+                                 f"max_logprobs ({limits.max_logprobs})")
         outside = [t for t in params.stop_token_ids if t >= limits.vocab_size]
         if outside:
             raise ValueError(f"SamplingParams.stop_token_ids: token id {outside[0]} is outside "

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pagedserve.engine.sequence import Request, Sequence
-from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 
 
 class OutputProcessor:
@@ -79,7 +79,9 @@ class OutputProcessor:
                 logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, request.is_finished, delta_texts, delta_ids)
+                             completions, request.is_finished, delta_texts, delta_ids,
+                             num_cached_tokens=request.num_cached_tokens,
+                             prompt_logprobs=_prompt_logprobs(request))
 
     def beam_output(self, request: Request) -> RequestOutput:
         """A finished beam search's best ``n`` beams, rendered whole."""
@@ -95,4 +97,13 @@ class OutputProcessor:
             for i, b in enumerate(search.best(request.params.n))]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              completions, True, [c.text for c in completions],
-                             [c.token_ids for c in completions])
+                             [c.token_ids for c in completions],
+                             num_cached_tokens=request.num_cached_tokens)
+
+
+def _prompt_logprobs(request: Request) -> list[TokenLogprobs | None] | None:
+    """The request's prompt logprobs once all are known (the list changes no more then, so
+    every output may hold it)."""
+    if request.params.prompt_logprobs is None or request.computes_prompt_logprobs:
+        return None
+    return request.prompt_logprobs

@@ -80,8 +80,18 @@ def _chunk(item: ScheduledSeq) -> SeqChunk:
     seq, start = item.seq, item.seq.num_computed_tokens
     end = start + item.num_known_tokens
     wanted = 1 + len(item.draft_token_ids) if end == seq.num_tokens else 0
+    request = seq.request
+    top, first, targets = None, 0, []
+    if request.computes_prompt_logprobs:
+        # Position p's row predicts token p + 1: the rows of prompt positions whose next
+        # token's logprob is not known yet (a preempted prompt computes its rows again).
+        known = max(len(request.prompt_logprobs), 1)
+        first = min(max(known - 1 - start, 0), end - start)
+        stop = min(end, seq.num_prompt_tokens - 1)
+        targets = seq.token_ids[start + first + 1: stop + 1]
+        top = request.params.prompt_logprobs
     return SeqChunk(seq.seq_id, seq.token_ids[start:end] + item.draft_token_ids, start,
-                    list(seq.block_table.blocks), wanted)
+                    list(seq.block_table.blocks), wanted, top, first, targets)
 
 
 def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
@@ -223,6 +233,8 @@ class Scheduler:
         admitted: list[ScheduledSeq] = []
         for seq in request.live_seqs:
             self._take_cached_prefix(seq)
+            if seq.num_preemptions == 0:
+                request.num_cached_tokens = seq.num_computed_tokens
             if in_flight and bm.next_key(seq.block_table, seq.token_ids) in in_flight:
                 for s in request.live_seqs:
                     bm.free(s.block_table)
@@ -246,7 +258,8 @@ class Scheduler:
         return admitted
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
-        if seq.num_computed_tokens == 0 and not seq.block_table.blocks:
+        if (seq.num_computed_tokens == 0 and not seq.block_table.blocks
+                and not seq.request.computes_prompt_logprobs):
             seq.block_table = self.block_manager.match_prefix(seq.token_ids)
             seq.num_computed_tokens = len(seq.block_table) * self.block_manager.block_size
 

@@ -99,6 +99,8 @@ class Request:
     last_token_ns: int | None = None
     preemption_ns: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served at first scheduling
+    # With params.prompt_logprobs: each prompt position's candidates so far (None for the first).
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
     @property
     def is_finished(self) -> bool:
@@ -107,3 +109,10 @@ class Request:
     @property
     def live_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        """Whether logprobs of its prompt tokens are still to come (so its prompt is computed,
+        not taken from the prefix cache)."""
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))

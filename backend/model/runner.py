@@ -10,7 +10,10 @@ from pagedserve.config import EngineConfig
 from pagedserve.kernels.attention import NULL_BLOCK, AttentionMetadata
 from pagedserve.kernels.dispatch import to_device
 from pagedserve.model.base import CausalLM, KVCache
-from pagedserve.model.batch import ModelInput, ModelOutput
+from pagedserve.model.batch import ModelInput, ModelOutput, PromptLogprobs
+
+# Prompt rows whose scores are made at once for prompt logprobs (a vocabulary's worth each).
+PROMPT_LOGITS_ROWS = 256
 
 
 def kv_block_bytes(model: CausalLM, block_size: int) -> int:
@@ -174,4 +177,35 @@ class ModelRunner:
         hidden = self.model.forward(to_device(input_ids, torch.long, device), pos, self.caches,
                                     meta)
         rows = to_device(sample_rows, torch.long, device)
-        return ModelOutput(sample_ids, self.model.logits(hidden.index_select(0, rows)))
+        prompt: dict[int, PromptLogprobs] = {}
+        offset = 0
+        for chunk in step.chunks:
+            if chunk.prompt_targets and chunk.prompt_logprobs is not None:
+                first = offset + chunk.prompt_first_row
+                prompt[chunk.seq_id] = self._prompt_logprobs(
+                    hidden[first: first + len(chunk.prompt_targets)], chunk.prompt_targets,
+                    chunk.prompt_logprobs)
+            offset += len(chunk.token_ids)
+        return ModelOutput(sample_ids, self.model.logits(hidden.index_select(0, rows)),
+                           prompt_logprobs=prompt)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], top: int
+                         ) -> PromptLogprobs:
+        """Each row's next prompt token's logprob and the ``top`` most likely tokens, under the
+        model's raw distribution; the logits made a slice of rows at a time, so a long prompt
+        never holds a whole vocabulary's scores for all its tokens at once."""
+        chosen: list[float] = []
+        best: list[list[tuple[int, float]]] = []
+        for start in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            part = targets[start: start + PROMPT_LOGITS_ROWS]
+            logprobs = torch.log_softmax(self.model.logits(hidden[start: start + len(part)]),
+                                         dim=-1)
+            ids = to_device(part, torch.long, logprobs.device)
+            chosen.extend(logprobs.gather(1, ids[:, None])[:, 0].tolist())
+            if top:
+                values, indices = logprobs.topk(top, dim=-1)
+                best.extend([list(zip(i, v)) for i, v in zip(indices.tolist(),
+                                                             values.tolist())])
+            else:
+                best.extend([] for _ in part)
+        return PromptLogprobs(chosen, best)

@@ -36,7 +36,13 @@ from pagedserve.protocol._pool import POOL
 from pagedserve.repository import ModelRepository
 from pagedserve.server.access import RestrictedProtocols, Restriction
 from pagedserve.server.health import HealthService
-from pagedserve.server.http_endpoint import HttpEndpoint, HttpSettings
+from pagedserve.server.http.app import HttpFront
+from pagedserve.server.http.context import HttpContext
+from pagedserve.server.http.listener import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    HttpSettings,
+)
 from pagedserve.server.metrics import MetricFamilies, RepositoryCollector, metrics_observers
 from pagedserve.server.service import InferenceService
 from pagedserve.server.state import SERVER_NAME, SERVER_VERSION, ServerState
@@ -71,6 +77,9 @@ class ServeOptions:
     grpc_tls: TlsOptions | None = None
     http_tls: TlsOptions | None = None  # also the metrics port's
     http_idle_timeout: float = 30.0
+    http_max_input_size: int = DEFAULT_MAX_BODY_BYTES
+    http_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    api_key: str | None = None  # the OpenAI routes' bearer token
     grpc_restrictions: dict[str, Restriction] = field(default_factory=dict)
     http_restrictions: dict[str, Restriction] = field(default_factory=dict)
     trace_config: tuple[str, ...] = ()  # Triton's --trace-config values
@@ -94,7 +103,9 @@ async def serve(options: ServeOptions) -> int:
     credentials = grpc_credentials(options.grpc_tls) if options.grpc_tls else None
     http = HttpSettings(tls=ssl_context(options.http_tls) if options.http_tls else None,
                         idle_timeout=options.http_idle_timeout,
-                        restrictions=options.http_restrictions)
+                        restrictions=options.http_restrictions,
+                        max_body_bytes=options.http_max_input_size,
+                        max_connections=options.http_max_connections, api_key=options.api_key)
     tracing = ServerTracing(parse_trace_config(options.trace_config))
     state = ServerState()
     state.trace.update(trace_level=[tracing.settings.level],
@@ -117,9 +128,8 @@ async def serve(options: ServeOptions) -> int:
         options=[("grpc.max_send_message_length", options.max_message_bytes),
                  ("grpc.max_receive_message_length", options.max_message_bytes)],
         maximum_concurrent_rpcs=options.grpc_max_concurrent_rpcs or None)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, state,
-                                                                        tracing),
-                                                       server)
+    service = InferenceService(repository, state, tracing)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     hpb_grpc.add_HealthServicer_to_server(HealthService(repository, state), server)
     reflection.enable_server_reflection([
         pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -144,18 +154,14 @@ async def serve(options: ServeOptions) -> int:
                                   f"{s.kv_tokens} tokens") for n, v, s in engines],
                                 ("Model", "Version", "Family", "Dtype", "KV cache", "KV tokens")))
 
-    endpoints: list[tuple[str, HttpEndpoint]] = []
-    for kind, port in (("HTTPService", options.http_port), ("Metrics Service",
-                                                             options.metrics_port)):
-        if port and all(e.port != port for _, e in endpoints):
-            endpoint = HttpEndpoint(options.host, port, repository, state, http, registry)
-            endpoint.start()
-            endpoints.append((kind, endpoint))
+    front = HttpFront(HttpContext(repository, state, service, registry, http), options.host,
+                      options.http_port, options.metrics_port)
+    await front.start()
     await server.start()
     log.info("Started GRPCInferenceService at %s:%d%s", options.host, grpc_port,
              _tls_note(options.grpc_tls))
-    for kind, endpoint in endpoints:
-        log.info("Started %s at %s:%d%s", kind, options.host, endpoint.port,
+    for kind, listener in front.listeners:
+        log.info("Started %s at %s:%d%s", kind, options.host, listener.port,
                  _tls_note(options.http_tls))
 
     stop = asyncio.Event()
@@ -179,9 +185,12 @@ async def serve(options: ServeOptions) -> int:
     try:
         await asyncio.wait_for(state.no_streams.wait(), options.grace_period)
     except TimeoutError:
-        log.warning("Grace period over: cutting %d streams", len(state.streams))
+        log.warning("Grace period over: cutting %d streams",
+                    len(state.streams) + len(state.http_requests))
         for queue in list(state.streams):
             queue.put_nowait(CUT)
+        for task in list(state.http_requests):
+            task.cancel()
         # Bounded: a moment for each cut request's error to be written before the server stops.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.no_streams.wait(), CUT_WRITE_SECONDS)
@@ -191,8 +200,7 @@ async def serve(options: ServeOptions) -> int:
 
     async def stop_all() -> None:
         await server.stop(grace_left)
-        for _, endpoint in endpoints:
-            await asyncio.to_thread(endpoint.stop)
+        await front.stop()
         await repository.shutdown()
         # The last requests' spans, exported before the process exits.
         await asyncio.to_thread(tracing.shutdown)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from pagedserve.repository.default import default_repository
 from pagedserve.server.access import GRPC_HEADER_PREFIX, parse_restrictions
 from pagedserve.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
+from pagedserve.server.http.listener import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
 from pagedserve.server.tls import TlsOptions
 from pagedserve.server.tracing import parse_trace_config
 
@@ -71,7 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RPCs in flight (streams included) beyond which new ones get "
                              "RESOURCE_EXHAUSTED; 0: no cap (default 1024)")
     parser.add_argument("--http-idle-timeout", type=float, default=30.0,
-                        help="seconds an HTTP connection may stay silent (default 30)")
+                        help="seconds an HTTP connection may take to send a request's header "
+                             "(from its opening or the previous response, TLS handshake "
+                             "included) or its body (default 30)")
+    parser.add_argument("--http-max-input-size", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest HTTP request body accepted, in bytes, after "
+                             "decompression; larger ones get 413 (default 64 MiB)")
+    parser.add_argument("--http-max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="HTTP connections open at once beyond which new ones are answered "
+                             "503 and closed (default 1024)")
+    parser.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                        help="the OpenAI routes (/v1) need 'Authorization: Bearer <key>' "
+                             "(default: $PAGEDSERVE_API_KEY; unset, they are open)")
     _add_tls(parser, "grpc", "gRPC")
     _add_tls(parser, "http", "the HTTP and metrics ports")
     parser.add_argument("--grpc-restricted-protocol", action="append", default=[],
@@ -80,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"'{GRPC_HEADER_PREFIX}<key>: <value>'; repeatable")
     parser.add_argument("--http-restricted-api", action="append", default=[],
                         metavar="<api>[,<api>...]:<key>=<value>",
-                        help="HTTP routes of these groups (health) need the header "
-                             "'<key>: <value>'; repeatable")
+                        help="HTTP routes of these groups need the header '<key>: <value>'; "
+                             "repeatable")
     parser.add_argument("--trace-config", action="append", default=[],
                         metavar="[opentelemetry,]<setting>=<value>",
                         help="Triton's trace settings: level=OFF|TIMESTAMPS, rate=N (one "
@@ -116,6 +129,12 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         raise ValueError("--grpc-max-concurrent-rpcs must be 0 (no cap) or more")
     if not args.http_idle_timeout > 0:
         raise ValueError("--http-idle-timeout must be more than 0 seconds")
+    if args.http_max_input_size < 1:
+        raise ValueError("--http-max-input-size must be at least 1 byte")
+    if args.http_max_connections < 1:
+        raise ValueError("--http-max-connections must be at least 1")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
     parse_trace_config(args.trace_config)  # refused here, before anything starts
     return ServeOptions(
         model_repository=args.model_repository or default_repository(), host=args.host,
@@ -127,6 +146,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs,
         grpc_tls=_tls(args, "grpc"), http_tls=_tls(args, "http"),
         http_idle_timeout=args.http_idle_timeout,
+        http_max_input_size=args.http_max_input_size,
+        http_max_connections=args.http_max_connections, api_key=args.api_key,
         grpc_restrictions=parse_restrictions(args.grpc_restricted_protocol,
                                              "grpc-restricted-protocol", GRPC_HEADER_PREFIX,
                                              "protocol"),

@@ -7,9 +7,8 @@ to completion; cancelling the task that drives ``responses`` aborts it in the en
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -19,6 +18,7 @@ from pagedserve.engine.async_engine import EngineOverloaded
 from pagedserve.outputs import RequestOutput
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.repository import ModelVersion
+from pagedserve.server.accounting import RequestAccount
 from pagedserve.server.wire import (
     build_response,
     check_request_id,
@@ -65,9 +65,7 @@ class Inference:
         self.request = request
         self.trace_headers = trace_headers
         self.version = str(model.version)
-        self._t0 = time.monotonic_ns()
-        self._input_ns = 0
-        self._output_ns = 0
+        self._account = RequestAccount(model.stats)
 
     def prepare(self) -> tuple[GenerateRequest, bool]:
         """Validates the request; returns it and whether an empty final response was asked."""
@@ -79,22 +77,16 @@ class Inference:
             generate = parse_request(arrays, request_parameters(self.request), requested,
                                      self.model.engine.limits)
         except TensorError as e:
-            self._fail()
+            self._account.release(False)
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        self._input_ns = time.monotonic_ns() - self._t0
         return generate, empty_final
 
     def _respond(self, arrays: Any, final: bool | None) -> pb.ModelInferResponse:
-        start = time.monotonic_ns()
-        response = build_response(self.request, self.version, self.model.config, arrays, final)
-        self._output_ns += time.monotonic_ns() - start
-        return response
-
-    def _fail(self) -> None:
-        self.model.stats.record(False, time.monotonic_ns() - self._t0)
+        with self._account.building():
+            return build_response(self.request, self.version, self.model.config, arrays, final)
 
     async def responses(self, generate: GenerateRequest, streaming: bool, empty_final: bool
-                        ) -> AsyncIterator[pb.ModelInferResponse]:
+                        ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """Yields the responses: deltas when ``streaming`` and the request streams, else one.
 
         ``triton_final_response`` is set on every response of a stream; with ``empty_final`` the
@@ -102,8 +94,7 @@ class Inference:
         """
         builder = ResponseBuilder(generate, token_decoder(self.model.tokenizer))
         deltas = streaming and generate.stream and self.model.decoupled
-        submitted = time.monotonic_ns()
-        first_ns: int | None = None
+        self._account.submitted()
         engine_id = uuid.uuid4().hex  # client ids repeat across streams; the engine's must not
         ok = False
         try:
@@ -112,8 +103,7 @@ class Inference:
                 prompt_token_ids=generate.prompt_token_ids, trace_headers=self.trace_headers)
             async with aclosing(stream) as outputs:
                 async for out in outputs:
-                    if first_ns is None:
-                        first_ns = time.monotonic_ns()
+                    self._account.output()
                     if deltas:
                         final = out.finished and not empty_final
                         yield self._respond(builder.delta(out), final)
@@ -134,10 +124,4 @@ class Inference:
         except RuntimeError as e:  # engine shut down, a failed step, or this request's failure
             raise InferError(grpc.StatusCode.INTERNAL, str(e), started=True) from None
         finally:
-            # Everything at once, as Triton records a request when it is released.
-            now = time.monotonic_ns()
-            phases = None
-            if first_ns is not None:
-                phases = {"queue": first_ns - submitted, "compute_input": self._input_ns,
-                          "compute_infer": now - first_ns, "compute_output": self._output_ns}
-            self.model.stats.record(ok, now - self._t0, phases)
+            self._account.release(ok)

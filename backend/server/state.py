@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pagedserve.repository import ModelRepository
@@ -41,9 +41,13 @@ class ServerState:
     log: dict[str, bool | int | str] = field(default_factory=lambda: {
         "log_file": "", "log_info": True, "log_warning": True, "log_error": True,
         "log_verbose_level": 0, "log_format": "default"})
-    # One queue per open stream, so draining can wake idle streams up to close them.
+    # One queue per open gRPC stream, so draining can wake idle streams up to close them.
     streams: set[asyncio.Queue[object]] = field(default_factory=set)
-    # Set while no stream is open: draining waits on it before the gRPC server stops.
+    # The handler tasks of HTTP inference requests in flight: draining lets them finish, the
+    # end of the grace period cancels them.
+    http_requests: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Set while no stream and no HTTP request is open: draining waits on it before the servers
+    # stop.
     no_streams: asyncio.Event = field(default_factory=_set_event)
 
     def open_stream(self, queue: asyncio.Queue[object]) -> None:
@@ -52,7 +56,18 @@ class ServerState:
 
     def close_stream(self, queue: asyncio.Queue[object]) -> None:
         self.streams.discard(queue)
-        if not self.streams:
+        self._check_idle()
+
+    def open_http_request(self, task: asyncio.Task[Any]) -> None:
+        self.http_requests.add(task)
+        self.no_streams.clear()
+
+    def close_http_request(self, task: asyncio.Task[Any]) -> None:
+        self.http_requests.discard(task)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.streams and not self.http_requests:
             self.no_streams.set()
 
     def apply_log_levels(self) -> None:

@@ -90,14 +90,17 @@ class ServerHandle:
 
 
 def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180,
-                 env: dict[str, str] | None = None, probe: bool = True) -> ServerHandle:
+                 env: dict[str, str] | None = None, probe: bool = True,
+                 code: str | None = None) -> ServerHandle:
     """Starts the server on free loopback ports and waits until it is live; ``env`` adds
     variables to its environment. Without ``probe`` it is ready once its log shows the gRPC
     port started: a plaintext, header-less liveness probe is refused by a TLS port or a
-    restricted health group, by design."""
+    restricted health group, by design. ``code`` runs instead of ``-m pagedserve`` (with the
+    command line in ``sys.argv[1:]``): a server with a fault injected."""
     grpc_port, http_port = free_port(), free_port()
     log_path = Path(tempfile.mkstemp(prefix="pagedserve-", suffix=".log")[1])
-    command = [sys.executable, "-m", "pagedserve", "serve", "--model-repository", str(repo_dir),
+    program = ["-m", "pagedserve"] if code is None else ["-c", code]
+    command = [sys.executable, *program, "serve", "--model-repository", str(repo_dir),
                "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                "--http-port", str(http_port), "--metrics-port", str(http_port), *extra_args]
     with open(log_path, "wb") as log_file:

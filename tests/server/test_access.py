@@ -200,7 +200,9 @@ def test_grpc_health_service_is_health(locked: ServerHandle) -> None:
 
 @slow
 def test_http_restricted_api_guards_health(locked: ServerHandle) -> None:
-    refusal = json.dumps({"error": f"This API is restricted, expecting header '{HTTP_KEY[0]}'"})
+    # Triton's body: compact JSON.
+    refusal = json.dumps({"error": f"This API is restricted, expecting header '{HTTP_KEY[0]}'"},
+                         separators=(",", ":"))
     for path in ("/v2/health/live", "/v2/health/ready"):
         assert _http_get(locked, path) == (403, refusal)
         assert _http_get(locked, path, {HTTP_KEY[0]: "wrong"}) == (403, refusal)

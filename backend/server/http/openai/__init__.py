@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API (completions, chat completions, models), as vLLM serves it."""
