@@ -199,10 +199,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_triton(repo: Path, extra_args: Sequence[str] = ()) -> Iterator[TritonHost]:
-    """``tritonserver`` serving ``repo`` over gRPC on a free loopback port (only gRPC is
-    compared: HTTP and metrics are off) for the duration of the block."""
-    server = TritonHost(repo, Ports(grpc=free_port()), extra_args)
+def running_triton(repo: Path, extra_args: Sequence[str] = (), http: bool = False
+                   ) -> Iterator[TritonHost]:
+    """``tritonserver`` serving ``repo`` over gRPC on a free loopback port, and over HTTP on
+    another with ``http`` (metrics off), for the duration of the block."""
+    server = TritonHost(repo, Ports(grpc=free_port(), http=free_port() if http else 0),
+                        extra_args)
     server.start()
     try:
         yield server

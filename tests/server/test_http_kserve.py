@@ -211,8 +211,8 @@ def test_errors_as_triton_words_them(rest: ServerHandle) -> None:
     for body, status, message in (
             (b"{not json", 500, "failed to parse the request JSON buffer"),
             (b'{"inputs": 3}', 500, "Unable to parse 'inputs'"),
-            (b'{"inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", '
-             b'"data": ["one"]}]}', 500, "Shape does not match true shape of 'data' field"),
+            (b'{"inputs": [{"name": "stream", "shape": [2], "datatype": "BOOL", '
+             b'"data": [true]}]}', 500, "Shape does not match true shape of 'data' field"),
             (b'{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES"}]}', 400,
              "Input must set only one of the following fields"),
             (b'{"inputs": [], "parameters": {"triton_x": 1}}', 400,

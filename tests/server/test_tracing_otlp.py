@@ -8,7 +8,9 @@ Triton's ``TraceSetting`` turns tracing off and on at run time.
 
 from __future__ import annotations
 
+import json
 import queue
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,16 +77,26 @@ def traced_server(request: pytest.FixtureRequest) -> Iterator[tuple[ServerHandle
 def test_spans_reach_a_collector_and_link_requests_to_steps(
         traced_server: tuple[ServerHandle, OtlpReceiver]) -> None:
     server, receiver = traced_server
-    _stream(server, [("traced-a", 6), ("traced-b", 4)],
-            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    traceparent = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    _stream(server, [("traced-a", 6), ("traced-b", 4)], headers=traceparent)
     _stream(server, [("untraced", 3)])
+    # The HTTP doors carry the trace context in the same header.
+    for path, body in ((f"/v2/models/{MODEL}/generate",
+                        {"text_input": "Tell me about tracing.", "parameters": {"max_tokens": 5}}),
+                       ("/v1/completions", {"model": MODEL, "prompt": "Tell me about tracing.",
+                                            "max_tokens": 5})):
+        request = urllib.request.Request(server.http_url + path, json.dumps(body).encode(),
+                                         headers={**traceparent,
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
     assert server.stop() == 0  # SIGTERM: drained, spans flushed before exit
-    spans = receiver.wait_for(lambda got: len(_requests(got)) >= 3, timeout=30)
+    spans = receiver.wait_for(lambda got: len(_requests(got)) >= 5, timeout=30)
     requests = _requests(spans)
-    assert len(requests) == 3
+    assert len(requests) == 5
     assert all(s.resource["service.name"] == "pagedserve-under-test" for s in spans)
     in_trace = [s for s in requests if s.trace_id == TRACE_ID]
-    assert len(in_trace) == 2 and all(s.parent_span_id == PARENT_ID for s in in_trace)
+    assert len(in_trace) == 4 and all(s.parent_span_id == PARENT_ID for s in in_trace)
     root = [s for s in requests if s.trace_id != TRACE_ID]
     assert len(root) == 1 and root[0].parent_span_id == ""
     for span in requests:
