@@ -136,7 +136,7 @@ def test_statistics_shape(target: Target) -> None:
 ])
 def test_error_wording(target: Target, method: str, path: str, body: Any, status: int,
                        error: str) -> None:
-    got, kind, answer = _call(target, method, path, body)
+    got, _, answer = _call(target, method, path, body)
     assert (got, json.loads(answer)) == (status, {"error": error})
 
 
