@@ -1,31 +1,34 @@
-"""Serving overhead: the same streaming workload through gRPC and through the engine's Python API.
+"""Serving overhead: the same streaming workload through each door of the server and through
+the engine's Python API.
 
 What is measured, in one run, on one workload (64 requests by default, greedy, every request
 generating exactly ``max_tokens`` tokens with EOS ignored, all submitted at once):
 
-* **gRPC**: our server (``python -m pagedserve serve``, the default ``model_repository/``) in a
+* **the doors** (``--protocol``, any of ``grpc``, ``kserve-http``, ``openai``; all three by
+  default): our server (``python -m pagedserve serve``, the default ``model_repository/``) in a
   subprocess on loopback, driven by ``clients/load.py`` (``tritonclient.grpc.aio``, requests
-  dealt over 16 ModelStreamInfer streams).
+  dealt over 16 ModelStreamInfer streams) or ``clients/load_http.py`` (aiohttp: Triton's
+  ``generate_stream`` and OpenAI's streamed ``/v1/completions``, Server-Sent Events);
 * **direct**: the same engine settings (read from the same repository by the server's own
   ``pagedserve.repository`` code) in a worker process (``bench/serve_direct.py``), the requests
   driven through ``AsyncEngine.generate`` concurrently.
 
-Figures: output tokens/s of each (tokens over the wall time from the first submission to the
-last final output), their ratio gRPC/direct (target >= 0.95), time to first token (submission to
-the first response carrying a token) p50/p95 of each, and the **TTFT overhead p50** = gRPC p50 -
-direct p50 (target < 5 ms) measured on a second workload run one request at a time (64 requests
-of 1 token, on one stream; 2 x ``--rounds`` rounds alternating the paths, p50 over all rounds'
+Figures, per door: output tokens/s (tokens over the wall time from the first submission to the
+last final output), the ratio door/direct (target >= 0.95), time to first token (submission to
+the first response carrying a token) p50/p95, and the **TTFT overhead p50** = door p50 - direct
+p50 (target < 5 ms) measured on a second workload run one request at a time (64 requests of 1
+token, on one stream; 2 x ``--rounds`` rounds rotating the paths, p50 over all rounds'
 requests). Under 64 concurrent requests every first token comes out of the
 same ~2 s prefill step, whose length varies by hundreds of milliseconds between identical runs,
 so the concurrent TTFTs (reported too) cannot resolve a few milliseconds of protocol overhead;
-at concurrency 1 the step is a short prefill and the difference is the gRPC hop itself. The load
-generator shares the machine with the server: its CPU time is part of the gRPC figure, as it
-would be for any client on the same host.
+at concurrency 1 the step is a short prefill and the difference is the door's hop itself. The
+load generator shares the machine with the server: its CPU time is part of a door's figure, as
+it would be for any client on the same host.
 
 The machine is small and shared: a competing process skews everything. Each phase records how
 much CPU other processes took (``/proc/stat``, less the processes of the phase) and
-the run warns above 10% of the machine. ``--rounds N`` alternates the two phases N times and
-reports the median of each.
+the run warns above 10% of the machine. ``--rounds N`` runs every path N times, rotating which
+goes first, and reports the median of each.
 
 ``--compare-triton`` measures instead our server against **real Triton hosting the same engine**
 (the nvidia-pytriton wheel's ``tritonserver`` with the ``pagedserve`` Python-based backend,
@@ -38,7 +41,7 @@ and a message queue; docs/benchmarks.md).
 Usage (from the repository root)::
 
     python -m pagedserve.bench.serve [--quick] [--rounds N] [--requests 64] [--max-tokens 64]
-                                     [--out FILE]
+                                     [--protocol grpc,kserve-http,openai] [--out FILE]
     python -m pagedserve.bench.serve --compare-triton [--rounds N] [--out FILE]
 """
 
@@ -61,7 +64,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from clients.load import LoadRequest, make_requests, run_load
+from clients.load import LoadReport, LoadRequest, make_requests, run_load
+from clients.load_http import run_http_load
 from pagedserve.bench.cpu_steal import proc_stat_cpu as _proc_stat_cpu
 from pagedserve.bench.throughput import git_state
 from pagedserve.python_backend.host import Ports, TritonHost, wait_ready
@@ -74,6 +78,7 @@ MODEL = "smollm2"
 TARGET_RATIO = 0.95
 TARGET_TTFT_OVERHEAD_S = 0.005
 TARGET_RATIO_OVER_TRITON = 1.0
+DOORS = ("grpc", "kserve-http", "openai")
 
 
 @dataclass(frozen=True)
@@ -142,21 +147,29 @@ class PhaseResult:
     ttfts_s: list[float] = field(default_factory=list)  # per request, in completion order
 
 
-class Server:
-    """``python -m pagedserve serve`` on a free loopback port (HTTP and metrics off)."""
+def _free_port() -> int:
+    with socket.socket() as sock:  # a loopback port free right now
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def __init__(self, repository: Path) -> None:
-        with socket.socket() as sock:  # a loopback port free right now
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+
+class Server:
+    """``python -m pagedserve serve`` on free loopback ports (HTTP only when ``http``; metrics
+    on the HTTP port)."""
+
+    def __init__(self, repository: Path, http: bool = False) -> None:
+        self.port = _free_port()
+        self.http_port = _free_port() if http else 0
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         # The server's log, kept for a post-mortem when it fails to start.
         self.log = tempfile.NamedTemporaryFile(prefix="serve-bench-", suffix=".log",  # noqa: SIM115
                                                delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pagedserve", "serve", "--model-repository", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", str(self.port), "--http-port", "0",
-             "--metrics-port", "0"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+             "--host", "127.0.0.1", "--grpc-port", str(self.port), "--http-port",
+             str(self.http_port), "--metrics-port", str(self.http_port)], cwd=ROOT,
+            stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         try:
@@ -188,13 +201,31 @@ def _children(pid: int) -> tuple[int, ...]:
     return tuple(found)
 
 
-async def grpc_phase(url: str, pids: tuple[int, ...], requests: list[LoadRequest], streams: int,
-                     path: str = "grpc") -> PhaseResult:
-    monitor = Contention(pids)
-    report = await run_load(url, MODEL, requests, streams=streams)
+def _phase(path: str, report: LoadReport, monitor: Contention) -> PhaseResult:
     return PhaseResult(path, report.wall_s, report.output_tokens, report.tokens_per_s,
                        report.ttft_p50_s, report.ttft_p95_s, report.latency_p50_s,
                        monitor.stop(), report.ttfts_s)
+
+
+async def grpc_phase(url: str, pids: tuple[int, ...], requests: list[LoadRequest], streams: int,
+                     path: str = "grpc") -> PhaseResult:
+    monitor = Contention(pids)
+    return _phase(path, await run_load(url, MODEL, requests, streams=streams), monitor)
+
+
+async def door_phase(door: str, server: Server, requests: list[LoadRequest], streams: int,
+                     one_at_a_time: bool = False) -> PhaseResult:
+    """The workload through one door of ``server`` (one request at a time if asked)."""
+    monitor = Contention((server.proc.pid,))
+    concurrency = 1 if one_at_a_time else None
+    if door == "grpc":
+        report = await run_load(server.url, MODEL, requests,
+                                streams=1 if one_at_a_time else streams,
+                                concurrency=concurrency)
+    else:
+        report = await run_http_load(server.http_url, door, MODEL, requests,
+                                     concurrency=concurrency)
+    return _phase(door, report, monitor)
 
 
 class DirectWorker:
@@ -250,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, help="gRPC streams (default 16)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the two phases this many times; medians are reported")
+    parser.add_argument("--protocol", default=",".join(DOORS),
+                        help="the doors measured, comma-separated, of " + ", ".join(DOORS) +
+                             " (default: all)")
     parser.add_argument("--compare-triton", action="store_true",
                         help="our server against real Triton hosting the same engine")
     parser.add_argument("--out", type=Path,
@@ -262,83 +296,77 @@ def _median(phases: list[PhaseResult], key: str) -> float:
     return float(statistics.median(getattr(p, key) for p in phases))
 
 
-async def run(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+def _rotated(paths: list[str], i: int) -> list[str]:
+    """The paths, the i-th round starting further along: a drift in machine speed hits all."""
+    k = i % len(paths)
+    return paths[k:] + paths[:k]
+
+
+async def run(args: argparse.Namespace, workload: Workload, doors: list[str]
+              ) -> dict[str, Any]:
     one_at_a_time = QUICK_SEQUENTIAL if args.quick else SEQUENTIAL
     requests = make_requests(workload.num_requests, workload.max_tokens)
     warmup = make_requests(WARMUP.num_requests, WARMUP.max_tokens)
-    server = Server(REPOSITORY)
+    sequential = make_requests(one_at_a_time.num_requests, one_at_a_time.max_tokens)
+    server = Server(REPOSITORY, http=any(d != "grpc" for d in doors))
     direct = DirectWorker(REPOSITORY)
+    paths = ["direct", *doors]
+    concurrent: dict[str, list[PhaseResult]] = {p: [] for p in paths}
+    alone: dict[str, list[PhaseResult]] = {p: [] for p in paths}
     try:
         server.wait_ready()
         direct.wait_ready()
-        # Warm both paths (first-call allocations, lazy imports) outside the timed sections.
-        await run_load(server.url, MODEL, warmup, streams=WARMUP.streams)
+        # Warm every path (first-call allocations, lazy imports) outside the timed sections.
+        for door in doors:
+            await door_phase(door, server, warmup, WARMUP.streams)
         direct.run(warmup, "warmup")
-        grpc_runs: list[PhaseResult] = []
-        direct_runs: list[PhaseResult] = []
         for i in range(args.rounds):
-            # Alternate which path goes first so a drift in machine speed hits both alike.
-            order = ("grpc", "direct") if i % 2 == 0 else ("direct", "grpc")
-            for path in order:
-                if path == "grpc":
-                    last = await grpc_phase(server.url, (server.proc.pid,), requests,
-                                            workload.streams)
-                    grpc_runs.append(last)
-                else:
-                    last = direct.run(requests, f"r{i}")
-                    direct_runs.append(last)
-                print(f"round {i + 1} {path:6s} {last.tokens_per_s:8.1f} tok/s  TTFT p50 "
+            for path in _rotated(paths, i):
+                last = (direct.run(requests, f"r{i}") if path == "direct" else
+                        await door_phase(path, server, requests, workload.streams))
+                concurrent[path].append(last)
+                print(f"round {i + 1} {path:12s} {last.tokens_per_s:8.1f} tok/s  TTFT p50 "
                       f"{last.ttft_p50_s * 1e3:7.1f} ms  wall {last.wall_s:6.2f} s", flush=True)
-        # One request at a time, alternating paths round by round like the concurrent phases.
-        sequential = make_requests(one_at_a_time.num_requests, one_at_a_time.max_tokens)
-        grpc_seq: list[PhaseResult] = []
-        direct_seq: list[PhaseResult] = []
+        # One request at a time, rotating the paths round by round like the concurrent phases.
         for i in range(2 * args.rounds):
-            order = ("grpc", "direct") if i % 2 == 0 else ("direct", "grpc")
-            for path in order:
-                if path == "grpc":
-                    report = await run_load(server.url, MODEL, sequential, streams=1,
-                                            concurrency=1)
-                    last = PhaseResult("grpc", report.wall_s, report.output_tokens,
-                                       report.tokens_per_s, report.ttft_p50_s,
-                                       report.ttft_p95_s, report.latency_p50_s, {},
-                                       report.ttfts_s)
-                    grpc_seq.append(last)
-                else:
-                    last = direct.run(sequential, f"seq{i}", sequential=True)
-                    direct_seq.append(last)
-                print(f"round {i + 1} {path:6s} one at a time: TTFT p50 "
+            for path in _rotated(paths, i):
+                last = (direct.run(sequential, f"seq{i}", sequential=True) if path == "direct"
+                        else await door_phase(path, server, sequential, 1, one_at_a_time=True))
+                alone[path].append(last)
+                print(f"round {i + 1} {path:12s} one at a time: TTFT p50 "
                       f"{last.ttft_p50_s * 1e3:7.2f} ms", flush=True)
     finally:
         direct.stop()
         exit_code = server.stop()
 
-    grpc_tps, direct_tps = _median(grpc_runs, "tokens_per_s"), _median(direct_runs,
-                                                                       "tokens_per_s")
-    grpc_ttft, direct_ttft = _median(grpc_runs, "ttft_p50_s"), _median(direct_runs, "ttft_p50_s")
-    # The TTFT step time varies by tens of ms; pooling every round's requests (alternating
-    # paths) makes the p50s precise to a few ms.
-    grpc_seq_p50 = statistics.median(t for p in grpc_seq for t in p.ttfts_s)
-    direct_seq_p50 = statistics.median(t for p in direct_seq for t in p.ttfts_s)
+    def pooled_p50(path: str) -> float:
+        # The TTFT step time varies by tens of ms; pooling every round's requests (rotating
+        # paths) makes the p50s precise to a few ms.
+        return float(statistics.median(t for p in alone[path] for t in p.ttfts_s))
+
+    direct_tps, direct_alone = _median(concurrent["direct"], "tokens_per_s"), \
+        pooled_p50("direct")
+    summary = {}
+    for door in doors:
+        tps = _median(concurrent[door], "tokens_per_s")
+        summary[door] = {
+            "tokens_per_s": tps, "ratio_over_direct": tps / direct_tps,
+            "concurrent_ttft_p50_s": _median(concurrent[door], "ttft_p50_s"),
+            "ttft_p50_s": pooled_p50(door),
+            "ttft_overhead_p50_s": pooled_p50(door) - direct_alone}
     return {
         "benchmark": "serve",
         "timestamp": datetime.now(UTC).isoformat(),
         "quick": args.quick,
         "workload": asdict(workload),
-        "rounds": args.rounds,
-        "grpc": [asdict(p) for p in grpc_runs],
-        "direct": [asdict(p) for p in direct_runs],
-        "grpc_tokens_per_s": grpc_tps,
-        "direct_tokens_per_s": direct_tps,
-        "ratio_grpc_over_direct": grpc_tps / direct_tps,
-        "concurrent_grpc_ttft_p50_s": grpc_ttft,
-        "concurrent_direct_ttft_p50_s": direct_ttft,
         "sequential_workload": asdict(one_at_a_time),
-        "sequential_grpc": [asdict(p) for p in grpc_seq],
-        "sequential_direct": [asdict(p) for p in direct_seq],
-        "grpc_ttft_p50_s": grpc_seq_p50,
-        "direct_ttft_p50_s": direct_seq_p50,
-        "ttft_overhead_p50_s": grpc_seq_p50 - direct_seq_p50,
+        "rounds": args.rounds,
+        "doors": summary,
+        "direct": {"tokens_per_s": direct_tps,
+                   "concurrent_ttft_p50_s": _median(concurrent["direct"], "ttft_p50_s"),
+                   "ttft_p50_s": direct_alone},
+        "phases": {p: [asdict(r) for r in runs] for p, runs in concurrent.items()},
+        "sequential_phases": {p: [asdict(r) for r in runs] for p, runs in alone.items()},
         "targets": {"ratio_min": TARGET_RATIO, "ttft_overhead_p50_max_s": TARGET_TTFT_OVERHEAD_S},
         "server_exit_code": exit_code,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -442,30 +470,36 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
         return 0
-    result = asyncio.run(run(args, workload))
-
-    ratio, overhead = result["ratio_grpc_over_direct"], result["ttft_overhead_p50_s"]
+    doors = [d.strip() for d in args.protocol.split(",") if d.strip()]
+    unknown = [d for d in doors if d not in DOORS]
+    if unknown or not doors:
+        print(f"error: --protocol takes {', '.join(DOORS)}; got {args.protocol!r}",
+              file=sys.stderr)
+        return 2
+    result = asyncio.run(run(args, workload, doors))
     print()
-    print("=" * 72)
-    print(f"gRPC      {result['grpc_tokens_per_s']:9.1f} output tok/s   TTFT p50 "
-          f"{result['concurrent_grpc_ttft_p50_s'] * 1e3:7.1f} ms concurrent, "
-          f"{result['grpc_ttft_p50_s'] * 1e3:6.2f} ms one at a time")
-    print(f"direct    {result['direct_tokens_per_s']:9.1f} output tok/s   TTFT p50 "
-          f"{result['concurrent_direct_ttft_p50_s'] * 1e3:7.1f} ms concurrent, "
-          f"{result['direct_ttft_p50_s'] * 1e3:6.2f} ms one at a time")
-    print(f"ratio     {ratio:9.3f}  gRPC / direct (target >= {TARGET_RATIO})  "
-          f"{'OK' if ratio >= TARGET_RATIO else 'BELOW TARGET'}")
-    print(f"TTFT overhead p50 {overhead * 1e3:6.2f} ms, one at a time (target < "
-          f"{TARGET_TTFT_OVERHEAD_S * 1e3:.0f} ms)  "
-          f"{'OK' if overhead < TARGET_TTFT_OVERHEAD_S else 'ABOVE TARGET'}")
+    print("=" * 78)
+    direct = result["direct"]
+    print(f"{'direct':12s} {direct['tokens_per_s']:9.1f} output tok/s   TTFT p50 "
+          f"{direct['concurrent_ttft_p50_s'] * 1e3:7.1f} ms concurrent, "
+          f"{direct['ttft_p50_s'] * 1e3:6.2f} ms one at a time")
+    for door, figures in result["doors"].items():
+        ratio, overhead = figures["ratio_over_direct"], figures["ttft_overhead_p50_s"]
+        print(f"{door:12s} {figures['tokens_per_s']:9.1f} output tok/s   TTFT p50 "
+              f"{figures['concurrent_ttft_p50_s'] * 1e3:7.1f} ms concurrent, "
+              f"{figures['ttft_p50_s'] * 1e3:6.2f} ms one at a time")
+        print(f"{'':12s} ratio {ratio:6.3f} over direct (target >= {TARGET_RATIO}) "
+              f"{'OK' if ratio >= TARGET_RATIO else 'BELOW TARGET'}; TTFT overhead p50 "
+              f"{overhead * 1e3:6.2f} ms (target < {TARGET_TTFT_OVERHEAD_S * 1e3:.0f} ms) "
+              f"{'OK' if overhead < TARGET_TTFT_OVERHEAD_S else 'ABOVE TARGET'}")
     fractions = [p["contention"]["others_fraction_of_machine"]
-                 for p in result["grpc"] + result["direct"]]
+                 for runs in result["phases"].values() for p in runs]
     known = [f for f in fractions if f is not None]
     if known:
-        print(f"others    {max(known):9.1%}  most CPU other processes took during a phase")
+        print(f"others       {max(known):9.1%}  most CPU other processes took during a phase")
     if any(f > 0.1 for f in known):
         print("warning: the CPU was shared with other work; figures are skewed", file=sys.stderr)
-    print("=" * 72)
+    print("=" * 78)
 
     out = args.out or DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)

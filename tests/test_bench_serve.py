@@ -20,21 +20,28 @@ def test_serve_quick_writes_its_figures(tmp_path):
     assert result["quick"] is True
     workload = result["workload"]
     expected_tokens = workload["num_requests"] * workload["max_tokens"]
-    # EOS is ignored: both paths generate exactly the requested tokens.
-    for path in ("grpc", "direct"):
-        (phase,) = result[path]
+    # EOS is ignored: every path generates exactly the requested tokens.
+    assert set(result["phases"]) == {"direct", "grpc", "kserve-http", "openai"}
+    for path, (phase,) in result["phases"].items():
         assert phase["output_tokens"] == expected_tokens, path
         assert phase["tokens_per_s"] > 0 and 0 < phase["ttft_p50_s"] <= phase["latency_p50_s"]
-    assert result["ratio_grpc_over_direct"] == pytest.approx(
-        result["grpc_tokens_per_s"] / result["direct_tokens_per_s"])
-    assert result["ttft_overhead_p50_s"] == pytest.approx(
-        result["grpc_ttft_p50_s"] - result["direct_ttft_p50_s"])
     sequential = result["sequential_workload"]
-    for key in ("sequential_grpc", "sequential_direct"):
-        assert len(result[key]) == 2  # two rounds per --rounds
-        for phase in result[key]:
-            assert phase["output_tokens"] == (sequential["num_requests"]
-                                              * sequential["max_tokens"])
+    for path, phases in result["sequential_phases"].items():
+        assert len(phases) == 2, path  # two rounds per --rounds
+        for phase in phases:
+            assert phase["output_tokens"] == sequential["num_requests"] * sequential["max_tokens"]
             assert len(phase["ttfts_s"]) == sequential["num_requests"]
+    direct = result["direct"]
+    for door, figures in result["doors"].items():
+        assert figures["ratio_over_direct"] == pytest.approx(
+            figures["tokens_per_s"] / direct["tokens_per_s"]), door
+        assert figures["ttft_overhead_p50_s"] == pytest.approx(
+            figures["ttft_p50_s"] - direct["ttft_p50_s"]), door
     assert result["server_exit_code"] == 0  # SIGTERM is a clean shutdown
-    assert "ratio" in run.stdout and "TTFT overhead p50" in run.stdout
+    assert "over direct" in run.stdout and "TTFT overhead p50" in run.stdout
+
+
+def test_an_unknown_door_is_refused():
+    run = subprocess.run([sys.executable, "-m", "pagedserve.bench.serve", "--protocol", "ftp"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--protocol takes grpc, kserve-http, openai" in run.stderr
