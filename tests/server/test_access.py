@@ -234,6 +234,27 @@ def test_unrestricted_groups_stay_open(limited: ServerHandle) -> None:
 
 
 @slow
+def test_http_restricted_api_guards_every_route_of_its_group(limited: ServerHandle) -> None:
+    """model-repository is restricted on HTTP: its routes need the header, others do not."""
+    refusal = json.dumps({"error": "This API is restricted, expecting header 'admin-key'"},
+                         separators=(",", ":"))
+
+    def post(path: str, headers: dict[str, str]) -> tuple[int, str]:
+        request = urllib.request.Request(limited.http_url + path, data=b"{}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    for path in ("/v2/repository/index", f"/v2/repository/models/{MODEL}/unload"):
+        assert post(path, {}) == (403, refusal)
+    status, body = post("/v2/repository/index", {"admin-key": "secret"})
+    assert status == 200 and json.loads(body)[0]["name"] == MODEL
+    assert _http_get(limited, f"/v2/models/{MODEL}/config")[0] == 200  # model-config: open
+
+
+@slow
 def test_message_cap_refuses_100mb_and_admits_10mb(limited: ServerHandle) -> None:
     client = grpcclient.InferenceServerClient(limited.grpc_url)
     try:
