@@ -237,3 +237,19 @@ def test_requests_count_in_triton_and_vllm_metrics(client: openai.OpenAI,
     vllm_key = f'vllm:request_success_total{{engine="1",finished_reason="length",' \
                f'model_name="{MODEL}"}}'
     assert after[vllm_key] - before.get(vllm_key, 0) == 2
+
+
+def test_beam_search_and_best_of_equal_the_offline_ones(client: openai.OpenAI,
+                                                        offline: LLM) -> None:
+    beams = offline.generate([PROMPT], SamplingParams(beam_width=2, n=2, max_tokens=8),
+                             use_tqdm=False)[0].outputs
+    got = client.completions.create(model=MODEL, prompt=PROMPT, n=2, max_tokens=8,
+                                    extra_body={"use_beam_search": True})
+    assert [c.text for c in got.choices] == [b.text for b in beams]
+    samples = offline.generate([PROMPT], SamplingParams(n=3, temperature=0.8, seed=11,
+                                                        max_tokens=8), use_tqdm=False)[0]
+    best = max(samples.outputs, key=lambda s: s.cumulative_logprob or 0.0)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0.8,
+                                    seed=11, extra_body={"best_of": 3})
+    (choice,) = got.choices
+    assert choice.text == best.text

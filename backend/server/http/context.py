@@ -14,7 +14,7 @@ from typing import NoReturn
 import grpc
 from prometheus_client import CollectorRegistry
 
-from pagedserve.repository import ModelRepository
+from pagedserve.repository import ModelRepository, ModelVersion, RepositoryError
 from pagedserve.server.http.errors import HttpError
 from pagedserve.server.http.listener import HttpSettings
 from pagedserve.server.service import InferenceService
@@ -30,6 +30,14 @@ class HttpContext:
     service: InferenceService
     registry: CollectorRegistry
     settings: HttpSettings
+
+
+def model_version(context: HttpContext, name: str, version: str) -> ModelVersion:
+    """The model version a route names, or the lookup's error with Triton's status."""
+    try:
+        return context.repository.get(name, version)
+    except RepositoryError as e:
+        raise HttpError.from_grpc(e.code, e.message) from None
 
 
 def trace_headers(headers: Mapping[str, str]) -> dict[str, str] | None:

@@ -21,8 +21,8 @@ from aiohttp import web
 
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import model_config_pb2 as mc
-from pagedserve.repository import ModelVersion, RepositoryError
-from pagedserve.server.http.context import HttpContext, trace_headers
+from pagedserve.repository import ModelVersion
+from pagedserve.server.http.context import HttpContext, model_version, trace_headers
 from pagedserve.server.http.errors import HttpError, compact
 from pagedserve.server.http.kserve_infer import json_tensor, request_parameters
 from pagedserve.server.inference import Inference, InferError
@@ -136,10 +136,7 @@ class GenerateRoutes:
         if encoding not in ("", "identity"):
             raise HttpError(400, "Unsupported content-encoding, only 'identity' is supported.")
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        try:
-            model = self.context.repository.get(name, version)
-        except RepositoryError as e:
-            raise HttpError.from_grpc(e.code, e.message) from None
+        model = model_version(self.context, name, version)
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else None

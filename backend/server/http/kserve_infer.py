@@ -21,8 +21,7 @@ from aiohttp import web
 
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import model_config_pb2 as mc
-from pagedserve.repository import RepositoryError
-from pagedserve.server.http.context import HttpContext, trace_headers
+from pagedserve.server.http.context import HttpContext, model_version, trace_headers
 from pagedserve.server.http.errors import HttpError, compact
 from pagedserve.server.inference import Inference, InferError
 from pagedserve.server.streaming import SHUTTING_DOWN
@@ -305,10 +304,7 @@ class InferRoute:
         if self.context.state.draining:
             raise HttpError(503, SHUTTING_DOWN)
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        try:
-            model = self.context.repository.get(name, version)
-        except RepositoryError as e:
-            raise HttpError.from_grpc(e.code, e.message) from None
+        model = model_version(self.context, name, version)
         if model.decoupled:
             raise HttpError(501, "HTTP end point doesn't support models with decoupled "
                                  "transaction policy")

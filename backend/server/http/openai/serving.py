@@ -74,6 +74,18 @@ def _engine_error(e: BaseException) -> OpenAIError:
     return OpenAIError(500, str(e) or type(e).__name__)
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What answering one OpenAI request needs."""
+
+    model: ModelVersion
+    params: SamplingParams
+    request_id: str
+    created: int
+    headers: dict[str, str] | None
+    decode: Callable[[int], str]
+
+
 @dataclass
 class _Prompt:
     """One prompt of a request, and what it became."""
@@ -122,11 +134,40 @@ class OpenAIRoutes:
             raise OpenAIError(400, f"{e.error_count()} validation error(s): {param}: "
                                    f"{first['msg']}", param) from None
 
-    @staticmethod
-    def _request_id(request: web.Request, prefix: str) -> str:
+    async def _begin(self, request: web.Request, kind: type[_Request], prefix: str
+                     ) -> tuple[_Request, _Call]:
+        """The request, checked, and what answering it needs."""
+        body = await self._parse(request, kind)
+        model = self._model(body.model)
+        try:
+            params = body.to_sampling_params()
+        except (ValueError, TypeError) as e:
+            raise OpenAIError(400, str(e)) from None
         given = request.headers.get("X-Request-Id", "")
-        return prefix + (given if 0 < len(given) <= MAX_REQUEST_ID_CHARS
-                         else uuid.uuid4().hex)
+        request_id = prefix + (given if 0 < len(given) <= MAX_REQUEST_ID_CHARS
+                               else uuid.uuid4().hex)
+        return body, _Call(model, params, request_id, int(time.time()),
+                           trace_headers(request.headers), token_decoder(model.tokenizer))
+
+    @staticmethod
+    async def _sse(request: web.Request, events: AsyncIterator[bytes]) -> web.StreamResponse:
+        """Streams ``events``, then ``[DONE]``. An error before the first event is an error
+        response; one after it, an ``error`` event."""
+        stream = web.StreamResponse(headers=SSE_HEADERS)
+        try:
+            async for event in events:
+                if not stream.prepared:
+                    await stream.prepare(request)
+                await stream.write(event)
+        except OpenAIError as e:
+            if not stream.prepared:
+                raise
+            await stream.write(_event(e.body()))
+        if not stream.prepared:
+            await stream.prepare(request)
+        await stream.write(_DONE)
+        await stream.write_eof()
+        return stream
 
     async def _run(self, model: ModelVersion, prompt: _Prompt, params: SamplingParams,
                    headers: dict[str, str] | None) -> AsyncIterator[RequestOutput]:
@@ -235,30 +276,23 @@ class OpenAIRoutes:
         return await self._respond(request, lambda: self._completions(request))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._parse(request, CompletionRequest)
-        model = self._model(body.model)
-        try:
-            params = body.to_sampling_params()
-        except (ValueError, TypeError) as e:
-            raise OpenAIError(400, str(e)) from None
+        body, call = await self._begin(request, CompletionRequest, "cmpl-")
+        model = call.model
         prompts = [_Prompt(i, p if isinstance(p, str) else None,
                            None if isinstance(p, str) else p)
                    for i, p in enumerate(body.prompts())]
-        request_id = self._request_id(request, "cmpl-")
-        created = int(time.time())
-        headers = trace_headers(request.headers)
-        decode = token_decoder(model.tokenizer)
         if body.stream:
-            return await self._stream_completions(request, body, model, params, prompts,
-                                                  request_id, created, headers, decode)
-        done = await asyncio.gather(*(self._final(model, p, params, headers) for p in prompts))
+            return await self._sse(request, self._completion_events(body, call, prompts))
+        done = await asyncio.gather(*(self._final(model, p, call.params, call.headers)
+                                      for p in prompts))
         choices = []
         completion_tokens = 0
         for prompt in done:
             out = prompt.output
             assert out is not None
             for i, seq in enumerate(self._best(out, body.n)):
-                text, logprobs, tokens = self._completion_text(body, model, out, seq, decode)
+                text, logprobs, tokens = self._completion_text(body, model, out, seq,
+                                                               call.decode)
                 completion_tokens += tokens
                 choices.append(responses.completion_choice(
                     prompt.index * body.n + i, text, logprobs, seq.finish_reason,
@@ -267,7 +301,7 @@ class OpenAIRoutes:
         usage = responses.usage(sum(len(o.prompt_token_ids) for o in outs if o),
                                 completion_tokens, self._cached(outs))
         return web.Response(body=compact(responses.envelope(
-            request_id, "text_completion", created, model.name, choices, usage)),
+            call.request_id, "text_completion", call.created, model.name, choices, usage)),
             content_type="application/json")
 
     @staticmethod
@@ -295,68 +329,51 @@ class OpenAIRoutes:
                                                      decode)
         return text, logprobs, 0 if scoring else len(seq.token_ids)
 
-    async def _stream_completions(self, request: web.Request, body: CompletionRequest,
-                                  model: ModelVersion, params: SamplingParams,
-                                  prompts: list[_Prompt], request_id: str, created: int,
-                                  headers: dict[str, str] | None, decode: Any
-                                  ) -> web.StreamResponse:
-        stream = web.StreamResponse(headers=SSE_HEADERS)
-        started = False
+    async def _completion_events(self, body: CompletionRequest, call: _Call,
+                                 prompts: list[_Prompt]) -> AsyncIterator[bytes]:
+        model = call.model
         offsets: dict[int, int] = {}
         generated: dict[int, int] = {}
         options = body.stream_options
-        try:
-            async for prompt, out in self._merged(model, prompts, params, headers):
-                if not started:
-                    await stream.prepare(request)
-                    started = True
-                for seq, delta, delta_ids in zip(out.outputs, out.delta_texts,
-                                                 out.delta_token_ids):
-                    index = prompt.index * body.n + seq.index
-                    first = index not in offsets
-                    if not delta_ids and not delta and not seq.finished and not first:
-                        continue
-                    text, ids = delta, list(delta_ids)
-                    positions: list[TokenLogprobs | None] = (
-                        list(seq.logprobs[len(seq.logprobs) - len(delta_ids):])
-                        if seq.logprobs is not None and delta_ids else [None] * len(ids))
-                    if first and body.echo:
-                        text = self._prompt_text(model, out) + text
-                        ids = list(out.prompt_token_ids) + ids
-                        prompt_positions: list[TokenLogprobs | None] = [
-                            None] * len(out.prompt_token_ids)
-                        positions = prompt_positions + positions
-                    generated[index] = generated.get(index, 0) + len(delta_ids)
-                    logprobs = None
-                    if body.logprobs is not None:
-                        logprobs = responses.completion_logprobs(
-                            ids, positions, body.logprobs, decode, offsets.get(index, 0))
-                        offsets[index] = (logprobs["text_offset"][-1]
-                                          + len(logprobs["tokens"][-1])) if ids \
-                            else offsets.get(index, 0)
-                    else:
-                        offsets[index] = offsets.get(index, 0)
-                    chunk = responses.envelope(request_id, "text_completion", created,
-                                               model.name, [responses.completion_choice(
-                                                   index, text, logprobs, seq.finish_reason,
-                                                   seq.stop_reason)])
-                    if options is not None and options.continuous_usage_stats:
-                        chunk["usage"] = responses.usage(len(out.prompt_token_ids),
-                                                         generated[index], None)
-                    await stream.write(_event(chunk))
-            if options is not None and options.include_usage:
-                outs = [p.output for p in prompts]
-                await stream.write(_event(responses.envelope(
-                    request_id, "text_completion", created, model.name, [],
-                    responses.usage(sum(len(o.prompt_token_ids) for o in outs if o),
-                                    sum(generated.values()), self._cached(outs)))))
-        except OpenAIError as e:
-            if not started:
-                raise
-            await stream.write(_event(e.body()))
-        await stream.write(_DONE)
-        await stream.write_eof()
-        return stream
+        async for prompt, out in self._merged(model, prompts, call.params, call.headers):
+            for seq, delta, delta_ids in zip(out.outputs, out.delta_texts, out.delta_token_ids):
+                index = prompt.index * body.n + seq.index
+                first = index not in offsets
+                if not delta_ids and not delta and not seq.finished and not first:
+                    continue
+                text, ids = delta, list(delta_ids)
+                positions: list[TokenLogprobs | None] = (
+                    list(seq.logprobs[len(seq.logprobs) - len(delta_ids):])
+                    if seq.logprobs is not None and delta_ids else [None] * len(ids))
+                if first and body.echo:
+                    text = self._prompt_text(model, out) + text
+                    ids = list(out.prompt_token_ids) + ids
+                    prompt_positions: list[TokenLogprobs | None] = [
+                        None] * len(out.prompt_token_ids)
+                    positions = prompt_positions + positions
+                generated[index] = generated.get(index, 0) + len(delta_ids)
+                logprobs = None
+                offset = offsets.get(index, 0)
+                if body.logprobs is not None:
+                    logprobs = responses.completion_logprobs(ids, positions, body.logprobs,
+                                                             call.decode, offset)
+                    if ids:
+                        offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                offsets[index] = offset
+                chunk = responses.envelope(call.request_id, "text_completion", call.created,
+                                           model.name, [responses.completion_choice(
+                                               index, text, logprobs, seq.finish_reason,
+                                               seq.stop_reason)])
+                if options is not None and options.continuous_usage_stats:
+                    chunk["usage"] = responses.usage(len(out.prompt_token_ids),
+                                                     generated[index], None)
+                yield _event(chunk)
+        if options is not None and options.include_usage:
+            outs = [p.output for p in prompts]
+            yield _event(responses.envelope(
+                call.request_id, "text_completion", call.created, model.name, [],
+                responses.usage(sum(len(o.prompt_token_ids) for o in outs if o),
+                                sum(generated.values()), self._cached(outs))))
 
     # ---- /v1/chat/completions --------------------------------------------------------------
 
@@ -364,12 +381,8 @@ class OpenAIRoutes:
         return await self._respond(request, lambda: self._chat(request))
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._parse(request, ChatCompletionRequest)
-        model = self._model(body.model)
-        try:
-            params = body.to_sampling_params()
-        except (ValueError, TypeError) as e:
-            raise OpenAIError(400, str(e)) from None
+        body, call = await self._begin(request, ChatCompletionRequest, "chatcmpl-")
+        model = call.model
         try:
             text = model.tokenizer.apply_chat_template(
                 body.conversation(), tokenize=False,
@@ -382,18 +395,13 @@ class OpenAIRoutes:
         except Exception as e:  # the template's own error, about this conversation
             raise OpenAIError(400, f"chat template: {e}", "messages") from None
         prompt = _Prompt(0, str(text), None)
-        request_id = self._request_id(request, "chatcmpl-")
-        created = int(time.time())
-        headers = trace_headers(request.headers)
-        decode = token_decoder(model.tokenizer)
         top = (body.top_logprobs or 0) if body.logprobs else None
         echo = ""
         if body.echo and body.messages[-1].role == "assistant":
             echo = body.messages[-1].text() or ""
         if body.stream:
-            return await self._stream_chat(request, body, model, params, prompt, request_id,
-                                           created, headers, decode, top, echo)
-        await self._final(model, prompt, params, headers)
+            return await self._sse(request, self._chat_events(body, call, prompt, top, echo))
+        await self._final(model, prompt, call.params, call.headers)
         out = prompt.output
         assert out is not None
         choices = []
@@ -403,68 +411,54 @@ class OpenAIRoutes:
             logprobs = None
             if top is not None:
                 logprobs = responses.chat_logprobs(seq.token_ids, seq.logprobs or [], top,
-                                                   decode)
+                                                   call.decode)
             choices.append(responses.chat_choice(i, echo + seq.text, logprobs,
                                                  seq.finish_reason, seq.stop_reason))
         usage = responses.usage(len(out.prompt_token_ids), completion_tokens,
                                 out.num_cached_tokens)
         return web.Response(body=compact(responses.envelope(
-            request_id, "chat.completion", created, model.name, choices, usage)),
+            call.request_id, "chat.completion", call.created, model.name, choices, usage)),
             content_type="application/json")
 
-    async def _stream_chat(self, request: web.Request, body: ChatCompletionRequest,
-                           model: ModelVersion, params: SamplingParams, prompt: _Prompt,
-                           request_id: str, created: int, headers: dict[str, str] | None,
-                           decode: Any, top: int | None, echo: str) -> web.StreamResponse:
-        stream = web.StreamResponse(headers=SSE_HEADERS)
-        started = False
+    async def _chat_events(self, body: ChatCompletionRequest, call: _Call, prompt: _Prompt,
+                           top: int | None, echo: str) -> AsyncIterator[bytes]:
         generated: dict[int, int] = {}
         options = body.stream_options
+        prompt_tokens = 0
 
         def chunk(choice: dict[str, Any], tokens: int) -> bytes:
-            value = responses.envelope(request_id, "chat.completion.chunk", created,
-                                       model.name, [choice])
+            value = responses.envelope(call.request_id, "chat.completion.chunk", call.created,
+                                       call.model.name, [choice])
             if options is not None and options.continuous_usage_stats:
-                value["usage"] = responses.usage(len(out.prompt_token_ids), tokens, None)
+                value["usage"] = responses.usage(prompt_tokens, tokens, None)
             return _event(value)
 
-        try:
-            async for _, out in self._merged(model, [prompt], params, headers):
-                if not started:
-                    await stream.prepare(request)
-                    started = True
-                for seq, delta, delta_ids in zip(out.outputs, out.delta_texts,
-                                                 out.delta_token_ids):
-                    index = seq.index
-                    if index not in generated:
-                        generated[index] = 0
-                        await stream.write(chunk(responses.chat_delta(
-                            index, {"role": "assistant", "content": ""}, None, None), 0))
-                        if echo:
-                            await stream.write(chunk(responses.chat_delta(
-                                index, {"content": echo}, None, None), 0))
-                    if not delta and not delta_ids and not seq.finished:
-                        continue
-                    generated[index] += len(delta_ids)
-                    logprobs = None
-                    if top is not None and delta_ids and seq.logprobs is not None:
-                        logprobs = responses.chat_logprobs(
-                            delta_ids, seq.logprobs[len(seq.logprobs) - len(delta_ids):], top,
-                            decode)
-                    await stream.write(chunk(responses.chat_delta(
-                        index, {"content": delta}, logprobs, seq.finish_reason,
-                        seq.stop_reason), generated[index]))
-            if options is not None and options.include_usage:
-                final = prompt.output
-                assert final is not None
-                await stream.write(_event(responses.envelope(
-                    request_id, "chat.completion.chunk", created, model.name, [],
-                    responses.usage(len(final.prompt_token_ids), sum(generated.values()),
-                                    final.num_cached_tokens))))
-        except OpenAIError as e:
-            if not started:
-                raise
-            await stream.write(_event(e.body()))
-        await stream.write(_DONE)
-        await stream.write_eof()
-        return stream
+        async for _, out in self._merged(call.model, [prompt], call.params, call.headers):
+            prompt_tokens = len(out.prompt_token_ids)
+            for seq, delta, delta_ids in zip(out.outputs, out.delta_texts, out.delta_token_ids):
+                index = seq.index
+                if index not in generated:
+                    generated[index] = 0
+                    yield chunk(responses.chat_delta(
+                        index, {"role": "assistant", "content": ""}, None, None), 0)
+                    if echo:
+                        yield chunk(responses.chat_delta(index, {"content": echo}, None, None),
+                                    0)
+                if not delta and not delta_ids and not seq.finished:
+                    continue
+                generated[index] += len(delta_ids)
+                logprobs = None
+                if top is not None and delta_ids and seq.logprobs is not None:
+                    logprobs = responses.chat_logprobs(
+                        delta_ids, seq.logprobs[len(seq.logprobs) - len(delta_ids):], top,
+                        call.decode)
+                yield chunk(responses.chat_delta(index, {"content": delta}, logprobs,
+                                                 seq.finish_reason, seq.stop_reason),
+                            generated[index])
+        if options is not None and options.include_usage:
+            final = prompt.output
+            assert final is not None
+            yield _event(responses.envelope(
+                call.request_id, "chat.completion.chunk", call.created, call.model.name, [],
+                responses.usage(len(final.prompt_token_ids), sum(generated.values()),
+                                final.num_cached_tokens)))
