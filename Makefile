@@ -37,13 +37,18 @@ setup-dev: $(VENV)/.setup-dev
 generate: setup
 	$(BIN)/python -m pagedserve generate --chat "$(PROMPT)"
 
+# The suite runs in worker processes (one per core, at most 4), each file on one worker, with one
+# torch thread each: its work is many small models and server processes, which gain little
+# from a second thread and much from running side by side (docs/benchmarks.md, "Test suite").
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest -q --durations=40
+	$(PYTEST) --durations=40
 
 # The same without the tests marked slow (end-to-end servers, images, wheels), for the edit-test
 # loop; CI runs `make test`.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow" --durations=20
+	$(PYTEST) -m "not slow" --durations=20
 
 # mypy cannot see through the editable install's import hook, so it reads `pagedserve` from a
 # tree of links laid out as the installed package (build/ is ignored).
