@@ -43,7 +43,7 @@ _FLOAT: dict[gguf.GGMLQuantizationType, type[np.floating]] = {_Q.F32: np.float32
                                                               _Q.F16: np.float16}
 
 
-def _tensor_index(gguf_file: Path, index_file: Path) -> dict:
+def tensor_index(gguf_file: Path, index_file: Path) -> dict:
     """The file's architecture and, per tensor, its type, shape (rows first) and place."""
     if index_file.is_file():
         return json.loads(index_file.read_text(encoding="utf-8"))
@@ -100,7 +100,7 @@ def read_gguf_weights(gguf_file: Path, names: list[str], config: PretrainedConfi
                       index_file: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``gguf_file`` that ``names`` (``transformers``' names) stand for, as the
     module's docstring lays them out; ``index_file`` caches the file's tensor index."""
-    index = _tensor_index(gguf_file, index_file)
+    index = tensor_index(gguf_file, index_file)
     arch = index["architecture"]
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in by_name:

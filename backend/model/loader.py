@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,9 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from pagedserve.model.gguf_weights import INDEX_NAME, read_gguf_weights
+from pagedserve.model.conversion_cache import content_digest, is_intact, write_manifest
+from pagedserve.model.gguf_weights import INDEX_NAME, read_gguf_weights, tensor_index
 from pagedserve.model.projections import GGUF
 from pagedserve.model.registry import UnsupportedModelError, find_family, supported
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,31 +93,17 @@ def resolve_model_dir(model: str | None) -> str:
         f"model {str(source)!r} is neither a Hugging Face directory nor a .gguf file")
 
 
-# Bytes of a GGUF file read to recognise it: its header and tensor index, its end, and samples
-# in between. Reading a multi-gigabyte file whole at every start would cost seconds.
-_FINGERPRINT_EDGE = 1 << 20
-_FINGERPRINT_SAMPLES = 16
-_FINGERPRINT_SAMPLE = 1 << 16
-
-
-def gguf_fingerprint(gguf: Path) -> str:
-    """A digest of a GGUF file's size and content, not of its path or time stamps, so the same
-    file installed again (a new venv, a reinstalled package) finds its earlier conversion."""
-    size = gguf.stat().st_size
-    digest = hashlib.sha256(f"{size}|{transformers.__version__}".encode())
-    offsets = [0, max(0, size - _FINGERPRINT_EDGE)]
-    offsets += [size * (i + 1) // (_FINGERPRINT_SAMPLES + 1) for i in range(_FINGERPRINT_SAMPLES)]
-    with open(gguf, "rb") as f:
-        for i, offset in enumerate(offsets):
-            f.seek(offset)
-            digest.update(f.read(_FINGERPRINT_EDGE if i < 2 else _FINGERPRINT_SAMPLE))
-    return digest.hexdigest()[:16]
-
-
 def _converted_gguf(gguf: Path) -> Path:
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
-    if (target / "config.json").is_file():
-        return target
+    cache = cache_dir() / "gguf"
+    digest = content_digest(gguf, cache)
+    key = hashlib.sha256(f"{digest}|{transformers.__version__}".encode()).hexdigest()[:16]
+    target = cache / f"{gguf.stem}-{key}"
+    if target.is_dir():
+        if is_intact(target, digest):
+            return target
+        log.warning("the conversion of %s in %s does not match it any more: converting again",
+                    gguf.name, target)
+        shutil.rmtree(target, ignore_errors=True)
     from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,10 +132,13 @@ def _converted_gguf(gguf: Path) -> Path:
             state.pop("lm_head.weight", None)
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
         tokenizer.save_pretrained(staging)
+        tensor_index(gguf, staging / INDEX_NAME)  # for quantization="gguf", in the manifest too
+        write_manifest(staging, digest)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+            # Lost a race: taken only if the winner's conversion is whole.
+            if not is_intact(target, digest):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
