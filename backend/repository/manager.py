@@ -28,7 +28,7 @@ from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.stats import EngineObserver
 from pagedserve.protocol import model_config_pb2 as mc
 from pagedserve.repository.engine_args import check_kv_cache_total, engine_config
-from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.errors import RepositoryError, hide_paths
 from pagedserve.repository.model_config import load_config
 from pagedserve.repository.names import model_folder, model_names, shown
 from pagedserve.repository.paths import redact
@@ -211,7 +211,7 @@ class ModelRepository:
                             await asyncio.to_thread(done.model.engine.shutdown)
                     log.error("failed to load '%s' version %d: %s", name, version, e)
                     message = (f"failed to load '{name}' version {version}: "
-                               f"{redact(str(e), self.root)}")
+                               f"{hide_paths(redact(str(e), self.root))}")
                     if old is None or old.model is None:
                         state.versions[version] = _VersionState("UNAVAILABLE", message)
                     raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT, message) from e

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import queue
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from pagedserve.model.loader import LoadedModel
 from pagedserve.model.runner import kv_cache_limit_bytes
 from pagedserve.repository import ModelRepository, RepositoryError
 from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.errors import MAX_MESSAGE_CHARS, bounded, hide_paths
 from pagedserve.repository.model_config import load_config
 from pagedserve.repository.names import MAX_NAME_BYTES, SHOWN_CHARS, model_names, shown
 from tests.server.conftest import (
@@ -284,6 +286,35 @@ def test_file_errors_name_files_relative_to_the_model(layout: Layout) -> None:
     assert config_error.message.startswith("failed to parse config.pbtxt: ")
     assert json_error.message.startswith("failed to parse 1/model.json: ")
     assert str(layout.tmp) not in config_error.message + json_error.message
+
+
+def test_a_garbage_config_gets_a_short_parse_error(layout: Layout) -> None:
+    """15 KB of garbage on one line: the error quotes an excerpt, short enough for gRPC's
+    metadata, not the file."""
+    _model(layout.repo, "garbage", [1], config="name: " + "\u00e9&" * 7500)
+    error = _load_error(ModelRepository(layout.repo, "explicit", engine_factory=_Recorder()),
+                        "garbage")
+    assert error.message.startswith("failed to parse config.pbtxt: ")
+    assert len(error.message) <= MAX_MESSAGE_CHARS
+    assert len(str(error)) > MAX_MESSAGE_CHARS  # the whole text stays for the server's log
+
+
+def test_loader_messages_name_no_server_path() -> None:
+    text = "model '/home/op/models/x.gguf' is neither a Hugging Face directory nor a .gguf file"
+    assert hide_paths(text) == \
+        "model '<path>' is neither a Hugging Face directory nor a .gguf file"
+    assert hide_paths("version 1/2 of 'm'") == "version 1/2 of 'm'"
+    assert bounded("x" * 5000).endswith("(4016 characters more)")
+
+
+def test_an_absolute_model_path_that_fails_is_not_echoed(layout: Layout) -> None:
+    """The operator's absolute path in model.json, which the loader's error names."""
+    missing = layout.tmp / "nowhere" / "model.gguf"
+    _model(layout.repo, "lost", [1], model_json={"model": str(missing)})
+    repo = ModelRepository(layout.repo, "explicit")  # the real engine factory: its loader fails
+    error = _load_error(repo, "lost")
+    assert error.message.startswith("failed to load 'lost' version 1: ")
+    assert str(layout.tmp) not in error.message and "<path>" in error.message
 
 
 # ---- model paths ---------------------------------------------------------------------------
@@ -564,3 +595,21 @@ def test_server_refuses_a_terabyte_kv_cache_and_keeps_serving(
     result, error = got.get(timeout=120)
     client.stop_stream()
     assert error is None and is_final(result) and text_of(result)
+
+
+@pytest.mark.slow
+def test_server_answers_a_garbage_config_with_its_parse_error(
+        client: grpcclient.InferenceServerClient, hostile_repo: Layout) -> None:
+    """Its error fits gRPC's metadata: INVALID_ARGUMENT naming the parse failure, not
+    RESOURCE_EXHAUSTED for an error too long to send."""
+    folder = _model(hostile_repo.repo, "garbage", [1], config="name: " + "\u00e9&" * 7500,
+                    model_json=SERVER_MODEL_JSON)
+    try:
+        status, message = _error(client.load_model, "garbage")
+        assert status == "StatusCode.INVALID_ARGUMENT"
+        prefix = "load failed for model 'garbage': "  # the service's, as Triton words it
+        assert message.startswith(prefix + "failed to parse config.pbtxt")
+        assert len(message) <= len(prefix) + MAX_MESSAGE_CHARS
+        assert client.is_server_live() and client.is_model_ready("tiny")
+    finally:
+        shutil.rmtree(folder)
