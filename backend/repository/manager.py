@@ -16,6 +16,7 @@ import asyncio
 import copy
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,10 @@ class ModelRepository:
         self._factory = engine_factory
         self._observers = observer_factory
         self._models: dict[str, _ModelState] = {}
+        # Engines being built right now, each on a thread that cannot be interrupted; counted
+        # on that thread, since the request that began a load may be cancelled before it ends.
+        self._building = 0
+        self._building_lock = threading.Lock()
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -203,7 +208,7 @@ class ModelRepository:
                     state.versions[version] = _VersionState("LOADING")
                 try:
                     observers = (self._observers(name, version) if self._observers else ())
-                    engine, tokenizer = await asyncio.to_thread(self._factory, settings[version],
+                    engine, tokenizer = await asyncio.to_thread(self._build, settings[version],
                                                                 observers)
                 except Exception as e:
                     for done in loaded.values():  # all or nothing: keep the old set serving
@@ -225,6 +230,22 @@ class ModelRepository:
             for old_state in previous.values():
                 if old_state.model is not None:
                     await asyncio.to_thread(old_state.model.engine.shutdown)
+
+    def _build(self, settings: EngineConfig,
+               observers: Sequence[EngineObserver]) -> tuple[AsyncEngine, Any]:
+        with self._building_lock:
+            self._building += 1
+        try:
+            return self._factory(settings, observers)
+        finally:
+            with self._building_lock:
+                self._building -= 1
+
+    @property
+    def loads_in_progress(self) -> int:
+        """Engines whose construction has begun and not yet ended, on their threads."""
+        with self._building_lock:
+            return self._building
 
     @staticmethod
     async def _drop_failed(state: _ModelState) -> None:

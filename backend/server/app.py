@@ -144,7 +144,20 @@ async def serve(options: ServeOptions) -> int:
 
     log.info("%s %s: model repository %s, control mode %s", SERVER_NAME, SERVER_VERSION,
              options.model_repository, options.model_control_mode)
-    await repository.start()
+    # The signal is heard from here on: a model still loading when it comes is abandoned (its
+    # thread cannot be interrupted), and the exit is as prompt as after a load.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(repository.start())
+    await asyncio.wait([starting, asyncio.create_task(stop.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.warning("Signal received while loading models: abandoning the loads")
+        await server.stop(0)
+        _exit_now(0)
+    starting.result()  # a failure to start is raised here
     rows = [(n, v or "-", s or "UNLOADED", r) for n, v, s, r in repository.index()]
     log.info("\n%s", _table(rows, ("Model", "Version", "Status", "Reason")) if rows else
              "no models in the repository")
@@ -164,10 +177,6 @@ async def serve(options: ServeOptions) -> int:
         log.info("Started %s at %s:%d%s", kind, options.host, listener.port,
                  _tls_note(options.http_tls))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     poller = None
     if options.model_control_mode == "poll":
         poller = asyncio.create_task(_poll(repository, options.poll_secs))
@@ -210,6 +219,12 @@ async def serve(options: ServeOptions) -> int:
     except TimeoutError:
         log.error("Shutdown took over %.0f s after the grace period: exiting without waiting "
                   "for the engines to stop", STOP_SECONDS)
+        _exit_now(0)
+    if repository.loads_in_progress:
+        # A load still running on its thread (a model that never finishes loading): the
+        # interpreter would wait for it at exit, for as long as it takes.
+        log.warning("Server stopped; abandoning %d loads in progress",
+                    repository.loads_in_progress)
         _exit_now(0)
     log.info("Server stopped")
     return 0

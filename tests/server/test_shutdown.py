@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -256,5 +257,60 @@ def test_exit_is_bounded_when_the_engines_do_not_stop() -> None:
         log = server.log()
         assert f"Shutdown took over {STOP_SECONDS:.0f} s after the grace period" in log, log
         assert "Server stopped" not in log
+    finally:
+        server.stop()
+
+
+# Engines that never finish loading: the load's thread sleeps for good.
+_SLOW_LOAD_SERVER = """
+import sys, time
+from pagedserve.engine import core
+
+def never(self, *args, **kwargs):
+    time.sleep(3600)
+
+core.EngineCore.__init__ = never
+from pagedserve.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_the_startup_load_runs_exits_at_once(tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    command = [sys.executable, "-c", _SLOW_LOAD_SERVER, "serve", "--model-repository",
+               str(DEFAULT_REPOSITORY), "--host", "127.0.0.1", "--grpc-port", str(free_port()),
+               "--http-port", "0", "--metrics-port", "0"]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait(lambda: "loading: smollm2:1" in log_path.read_text(), 180, "the load has begun")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(MARGIN) == 0
+        assert "abandoning the loads" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _load_ignoring_the_outcome(client: grpcclient.InferenceServerClient) -> None:
+    with contextlib.suppress(InferenceServerException):
+        client.load_model(MODEL)
+
+
+def test_sigterm_while_a_requested_load_runs_exits_within_its_bound() -> None:
+    grace = 1
+    server = start_server(DEFAULT_REPOSITORY, "--model-control-mode", "explicit",
+                          "--grace-period", str(grace), code=_SLOW_LOAD_SERVER)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    loading = threading.Thread(target=_load_ignoring_the_outcome, args=(client,), daemon=True)
+    try:
+        loading.start()
+        _wait(lambda: f"loading: {MODEL}:1" in server.log(), 120, "the load has begun")
+        server.process.send_signal(signal.SIGTERM)
+        # The load request is unary: it holds the exit for the grace period, no longer.
+        assert server.process.wait(grace + CUT_WRITE_SECONDS + STOP_SECONDS + MARGIN) == 0
+        assert "abandoning 1 loads in progress" in server.log()
     finally:
         server.stop()
