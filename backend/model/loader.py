@@ -4,6 +4,8 @@ Sources: the embedded SmolLM2 GGUF (default), a local Hugging Face directory (``
 safetensors, sharded or not), or a local ``.gguf`` file. Nothing is ever fetched from a network,
 and no model's own code is ever run (``trust_remote_code`` stays off): the architecture must be
 one of :mod:`pagedserve.model.registry`'s families, else ``UnsupportedModelError`` names it.
+Every file's stated sizes are checked before they are believed
+(:mod:`pagedserve.model.file_checks`).
 
 Parsing a GGUF file in Python takes ~20 s, so the first load of a GGUF converts it once into a
 Hugging Face directory under the cache folder (dequantized fp32 weights, tokenizer, config) and
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -31,6 +32,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from pagedserve.model.conversion_cache import content_digest, is_intact, write_manifest
+from pagedserve.model.file_checks.gguf_header import check_gguf
+from pagedserve.model.file_checks.hf_directory import check_weights, read_config
 from pagedserve.model.gguf_weights import INDEX_NAME, read_gguf_weights, tensor_index
 from pagedserve.model.projections import GGUF
 from pagedserve.model.registry import UnsupportedModelError, find_family, supported
@@ -104,6 +107,7 @@ def _converted_gguf(gguf: Path) -> Path:
         log.warning("the conversion of %s in %s does not match it any more: converting again",
                     gguf.name, target)
         shutil.rmtree(target, ignore_errors=True)
+    check_gguf(gguf)  # before transformers believes its sizes
     from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,17 +149,10 @@ def _converted_gguf(gguf: Path) -> Path:
     return target
 
 
-def _read_weights(model_dir: Path, device: str, dtype: torch.dtype | None
+def _read_weights(model_dir: Path, files: list[str], device: str, dtype: torch.dtype | None
                   ) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors files, read onto ``device`` and cast to ``dtype`` one
+    """Every tensor of the safetensors ``files``, read onto ``device`` and cast to ``dtype`` one
     at a time, so a GPU never holds the file's dtype and the engine's side by side."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(model_dir / name), framework="pt", device=device) as f:
@@ -179,17 +176,19 @@ def load_model(model: str | None = None, device: str = "cpu",
         raise ValueError(f"quantization='gguf' takes the quantized tensors of a .gguf file; "
                          f"model {str(_source(model))!r} is not one")
     model_dir = Path(resolve_model_dir(model))
+    # The files are believed only once their sizes agree (pagedserve.model.file_checks).
+    raw = read_config(model_dir)
     # Checked on the raw file first: a model that would need trust_remote_code is refused by
     # its architecture's name, not by transformers' remote-code error.
-    raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     find_family(raw.get("architectures"), raw.get("model_type"))
+    files = check_weights(model_dir, raw)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not weights:
         return LoadedModel(str(model_dir), config, tokenizer, {})
     if quantization != GGUF:
         return LoadedModel(str(model_dir), config, tokenizer,
-                           _read_weights(model_dir, device, dtype))
+                           _read_weights(model_dir, files, device, dtype))
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())
     return LoadedModel(str(model_dir), config, tokenizer,
