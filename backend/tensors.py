@@ -138,6 +138,18 @@ def _json_int(text: str) -> int | OversizedInteger:
     return int(text) if len(text) <= 40 else OversizedInteger(len(text))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refused if a key repeats: ``json`` would keep the last value
+    silently, where another parser keeps the first, so the client's intent is unknowable."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise TensorError(f"input 'sampling_parameters' holds the key '{key[:64]}' more "
+                              "than once")
+        values[key] = value
+    return values
+
+
 def _sampling_values(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, Any]:
     raw = _scalar(inputs, "sampling_parameters")
     if raw is None:
@@ -145,7 +157,9 @@ def _sampling_values(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) 
                 if k not in RESERVED_PARAMETERS and not k.startswith("triton_")}
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        values = json.loads(text, parse_int=_json_int)
+        values = json.loads(text, parse_int=_json_int, object_pairs_hook=_unique_keys)
+    except TensorError:  # a repeated key: a ValueError too, but not a JSON syntax error
+        raise
     except RecursionError:
         raise TensorError("input 'sampling_parameters' is nested too deeply") from None
     except ValueError as e:  # bad JSON or UTF-8, or an integer of more digits than Python parses

@@ -3,6 +3,8 @@
 The defaults mirror the ``auto_complete_config`` of Triton's vLLM backend (decoupled,
 ``max_batch_size: 0``, its input and output tensors) plus pagedserve's token-id tensors, so a
 repository written for that backend loads unchanged and a bare ``backend: "vllm"`` config works.
+A config that names a tensor twice, or gives the prompt or sampling JSON a type other than a
+string, fails its load with a message naming the tensor.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ VLLM_OUTPUTS: list[tuple[str, int, list[int]]] = [
     ("num_output_tokens", mc.TYPE_UINT32, [-1]),
     ("output_ids", mc.TYPE_INT64, [-1]),  # pagedserve: the generated token ids
 ]
+
+# Inputs the engine reads as one type only (the others it reads by truthiness, as the vLLM
+# backend does): a prompt or sampling JSON of another type could never be served.
+_INPUT_TYPES: dict[str, tuple[int, ...]] = {
+    "text_input": (mc.TYPE_STRING,),
+    "sampling_parameters": (mc.TYPE_STRING,),
+    "input_ids": (mc.TYPE_INT32, mc.TYPE_INT64),
+}
 
 
 def parse_config(text: str, source: str = "config.pbtxt") -> mc.ModelConfig:
@@ -103,6 +113,7 @@ def complete_config(config: mc.ModelConfig, name: str) -> mc.ModelConfig:
         raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"model '{name}': max_batch_size must be 0 (the engine batches "
                               "continuously on its own)")
+    check_tensors(config, name)
     if not config.HasField("model_transaction_policy"):
         config.model_transaction_policy.decoupled = True
     have_inputs = {i.name for i in config.input}
@@ -118,3 +129,41 @@ def complete_config(config: mc.ModelConfig, name: str) -> mc.ModelConfig:
     if not config.HasField("version_policy"):
         config.version_policy.latest.num_versions = 1
     return config
+
+
+def _invalid(message: str) -> RepositoryError:
+    return RepositoryError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_unique(kind: str, names: list[str], model: str) -> None:
+    """Triton keeps only the first of two tensors of one name; which one a client meets would
+    depend on where it looks (metadata lists both), so the load fails instead."""
+    seen: set[str] = set()
+    for tensor in names:
+        if tensor in seen:
+            raise _invalid(f"{kind} '{shown(tensor)}' for model '{model}' is declared more than "
+                           "once in its configuration")
+        seen.add(tensor)
+
+
+def check_tensors(config: mc.ModelConfig, name: str) -> None:
+    """Refuses tensors the engine could not serve: a name declared twice, or one of the
+    backend's inputs with a type it cannot read (worded as Triton's Python backend words a
+    config that contradicts a model's own tensor)."""
+    _check_unique("input", [i.name for i in config.input], name)
+    _check_unique("output", [o.name for o in config.output], name)
+    for tensor in config.input:
+        allowed = _INPUT_TYPES.get(tensor.name)
+        if allowed is not None and tensor.data_type not in allowed:
+            provides = " or ".join(_type_name(t) for t in allowed)
+            raise _invalid(f"unable to load model '{name}', configuration expects datatype "
+                           f"{_type_name(tensor.data_type)} for input '{tensor.name}', "
+                           f"model provides {provides}")
+
+
+def _type_name(value: int) -> str:
+    """A DataType's name; a number outside the enum (proto3 keeps those) as the number."""
+    try:
+        return mc.DataType.Name(value)
+    except ValueError:
+        return str(value)

@@ -1,7 +1,9 @@
 """KServe v2 protobuf messages ↔ numpy arrays, validated against the model's config.
 
 Input checks and their messages follow Triton's (``infer_request.cc``): unexpected inputs, wrong
-datatype, wrong shape, missing required inputs, byte-size mismatches. BYTES elements travel as a
+datatype, wrong shape, missing required inputs, byte-size mismatches; and its gRPC frontend's
+(``grpc/infer_handler.cc``): typed ``contents`` beside ``raw_input_contents``. Requested outputs
+are checked as its core does: each named once, each one the model has. BYTES elements travel as a
 4-byte little-endian length followed by the bytes; responses always carry one
 ``raw_output_contents`` entry per output, aligned with ``outputs`` (perf_analyzer's C++ client
 indexes them unconditionally).
@@ -16,6 +18,7 @@ import numpy as np
 
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import model_config_pb2 as mc
+from pagedserve.repository.names import shown
 from pagedserve.tensors import TensorError
 
 # ModelConfig DataType -> protocol datatype string.
@@ -88,18 +91,51 @@ def _shape_matches(shape: list[int], dims: list[int]) -> bool:
     return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
 
 
+def check_data_sources(request: pb.ModelInferRequest) -> None:
+    """Refuses typed ``contents`` on an input of a request that uses ``raw_input_contents``:
+    which bytes belong to which input would be ambiguous, so Triton's gRPC frontend refuses
+    it (without the request id prefix, as it does) rather than pick one."""
+    if not request.raw_input_contents:
+        return
+    for tensor in request.inputs:
+        if tensor.HasField("contents"):
+            raise TensorError("contents field must not be specified when using "
+                              f"raw_input_contents for '{shown(tensor.name)}' for model "
+                              f"'{request.model_name}'")
+
+
+def check_requested_outputs(request: pb.ModelInferRequest, config: mc.ModelConfig) -> None:
+    """Refuses an output named twice, or one the model does not have, in Triton's words: it
+    would otherwise be silently left out of every response."""
+    seen: set[str] = set()
+    for output in request.outputs:
+        if output.name in seen:
+            raise TensorError(f"{log_prefix(request.id)}output '{shown(output.name)}' already "
+                              "exists in request")
+        seen.add(output.name)
+    # Triton keeps the names in a sorted set, so the first unknown one in that order is named.
+    unknown = sorted(seen - {o.name for o in config.output})
+    if unknown:
+        raise TensorError(f"unexpected inference output '{shown(unknown[0])}' for model "
+                          f"'{config.name}'")
+
+
 def read_inputs(request: pb.ModelInferRequest, config: mc.ModelConfig) -> dict[str, np.ndarray]:
     """The request's input tensors as arrays (BYTES as object arrays of ``bytes``).
 
-    Raises ``TensorError`` with Triton's wording for inputs the model does not take.
+    Raises ``TensorError`` with Triton's wording for inputs the model does not take, and for
+    requested outputs it does not have. The order of the checks is Triton's: its frontend reads
+    the data first, then its core checks the requested outputs before any input.
     """
     prefix = log_prefix(request.id)
     model = config.name
     expected = {i.name: i for i in config.input}
+    check_data_sources(request)
     uses_raw = len(request.raw_input_contents) > 0
     if uses_raw and len(request.raw_input_contents) != len(request.inputs):
         raise TensorError(f"{prefix}expected {len(request.inputs)} raw input contents for "
                           f"model '{model}', got {len(request.raw_input_contents)}")
+    check_requested_outputs(request, config)
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name

@@ -73,6 +73,16 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
                                     "outside the vocabulary"),
     "text and ids both": ({"inputs": [_ids([1, 2]), *llm_inputs("Hi")]},
                           "give either input 'text_input' or input 'input_ids', not both"),
+    "unknown output": ({"outputs": [grpcclient.InferRequestedOutput("nope")]},
+                       f"unexpected inference output 'nope' for model '{MODEL}'"),
+    "output asked twice": ({"outputs": [grpcclient.InferRequestedOutput("text_output"),
+                                        grpcclient.InferRequestedOutput("text_output")]},
+                           "[request id: bad] output 'text_output' already exists in request"),
+    "repeated json key": ({"inputs": [*_without(llm_inputs("Hi"), "sampling_parameters"),
+                                      tensor("sampling_parameters",
+                                             '{"max_tokens": 3, "max_tokens": 300}', "BYTES")]},
+                          "input 'sampling_parameters' holds the key 'max_tokens' more than "
+                          "once"),
     "streaming with input in output": (
         {"inputs": llm_inputs("Hi", exclude_input_in_output=False)},
         "When streaming, `exclude_input_in_output` = False is not allowed."),

@@ -25,10 +25,13 @@ class _StubEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.stopped = False
+        self.stop_reason: str | None = None
         self.dead: str | None = None  # what failure() reports
+        self.in_flight = 0  # requests an unload's drain waits for
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: str = "engine shut down") -> None:
         self.stopped = True
+        self.stop_reason = reason
 
     def failure(self) -> str | None:
         return self.dead
@@ -91,12 +94,50 @@ def test_bare_vllm_config_gets_the_backend_tensors() -> None:
     ('backend: "onnxruntime"', "unsupported backend"),
     ("max_batch_size: 8", "max_batch_size must be 0"),
     ("not a config {", "failed to parse"),
+    ('input [{ name: "stream" data_type: TYPE_BOOL dims: [1] },'
+     ' { name: "stream" data_type: TYPE_BOOL dims: [1] }]',
+     "input 'stream' for model 'bare' is declared more than once in its configuration"),
+    ('output [{ name: "x" data_type: TYPE_FP32 dims: [1] },'
+     ' { name: "x" data_type: TYPE_INT32 dims: [2] }]',
+     "output 'x' for model 'bare' is declared more than once in its configuration"),
+    ('input [{ name: "text_input" data_type: TYPE_INT32 dims: [1] }]',
+     "unable to load model 'bare', configuration expects datatype TYPE_INT32 for input "
+     "'text_input', model provides TYPE_STRING"),
+    ('input [{ name: "sampling_parameters" data_type: TYPE_FP32 dims: [1] }]',
+     "configuration expects datatype TYPE_FP32 for input 'sampling_parameters', model provides "
+     "TYPE_STRING"),
+    ('input [{ name: "input_ids" data_type: TYPE_FP32 dims: [-1] }]',
+     "configuration expects datatype TYPE_FP32 for input 'input_ids', model provides TYPE_INT32 "
+     "or TYPE_INT64"),
 ])
 def test_bad_configs(tmp_path: Path, text: str, message: str) -> None:
     folder = _model(tmp_path, "bare", [1], config=text)
     with pytest.raises(RepositoryError) as e:
         load_config(folder)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in e.value.message
+
+
+def test_duplicate_tensor_in_a_load_override_is_refused() -> None:
+    override = {"input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
+                          {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}]}
+    with pytest.raises(RepositoryError) as e:
+        load_config(Path("/nonexistent/bare"), override=json.dumps(override))
+    assert e.value.message == ("input 'text_input' for model 'bare' is declared more than once "
+                               "in its configuration")
+
+
+def test_tensor_types_the_engine_reads_load() -> None:
+    """Every backend tensor at its own type, token ids also as INT32, flags of any type (they
+    are read by truthiness, as the vLLM backend reads them)."""
+    inputs = [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
+              {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1]},
+              {"name": "input_ids", "data_type": "TYPE_INT32", "dims": [-1]},
+              {"name": "stream", "data_type": "TYPE_INT32", "dims": [1]}]
+    config = load_config(Path("/nonexistent/bare"), override=json.dumps({"input": inputs}))
+    types = {i.name: i.data_type for i in config.input}
+    assert types["input_ids"] == mc.TYPE_INT32 and types["stream"] == mc.TYPE_INT32
+    assert types["return_logprobs"] == mc.TYPE_BOOL  # filled in, as before
 
 
 def test_engine_settings_from_parameters_and_model_json(tmp_path: Path) -> None:
