@@ -2,7 +2,9 @@
 
 from pagedserve.config import EngineConfig
 from pagedserve.llm import LLM
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "EngineConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "EngineConfig", "LoRARequest", "RequestOutput",
+           "SamplingParams"]

@@ -21,6 +21,7 @@ MAX_NUM_SEQS = 2**16
 MAX_NUM_TOKENS = 2**24  # max_num_batched_tokens, max_model_len
 MAX_TENSOR_PARALLEL = 1024  # ranks (processes), nnodes
 MAX_SPECULATIVE_TOKENS = 128  # num_speculative_tokens, prompt_lookup_max
+MAX_LORA_SETTING = 1024  # max_loras, max_lora_rank, max_cpu_loras
 _SIZES = {"block_size": MAX_BLOCK_SIZE, "max_num_batched_tokens": MAX_NUM_TOKENS,
           "max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_NUM_TOKENS, "kv_cache_bytes": None,
           "tensor_parallel_size": MAX_TENSOR_PARALLEL, "nnodes": MAX_TENSOR_PARALLEL}
@@ -139,6 +140,14 @@ class EngineConfig:
     # Speculative decoding of greedy requests; also accepted as vLLM's dict, e.g.
     # ``{"method": "ngram", "num_speculative_tokens": 4}``. None: one token per step.
     speculative_config: SpeculativeConfig | None = None
+    # LoRA adapters (vLLM's settings): requests naming an adapter share the batch with the base
+    # model's. At most ``max_loras`` distinct adapters run in one step (each in its own slot of
+    # the model's adapter weights), of rank at most ``max_lora_rank``; ``max_cpu_loras`` are
+    # kept loaded (least recently used out; default ``max_loras``).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         self._check_size_types_and_bounds()
@@ -175,6 +184,29 @@ class EngineConfig:
                              f"multiple of nnodes={self.nnodes} (the same ranks on every node)")
         self._check_quantization()
         self._check_device()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is None and name == "max_cpu_loras":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 1 <= value <= MAX_LORA_SETTING:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_LORA_SETTING}], "
+                                 f"got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least "
+                             f"max_loras ({self.max_loras})")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora runs on one rank: tensor_parallel_size must be 1")
+
+    @property
+    def lora_cache_size(self) -> int:
+        """Adapters kept loaded: ``max_cpu_loras``, or ``max_loras`` when not set."""
+        return self.max_cpu_loras or self.max_loras
 
     def _check_speculative_config(self) -> None:
         spec: object = self.speculative_config

@@ -14,6 +14,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.core import EngineCore, EngineStats
 from pagedserve.engine.stats import EngineObserver
 from pagedserve.engine.tracing import EngineTracer, TraceSettings
+from pagedserve.lora_request import LoRARequest
 from pagedserve.model.loader import LoadedModel
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -54,8 +55,13 @@ class LLM:
     def generate(self, prompts: str | Seq[str] | None = None,
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
                  prompt_token_ids: Seq[list[int]] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in the order of the prompts."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in the order of the prompts.
+
+        ``lora_request``: one adapter for every prompt, or one per prompt (None: the base
+        model); the engine needs ``enable_lora=True``."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompt_token_ids is not None:
@@ -72,9 +78,19 @@ class LLM:
             if len(params_list) != len(items):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for "
                                  f"{len(items)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(items)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(items):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(items)} "
+                                 f"prompts")
         # Validate everything first so a bad prompt leaves nothing queued.
-        requests = [self.engine.make_request(str(next(self._ids)), prompt, params, ids)
-                    for (prompt, ids), params in zip(items, params_list)]
+        requests = [self.engine.make_request(str(next(self._ids)), prompt, params, ids,
+                                             lora_request=lora)
+                    for (prompt, ids), params, lora in zip(items, params_list, loras)]
+        for lora in {r.lora_request for r in requests if r.lora_request is not None}:
+            self.engine.load_lora(lora)
         for request in requests:
             self.engine.add_request(request)
         return self._run([r.request_id for r in requests], use_tqdm)

@@ -8,7 +8,8 @@ parameters) into a ``GenerateRequest``; a ``ResponseBuilder`` turns the engine's
 otherwise. Semantics follow the vLLM backend (``src/utils/request.py``, ``model.py``):
 
 * ``sampling_parameters`` (a JSON object) wins over request parameters; string values are cast
-  to the parameter's type (``"128"`` → 128), as the backend does;
+  to the parameter's type (``"128"`` → 128), as the backend does; its ``lora_name`` names the
+  LoRA adapter (``GenerateRequest.lora_name``), not a sampling parameter;
 * ``exclude_input_in_output`` absent: the prompt is prepended when not streaming only;
   ``False`` while streaming is an error;
 * ``finish_reason`` is ``str(reason)`` (``"None"`` while running), ``logprobs`` a JSON list of
@@ -37,6 +38,9 @@ from pagedserve.sampling_params import SamplingParams
 RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority",
                                  "timeout", "headers", "binary_data_output"})
 
+# The key of ``sampling_parameters`` (or request parameter) that names a LoRA adapter.
+LORA_NAME = "lora_name"
+
 # return_<flag> input -> the output it switches on.
 _FLAG_OUTPUTS = {
     "return_finish_reason": "finish_reason",
@@ -61,6 +65,10 @@ class GenerateRequest:
     stream: bool
     prepend_input: bool
     outputs: frozenset[str]  # the outputs this request produces
+    # The LoRA adapter the request names (``lora_name``, as the vLLM backend reads it from
+    # ``sampling_parameters`` or the request parameters), checked against the model's adapters
+    # by the caller (``pagedserve.repository.lora``); None: the base model.
+    lora_name: Any = None
 
 
 def _scalar(inputs: dict[str, np.ndarray], name: str) -> Any:
@@ -222,13 +230,15 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict[str, Any] | No
         raise TensorError("Error generating stream: When streaming, `exclude_input_in_output` "
                           "= False is not allowed.")
     prepend = (not exclude) if exclude is not None else not stream
-    params = sampling_params_from(_sampling_values(inputs, parameters or {}))
+    values = _sampling_values(inputs, parameters or {})
+    lora_name = values.pop(LORA_NAME, None)  # the vLLM backend's key, no sampling parameter
+    params = sampling_params_from(values)
     outputs = {"text_output"}
     outputs.update(out for flag, out in _FLAG_OUTPUTS.items() if _flag(inputs, flag))
     if token_ids is not None or (requested_outputs and "output_ids" in requested_outputs):
         outputs.add("output_ids")
     return GenerateRequest(prompt, token_ids, params, stream, prepend and prompt is not None,
-                           frozenset(outputs))
+                           frozenset(outputs), lora_name)
 
 
 def _bytes_array(values: list[str]) -> np.ndarray:

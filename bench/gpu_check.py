@@ -5,7 +5,7 @@ the models are random-weight Llamas built on the spot, the tokenizer is the embe
 
     python -m pagedserve.bench.gpu_check [--out bench/results/gpu_check.json]
 
-1. runs ``tests/test_triton_kernels.py`` on the GPU;
+1. runs ``tests/test_triton_kernels.py`` and ``tests/test_lora_kernels.py`` on the GPU;
 2. measures the device-to-device copy bandwidth (``triton.testing.do_bench``, median) and times
    each Triton kernel against the torch path, reporting the bytes each must move divided by
    its time as a fraction of that bandwidth;
@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from pagedserve import LLM, SamplingParams
 from pagedserve.kernels import rotary
 from pagedserve.kernels.attention import AttentionMetadata, paged_attention
+from pagedserve.kernels.lora import add_lora
 from pagedserve.kernels.norm import add_rms_norm
 from pagedserve.model.loader import LoadedModel, resolve_model_dir
 
@@ -214,11 +215,35 @@ def norm_row(shapes: Shapes, device: torch.device, timer: Timer, bandwidth: floa
                moved / (triton_ms / 1e3) / bandwidth, f"{tokens} x {shapes.hidden}")
 
 
+def lora_row(shapes: Shapes, device: torch.device, timer: Timer, bandwidth: float) -> Row:
+    """The multi-LoRA delta of a decode batch's q|k|v projection: 8 adapters of rank 16."""
+    dtype, rank, slots_n = torch.bfloat16, 16, 8
+    tokens = shapes.decode_seqs
+    out_slices = (shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim,
+                  shapes.kv_heads * shapes.head_dim)
+    x = torch.randn(tokens, shapes.hidden, dtype=dtype, device=device)
+    y = torch.zeros(tokens, sum(out_slices), dtype=dtype, device=device)
+    a = torch.randn(slots_n, 3 * rank, shapes.hidden, dtype=dtype, device=device) * 0.02
+    b = torch.randn(slots_n, sum(out_slices), rank, dtype=dtype, device=device) * 0.02
+    slots = torch.arange(tokens, device=device) % slots_n
+
+    def run(backend: str) -> Callable[[], Any]:
+        return lambda: add_lora(y, x, a, b, slots, out_slices, backend=backend)
+
+    # Every adapter's a and b read once, x read, y read and written.
+    moved = (a.numel() + b.numel() + x.numel() + 2 * y.numel()) * dtype.itemsize
+    triton_ms, torch_ms = timer(run("triton")), timer(run("torch"))
+    return Row("LoRA delta (q|k|v)", triton_ms, torch_ms, moved,
+               moved / (triton_ms / 1e3) / bandwidth,
+               f"{tokens} rows, {slots_n} adapters of rank {rank}")
+
+
 def kernel_tests(smoke: bool) -> Row:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               str(ROOT / "tests" / "test_triton_kernels.py")]
+               str(ROOT / "tests" / "test_triton_kernels.py"),
+               str(ROOT / "tests" / "test_lora_kernels.py")]
     if smoke:
-        command += ["-k", "launch_config"]
+        command += ["-k", "launch_config or triton_kernels_single_row"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     summary = (run.stdout.strip().splitlines() or ["no output"])[-1]
     return Row("kernel tests", note=("passed: " if run.returncode == 0 else "FAILED: ") + summary,
@@ -401,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         device, timer, bandwidth))
     rows.append(rotary_row(shapes, device, timer, bandwidth))
     rows.append(norm_row(shapes, device, timer, bandwidth))
+    rows.append(lora_row(shapes, device, timer, bandwidth))
     rows.extend(engine_rows(shapes, device, args.smoke))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreted)"
     print_table(name, bandwidth, rows)

@@ -47,6 +47,8 @@ _SOURCES = {
     "elementwise_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
     "block_quant_cpu.c": ["-fno-math-errno"],
     "decode_layers_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
+    # The LoRA products sum in another order than torch's matmuls anyway: FMAs allowed.
+    "lora_cpu.c": ["-fno-math-errno", "-ffp-contract=fast"],
 }
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _LIBRARY_NAME = "pagedserve_cpu"
@@ -110,6 +112,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "add_layer_norm": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, nt], None),
         "rotary_write_kv": ([ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr,
                              ptr, f32, nt], ctypes.c_int),
+        "add_lora": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, nt],
+                     ctypes.c_int),
     }
     for name, (args, result) in signatures.items():
         for suffix in DTYPES.values():
@@ -356,6 +360,42 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         None if k_norm is None else k_norm.data_ptr(), norm_eps, torch.get_num_threads())
     if status:
         raise ValueError("slot_mapping names a slot outside the cache")
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             slots: torch.Tensor, out_slices: tuple[int, ...]) -> None:
+    """Adds in place to each row ``t`` of ``y`` with ``slots[t] >= 0`` its adapter's delta, part
+    by part of ``out_slices`` (kernels/lora.py defines it; kernels/csrc/lora_cpu.c computes it).
+
+    ``y`` ``[rows, out]`` and ``x`` ``[rows, in]`` with contiguous rows (possibly apart), ``a``
+    ``[num_slots, len(out_slices) * rank, in]`` and ``b`` ``[num_slots, out, rank]`` contiguous,
+    all four of one dtype of :data:`DTYPES`; ``slots`` ``[rows]`` contiguous int64. Only call
+    when :func:`available`.
+    """
+    dtype = _supported_dtype(y.dtype)
+    _check_rows("y", y, dtype)
+    _check_rows("x", x, dtype)
+    rows, out = y.shape
+    in_features = x.shape[1]
+    parts = len(out_slices)
+    if a.dim() != 3 or b.dim() != 3 or x.shape[0] != rows or min(out_slices, default=0) < 0 \
+            or sum(out_slices) != out or b.shape[:2] != (a.shape[0], out) \
+            or a.shape[1:] != (parts * b.shape[2], in_features):
+        raise ValueError(f"shapes do not agree: y {tuple(y.shape)}, x {tuple(x.shape)}, "
+                         f"a {tuple(a.shape)}, b {tuple(b.shape)}, out_slices {out_slices}")
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor, as y")
+    _check_vector("slots", slots, torch.int64, rows)
+    _check_cpu(y, x, a, b, slots)
+    status = _kernel("add_lora", dtype)(
+        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(),
+        slots.data_ptr(), a.shape[0], rows, in_features, out, b.shape[2],
+        (ctypes.c_int64 * parts)(*out_slices), parts, torch.get_num_threads())
+    if status == 2:
+        raise ValueError(f"a slot is outside the {a.shape[0]} adapters of a and b")
+    if status:
+        raise MemoryError("add_lora could not allocate its scratch memory")
 
 
 # Bytes of one block of 32 in each weight format of kernels/csrc/block_quant_cpu.c (q4_1x8:

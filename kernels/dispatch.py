@@ -28,7 +28,7 @@ from pagedserve.kernels import cpu
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
-_TRITON_MODULES = ("triton_attention", "triton_cache", "triton_norm")
+_TRITON_MODULES = ("triton_attention", "triton_cache", "triton_lora", "triton_norm")
 
 
 def resolve(name: str, device: torch.device) -> str:
@@ -46,7 +46,7 @@ def resolve(name: str, device: torch.device) -> str:
 
 
 def triton_module(name: str, device: torch.device) -> ModuleType:
-    """``kernels.<name>`` (one of the Triton modules) ready for tensors on ``device``.
+    """``pagedserve.kernels.<name>`` (one of the Triton modules) ready for tensors on ``device``.
 
     On a CPU the kernels must run interpreted: ``TRITON_INTERPRET`` is set to 1 unless the
     environment says otherwise, and a module already compiled for GPUs is refused.
@@ -55,7 +55,7 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
         raise ValueError(f"no Triton kernel module {name!r}")
     if device.type != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    module = importlib.import_module(f"kernels.{name}")
+    module = importlib.import_module(f"pagedserve.kernels.{name}")
     if device.type != "cuda" and not interpreted(module):
         raise RuntimeError(
             f"Triton kernels on {device} run in Triton's interpreter, which needs "

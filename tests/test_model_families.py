@@ -137,9 +137,9 @@ def test_hidden_states_match_transformers(family: str, tiny_model,
     final: list[torch.Tensor] = []
     forward = type(model).forward
 
-    def capture(*args: Any) -> torch.Tensor:
+    def capture(*args: Any, **kwargs: Any) -> torch.Tensor:
         steps.append([])
-        final.append(forward(model, *args, hidden_states=steps[-1]))
+        final.append(forward(model, *args, hidden_states=steps[-1], **kwargs))
         return final[-1]
 
     monkeypatch.setattr(model, "forward", capture)

@@ -7,7 +7,8 @@ core and steps it. Commands travel input thread → core thread in the order cal
 so an abort never overtakes the request it ends. Callers on the event loop never touch either:
 they receive outputs, or the error that ended their request, through a per-request asyncio
 queue fed with ``call_soon_threadsafe``. A caller that stops iterating (a cancelled task, a
-closed stream) aborts its request, so its KV blocks return at once.
+closed stream) aborts its request, so its KV blocks return at once. ``in_flight`` counts the
+requests that have not ended yet, so that an unload can let them finish before ``shutdown``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pagedserve.engine.core import EngineCore
 from pagedserve.engine.input_processor import AdmissionLimits, InputProcessor
 from pagedserve.engine.sequence import Request
+from pagedserve.lora_request import LoRARequest
 from pagedserve.model.executor import ExecutorDied
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -52,6 +54,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     arrival_ns: int
     trace_headers: Mapping[str, str] | None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -78,8 +81,16 @@ class EngineDead(RuntimeError):
     """The engine can run no more steps (a tensor-parallel worker died): every request fails."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine was shut down (its model unloaded) before the request ended; the message is
+    the reason ``shutdown`` was given."""
+
+
 class _Stop:
     pass
+
+
+STOPPED = "engine shut down"  # the reason of a plain ``shutdown()``
 
 
 class AsyncEngine:
@@ -97,6 +108,7 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._active: set[str] = set()  # ids in flight, as seen from the callers' side
         self._failure: str | None = None  # set once by the core thread when a step cannot run
+        self._stopped: str | None = None  # the reason given to shutdown, once it is called
         self._lock = threading.Lock()
         self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
                                               daemon=True)
@@ -107,23 +119,31 @@ class AsyncEngine:
     async def generate(self, prompt: str | None, params: SamplingParams | None = None,
                        request_id: str | None = None,
                        prompt_token_ids: list[int] | None = None,
-                       trace_headers: Mapping[str, str] | None = None
+                       trace_headers: Mapping[str, str] | None = None,
+                       lora_request: LoRARequest | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yields the request's output after every step that advances it, the last one finished.
 
         Raises ``ValueError`` (naming the field) before yielding anything if the request is bad,
-        ``EngineOverloaded`` if too many requests are in flight, and ``RequestFailed`` if the
-        request's own step work fails later. Cancelling the consuming task aborts the request at
-        once; a caller that stops iterating early should close the iterator
-        (``contextlib.aclosing``), since Python finalizes an abandoned async generator only when
-        it is garbage-collected. ``trace_headers`` (W3C ``traceparent``, ``tracestate``) parent
-        the request's trace span.
+        ``EngineOverloaded`` if too many requests are in flight, ``RequestFailed`` if the
+        request's own step work fails later, and ``EngineStopped`` (with the reason given to
+        ``shutdown``) if the engine is shut down before the request ends. Cancelling the
+        consuming task aborts the request at once; a caller that stops iterating early should
+        close the iterator (``contextlib.aclosing``), since Python finalizes an abandoned async
+        generator only when it is garbage-collected. ``trace_headers`` (W3C ``traceparent``,
+        ``tracestate``) parent the request's trace span. ``lora_request`` names the adapter it
+        runs with (read and checked before it is queued, off the step thread: a bad adapter is
+        a ``ValueError`` too).
         """
         request_id = request_id or uuid.uuid4().hex
         failure = self.failure()
         if failure is not None:
             raise EngineDead(failure)
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         with self._lock:
+            if self._stopped is not None:
+                raise EngineStopped(self._stopped)
             if request_id in self._active:
                 raise ValueError(f"request id {request_id!r} is already in use")
             if len(self._active) >= self.max_in_flight:
@@ -131,10 +151,9 @@ class AsyncEngine:
                     f"{len(self._active)} requests are in flight, the most this model takes "
                     f"(max_num_seqs + max_queue_size = {self.max_in_flight}); retry later")
             self._active.add(request_id)
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._incoming.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop,
-                                time.time_ns(), trace_headers))
+            # Under the lock: queued before a concurrent shutdown's stop, so it is answered.
+            self._incoming.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop,
+                                    time.time_ns(), trace_headers, lora_request))
         finished = False
         try:
             while True:
@@ -155,13 +174,23 @@ class AsyncEngine:
         """Why this engine serves no more (a worker process died), or ``None`` while it can."""
         return self._failure or self.core.failure()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests that have begun (``generate`` called) and not yet ended."""
+        with self._lock:
+            return len(self._active)
+
     def abort(self, request_id: str) -> None:
         """Ends a request; its iterator yields a final output with finish reason ``abort``."""
         self._incoming.put(_Abort(request_id))
 
-    def shutdown(self) -> None:
-        """Stops both threads; requests still running end with an error."""
-        self._incoming.put(_Stop())
+    def shutdown(self, reason: str = STOPPED) -> None:
+        """Stops both threads; requests still running end with ``EngineStopped(reason)``, and
+        so does any ``generate`` called later."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = reason
+                self._incoming.put(_Stop())
         self._input_thread.join()
         self._thread.join()
 
@@ -174,7 +203,11 @@ class AsyncEngine:
                 try:
                     request = self._inputs.make_request(
                         command.request_id, command.prompt, command.params,
-                        command.prompt_token_ids, command.arrival_ns, command.trace_headers)
+                        command.prompt_token_ids, command.arrival_ns, command.trace_headers,
+                        command.lora_request)
+                    if request.lora_request is not None:
+                        # Here, not on the step thread: the steps find the adapter loaded.
+                        self.core.load_lora(request.lora_request)
                 except ValueError as e:
                     _post(command.loop, command.sink, e)
                     continue
@@ -264,7 +297,7 @@ class AsyncEngine:
                                   else RequestFailed(output.error))
         for request_id in list(self._sinks):
             self.core.abort(request_id)
-            self._deliver(request_id, RuntimeError("engine shut down"))
+            self._deliver(request_id, EngineStopped(self._stopped or STOPPED))
         self.core.shutdown()
 
 

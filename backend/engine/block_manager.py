@@ -24,6 +24,10 @@ its own token ids, so equal keys mean equal whole prefixes up to the block's end
 would need two different prefixes with equal 128-bit digests (about 2^-64 after 2^32 distinct
 blocks, by the birthday bound), far rarer than a hardware memory error; on top of that every hit
 compares the block's own stored token ids, so a block never serves tokens other than its own.
+
+A table's chain starts at its *root*: the empty key for the base model, a key of its own for
+each LoRA adapter (:func:`root_key`), so K/V computed under one adapter is never served to
+another, or to the base model, whatever the tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ from pagedserve.kernels.attention import NULL_BLOCK
 _ROOT_KEY = b""
 
 
+def root_key(namespace: str | None) -> bytes:
+    """The root of the prefix chains of sequences computed under ``namespace`` (an adapter's
+    identity; None: the base model)."""
+    if namespace is None:
+        return _ROOT_KEY
+    return hashlib.blake2b(namespace.encode(), digest_size=16, person=b"pagedserve-root").digest()
+
+
 @dataclass
 class BlockTable:
     """A sequence's blocks in position order, and the prefix keys of its leading full blocks."""
@@ -46,6 +58,7 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     num_released: int = 0  # leading entries released to the null block (sliding window)
+    root: bytes = _ROOT_KEY  # the key its first block's key is chained from (root_key)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -166,7 +179,7 @@ class BlockManager:
         """A child's table sharing every block of ``table``."""
         for block in table.blocks[table.num_released:]:
             self.ref_counts[block] += 1
-        return BlockTable(list(table.blocks), list(table.keys), table.num_released)
+        return BlockTable(list(table.blocks), list(table.keys), table.num_released, table.root)
 
     def free(self, table: BlockTable) -> None:
         """Drops one reference to each block of the table and empties it.
@@ -230,17 +243,18 @@ class BlockManager:
 
     # ---- prefix cache ----------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids: list[int]) -> BlockTable:
-        """A table holding the longest cached run of full blocks of ``token_ids``, referenced.
+    def match_prefix(self, token_ids: list[int], root: bytes = _ROOT_KEY) -> BlockTable:
+        """A table holding the longest cached run of full blocks of ``token_ids`` chained from
+        ``root``, referenced.
 
         The last token is never taken from the cache: its logits must be computed.
         """
-        table = BlockTable()
+        table = BlockTable(root=root)
         if not self.enable_prefix_caching:
             return table
         bs = self.block_size
         self.stats.prefix_queried_tokens += len(token_ids)
-        parent = _ROOT_KEY
+        parent = root
         for start in range(0, len(token_ids) - 1 - bs + 1, bs):
             tokens = token_ids[start: start + bs]
             key = block_key(parent, tokens)
@@ -260,7 +274,7 @@ class BlockManager:
         """Keys of the full blocks of ``token_ids`` past the table's committed ones: the blocks
         a prefill is about to fill."""
         keys: list[bytes] = []
-        parent = table.keys[-1] if table.keys else _ROOT_KEY
+        parent = table.keys[-1] if table.keys else table.root
         bs = self.block_size
         for i in range(len(table.keys), len(token_ids) // bs):
             parent = block_key(parent, token_ids[i * bs: (i + 1) * bs])
@@ -273,7 +287,7 @@ class BlockManager:
         start = len(table.keys) * bs
         if start + bs >= len(token_ids):
             return None
-        return block_key(table.keys[-1] if table.keys else _ROOT_KEY,
+        return block_key(table.keys[-1] if table.keys else table.root,
                          token_ids[start: start + bs])
 
     def commit(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
@@ -287,7 +301,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(table.keys), num_computed // bs):
             tokens = token_ids[i * bs: (i + 1) * bs]
-            key = block_key(table.keys[-1] if table.keys else _ROOT_KEY, tokens)
+            key = block_key(table.keys[-1] if table.keys else table.root, tokens)
             table.keys.append(key)
             block = table.blocks[i]
             if block != NULL_BLOCK and key not in self._cached and block not in self._key_of:

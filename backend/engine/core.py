@@ -18,13 +18,14 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearch
-from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.block_manager import BlockManager, BlockTable
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.input_processor import AdmissionLimits, InputProcessor, max_prompt_chars
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
+from pagedserve.lora_request import LoRARequest
 from pagedserve.model.base import CausalLM
 from pagedserve.model.batch import ModelInput, ModelOutput, PromptLogprobs, SeqChunk
 from pagedserve.model.executor import ExecutorDied, InProcessExecutor, start_executor
@@ -125,13 +126,20 @@ class EngineCore:
             num_usable_blocks=self.block_manager.num_usable_blocks,
             block_size=self.config.block_size,
             max_logprobs=min(self.config.max_logprobs, self.vocab_size),
-            max_prompt_chars=max_prompt_chars(self.tokenizer, self.max_model_len))
+            max_prompt_chars=max_prompt_chars(self.tokenizer, self.max_model_len),
+            enable_lora=self.config.enable_lora)
         self.input_processor = InputProcessor(self.tokenizer, self.limits)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id,
                                                 self.max_model_len, self.scheduler.finish)
         self.requests: dict[str, Request] = {}
         # Tracing and metrics; with none, the step records nothing for them.
         self._observers = list(observers)
+        if self.config.enable_lora:
+            # Observers that report adapters (vLLM's vllm:lora_requests_info) learn max_loras.
+            for observer in self._observers:
+                serve_lora = getattr(observer, "serve_lora", None)
+                if serve_lora is not None:
+                    serve_lora(self.config.max_loras)
         self._last_totals = (0, 0, 0, 0)  # block-manager counters at the last step report
         self._seq_ids = itertools.count()
         self._steps = 0
@@ -146,13 +154,21 @@ class EngineCore:
     def make_request(self, request_id: str, prompt: str | None,
                      params: SamplingParams | None = None,
                      prompt_token_ids: list[int] | None = None,
-                     trace_headers: Mapping[str, str] | None = None) -> Request:
+                     trace_headers: Mapping[str, str] | None = None,
+                     lora_request: LoRARequest | None = None) -> Request:
         """Validates and tokenizes a request without touching engine state.
 
         Raises ``ValueError`` naming the offending field.
         """
         return self.input_processor.make_request(request_id, prompt, params, prompt_token_ids,
-                                                 trace_headers=trace_headers)
+                                                 trace_headers=trace_headers,
+                                                 lora_request=lora_request)
+
+    def load_lora(self, lora_request: LoRARequest) -> None:
+        """Reads and checks the adapter so that the steps find it loaded (``LoRAError``, a
+        ``ValueError``, naming what is wrong): called off the step thread, before the request
+        that names it is queued."""
+        self.executor.load_lora(lora_request)
 
     def summary(self) -> ModelSummary:
         blocks = self.block_manager.num_usable_blocks
@@ -217,7 +233,9 @@ class EngineCore:
             info = RequestInfo(request.request_id, request.arrival_ns,
                                len(request.prompt_token_ids), params.max_tokens,
                                params.temperature, params.top_p, params.n,
-                               request.trace_headers)
+                               request.trace_headers,
+                               None if request.lora_request is None
+                               else request.lora_request.lora_name)
             for observer in self._observers:
                 observer.on_request_added(info)
 
@@ -232,7 +250,7 @@ class EngineCore:
             num_prompt_tokens=len(request.prompt_token_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                params.skip_special_tokens),
-            generator=generator)
+            generator=generator, block_table=BlockTable(root=request.prefix_root))
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = self._new_sequence(parent.request, index, list(parent.token_ids))
@@ -502,7 +520,7 @@ class EngineCore:
         copies = step.block_copies  # made again, before any part runs
         for request, chunks in parts.items():
             try:
-                done.append(self.executor.execute(ModelInput(chunks, copies)))
+                done.append(self.executor.execute(ModelInput(chunks, copies, step.loras)))
                 copies = []  # made: the later parts read them
             except ExecutorDied:
                 raise

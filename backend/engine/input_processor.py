@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.engine.sequence import Request
+from pagedserve.lora_request import LoRARequest
 from pagedserve.sampling_params import SamplingParams
 
 # Input characters one token can cover, over the longest token string of the vocabulary.
@@ -40,6 +41,7 @@ class AdmissionLimits:
     block_size: int
     max_logprobs: int
     max_prompt_chars: int  # no prompt longer than this can fit max_model_len tokens
+    enable_lora: bool = False
 
 
 def max_prompt_chars(tokenizer: Any, max_model_len: int) -> int:
@@ -60,7 +62,8 @@ class InputProcessor:
                      params: SamplingParams | None = None,
                      prompt_token_ids: list[int] | None = None,
                      arrival_ns: int | None = None,
-                     trace_headers: Mapping[str, str] | None = None) -> Request:
+                     trace_headers: Mapping[str, str] | None = None,
+                     lora_request: LoRARequest | None = None) -> Request:
         """The request, ready to queue; raises ``ValueError`` naming the offending field.
 
         ``arrival_ns`` (wall clock, default now) is when the caller handed it over;
@@ -70,6 +73,14 @@ class InputProcessor:
         limits = self.limits
         params = params or SamplingParams()
         self._check_params(params)
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got "
+                                 f"{type(lora_request).__name__}")
+            if not limits.enable_lora:
+                raise ValueError(f"lora_request: LoRA is not enabled (adapter "
+                                 f"{lora_request.lora_name!r}); start the engine with "
+                                 f"enable_lora=True")
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("prompt: either a prompt or prompt_token_ids is required")
@@ -109,7 +120,8 @@ class InputProcessor:
                     f"to {needed} KV blocks, more than the cache's "
                     f"{limits.num_usable_blocks}; lower max_tokens")
         return Request(request_id, prompt, prompt_token_ids, params, next(self._arrivals),
-                       limits.max_model_len, arrival_ns=arrival_ns, trace_headers=trace_headers)
+                       limits.max_model_len, arrival_ns=arrival_ns, trace_headers=trace_headers,
+                       lora_request=lora_request)
 
     def _refuse_length(self, num_tokens: int) -> None:
         raise ValueError(f"prompt is {num_tokens} tokens long; the maximum context length is "

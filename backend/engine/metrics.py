@@ -44,6 +44,7 @@ DEFAULT_MAX_MODEL_LEN = 131072
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 VLLM_LABELS = ("model_name", "engine")
+LORA_LABELS = ("max_lora", "waiting_lora_adapters", "running_lora_adapters")
 OWN_LABELS = ("model", "version")
 
 _Family = TypeVar("_Family", bound=MetricWrapperBase)
@@ -148,6 +149,12 @@ class MetricFamilies:
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Histogram of number of tokens per engine_step.",
                                           ITERATION_TOKEN_BUCKETS)
+        # vLLM's LoRA gauge: its value the time of the latest update, its labels the adapters
+        # of the requests running and waiting (comma-joined names) and max_loras. vLLM labels
+        # it with those three only; model_name and engine keep two models' series apart.
+        self.lora_requests_info = Gauge("vllm:lora_requests_info",
+                                        "Running stats on lora requests.",
+                                        (*vllm, *LORA_LABELS), registry=registry)
         # The project's own names, kept for existing scrapers.
         self.kv_blocks_used = gauge("pagedserve_kv_blocks_used", "KV cache blocks in use", own)
         self.requests_running = gauge("pagedserve_requests_running",
@@ -229,10 +236,23 @@ class EngineMetrics:
         # Requests in the engine: when the last one ends outside a step (an abort), no step
         # follows to report the empty engine, so the gauges are zeroed here.
         self._in_flight: set[str] = set()
+        # LoRA (``serve_lora``): the adapter of each LoRA request in flight, those of them that
+        # have run (vLLM's "running" until preempted), and the gauge child last written.
+        self._max_lora: str | None = None
+        self._lora_of: dict[str, str] = {}
+        self._lora_running: set[str] = set()
+        self._lora_labels: tuple[str, ...] | None = None
         f.claim(model_name, version, self)
+
+    def serve_lora(self, max_loras: int) -> None:
+        """The engine serves LoRA adapters: ``vllm:lora_requests_info`` is written from now."""
+        self._max_lora = str(max_loras)
+        self._update_lora()
 
     def on_request_added(self, request: RequestInfo) -> None:
         self._in_flight.add(request.request_id)
+        if request.lora_name is not None:
+            self._lora_of[request.request_id] = request.lora_name
 
     def on_step(self, stats: StepStats) -> None:
         self._running.set(stats.num_running)
@@ -257,6 +277,11 @@ class EngineMetrics:
             self._ttft.observe(ttft)
         for itl in stats.inter_token_latency_s:
             self._itl.observe(itl)
+        if self._max_lora is not None:
+            lora_of = self._lora_of
+            self._lora_running.update(r for r in stats.request_ids if r in lora_of)
+            self._lora_running.difference_update(stats.preempted_request_ids)
+            self._update_lora()
 
     def on_request_finished(self, request: FinishedRequest) -> None:
         for reason in request.finish_reasons:
@@ -284,8 +309,27 @@ class EngineMetrics:
         self._request_prompt.observe(request.num_prompt_tokens)
         self._request_generation.observe(request.num_generation_tokens)
         self._in_flight.discard(request.request_id)
+        if self._lora_of.pop(request.request_id, None) is not None:
+            self._lora_running.discard(request.request_id)
+            self._update_lora()
         if not self._in_flight:
             self._zero_gauges()
+
+    def _update_lora(self) -> None:
+        """Sets ``vllm:lora_requests_info`` to now, under the labels of the adapters running
+        and waiting; the series of the previous labels goes (vLLM's would stay, each with the
+        time it was last current: the newest is the one that counts)."""
+        if self._max_lora is None:
+            return
+        running = {self._lora_of[r] for r in self._lora_running}
+        waiting = {name for r, name in self._lora_of.items() if r not in self._lora_running}
+        labels = (self._model_name, str(self._version), self._max_lora,
+                  ",".join(sorted(waiting)), ",".join(sorted(running)))
+        gauge = self._families.lora_requests_info
+        if self._lora_labels is not None and labels != self._lora_labels:
+            gauge.remove(*self._lora_labels)
+        self._lora_labels = labels
+        gauge.labels(*labels).set_to_current_time()
 
     def shutdown(self) -> None:
         """Removes this version's series, so a model that is gone does not linger on the page."""
@@ -297,6 +341,9 @@ class EngineMetrics:
             family.remove(*labels)
         for reason in self._success:
             f.request_success.remove(*labels, reason)
+        if self._lora_labels is not None:
+            f.lora_requests_info.remove(*self._lora_labels)
+            self._lora_labels = None
 
     def _zero_gauges(self) -> None:
         for gauge in (self._running, self._waiting, self._kv_usage, self._own_running,

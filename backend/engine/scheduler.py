@@ -6,7 +6,8 @@ Every step fills one batch under a token budget (``max_num_batched_tokens``) and
 requests go first, in arrival order: each sequence asks for all the tokens it has not computed
 yet (one for a decode, the rest of a prompt for a prefill), cut to the budget left (chunked
 prefill). Waiting requests then join first come, first served while budget, cap and free blocks
-allow; a joining sequence first takes its longest cached prefix from the block manager, and a
+allow (one whose LoRA adapter would make more than ``max_loras`` adapters in the step is passed
+over); a joining sequence first takes its longest cached prefix from the block manager, and a
 request whose next prefix block is being computed by another request right now waits one step
 to find it cached instead of computing it again (vLLM would compute it twice). When a
 running sequence cannot get a block, the newest running request is preempted: its blocks are
@@ -91,7 +92,7 @@ def _chunk(item: ScheduledSeq) -> SeqChunk:
         targets = seq.token_ids[start + first + 1: stop + 1]
         top = request.params.prompt_logprobs
     return SeqChunk(seq.seq_id, seq.token_ids[start:end] + item.draft_token_ids, start,
-                    list(seq.block_table.blocks), wanted, top, first, targets)
+                    list(seq.block_table.blocks), wanted, top, first, targets, request.lora_id)
 
 
 def _batch_order(item: ScheduledSeq) -> tuple[bool, int]:
@@ -136,10 +137,18 @@ class Scheduler:
         # Admitting new work right after preempting would only thrash the cache.
         width = sum(r.params.num_seqs for r in self.running)
         in_flight: set[bytes] | None = None
-        while self.waiting and budget > 0 and not out.preempted:
-            request = self.waiting[0]
+        # At most max_loras adapters in a step (vLLM's rule): a waiting request whose adapter
+        # would be one too many is passed over, and later requests may go ahead of it.
+        loras = {r.lora_id for r in self.running if r.lora_id}
+        passed = 0
+        while len(self.waiting) > passed and budget > 0 and not out.preempted:
+            request = self.waiting[passed]
             if width + request.params.num_seqs > self.config.max_num_seqs:
                 break
+            lora = request.lora_id
+            if lora and lora not in loras and len(loras) >= self.config.max_loras:
+                passed += 1
+                continue
             if in_flight is None and self.block_manager.enable_prefix_caching:
                 in_flight = {key for r in self.running for key in self._pending_keys(r)}
             admitted = self._admit(request, budget, in_flight)
@@ -147,8 +156,10 @@ class Scheduler:
                 break
             if in_flight is not None:
                 in_flight.update(self._pending_keys(request))
-            self.waiting.popleft()
+            del self.waiting[passed]
             self.running.append(request)
+            if lora:
+                loras.add(lora)
             width += request.params.num_seqs
             for seq in request.live_seqs:
                 seq.status = SequenceStatus.RUNNING
@@ -165,7 +176,10 @@ class Scheduler:
                 out.num_prefill_tokens += s.num_new_tokens
         self.stats.num_decoded_tokens += out.num_decode_tokens
         self.stats.num_prefilled_tokens += out.num_prefill_tokens
-        out.model_input = ModelInput([_chunk(s) for s in out.scheduled], out.block_copies)
+        adapters = {s.seq.request.lora_id: s.seq.request.lora_request for s in out.scheduled
+                    if s.seq.request.lora_request is not None}
+        out.model_input = ModelInput([_chunk(s) for s in out.scheduled], out.block_copies,
+                                     adapters)
         return out
 
     def _schedule_running(self, request: Request, budget: int, out: SchedulerOutput
@@ -260,7 +274,8 @@ class Scheduler:
     def _take_cached_prefix(self, seq: Sequence) -> None:
         if (seq.num_computed_tokens == 0 and not seq.block_table.blocks
                 and not seq.request.computes_prompt_logprobs):
-            seq.block_table = self.block_manager.match_prefix(seq.token_ids)
+            seq.block_table = self.block_manager.match_prefix(seq.token_ids,
+                                                              seq.request.prefix_root)
             seq.num_computed_tokens = len(seq.block_table) * self.block_manager.block_size
 
     def _release_outside_window(self, seq: Sequence) -> None:

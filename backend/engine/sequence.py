@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.engine.beam_search import BeamSearch
-from pagedserve.engine.block_manager import BlockTable
+from pagedserve.engine.block_manager import BlockTable, root_key
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
@@ -101,6 +102,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served at first scheduling
     # With params.prompt_logprobs: each prompt position's candidates so far (None for the first).
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    lora_request: LoRARequest | None = None  # the adapter it runs with; None: the base model
 
     @property
     def is_finished(self) -> bool:
@@ -109,6 +111,18 @@ class Request:
     @property
     def live_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def lora_id(self) -> int:
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    @property
+    def prefix_root(self) -> bytes:
+        """Where its sequences' prefix-cache chains start: its adapter's own root, so no
+        adapter's K/V serves another's tokens."""
+        lora = self.lora_request
+        return root_key(None if lora is None else
+                        f"lora\0{lora.lora_int_id}\0{lora.lora_name}\0{lora.lora_path}")
 
     @property
     def computes_prompt_logprobs(self) -> bool:

@@ -26,6 +26,8 @@ class RequestInfo:
     n: int
     # W3C trace context (``traceparent``, ``tracestate``) the caller sent, if any.
     trace_headers: Mapping[str, str] | None = None
+    # The LoRA adapter it runs with (its ``lora_name``); None: the base model.
+    lora_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,17 @@ the caller's W3C trace context when one came with it, with events for its milest
 Spans are made from the engine's plain records after the fact, with their recorded start and
 end times: the step itself does no tracing work, and with tracing off (level ``OFF``) nothing
 here runs beyond one attribute check.
+
+Flushes (an engine stopping, the server exiting) wait at most ``FLUSH_SECONDS``
+(``flush_spans``), so an unreachable collector cannot hold an unload or SIGTERM for the
+exporter's own timeouts and retries.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +31,58 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from pagedserve.engine.stats import FinishedRequest, RequestInfo, StepStats
 
+log = logging.getLogger(__name__)
+
 _PROPAGATOR = TraceContextTextMapPropagator()
 _GETTER: DefaultGetter = DefaultGetter()
+
+# How long one flush of the buffered spans may wait on the exporter. A collector that answers
+# takes milliseconds; one that does not would hold the flush for the exporter's timeout (10 s
+# per export by default, ``OTEL_EXPORTER_OTLP_TIMEOUT``) and its retries, and every stopping
+# engine and the exit after them would wait that long in turn.
+FLUSH_SECONDS = 3.0
+# Per tracer provider, a flush that overran its bound and still waits on the exporter: later
+# flushes would queue behind it (the batch processor exports under one lock), so they return.
+_overrun: weakref.WeakKeyDictionary[Any, threading.Thread] = weakref.WeakKeyDictionary()
+_overrun_lock = threading.Lock()
+
+
+def flush_spans(provider: Any, timeout: float = FLUSH_SECONDS, final: bool = False) -> bool:
+    """Exports what ``provider`` buffers (with ``final``, shuts it down), waiting ``timeout``
+    seconds at most; returns whether it finished in time.
+
+    The SDK's own bounds do not hold: ``force_flush(timeout_millis)`` is passed on, but the
+    batch span processor of SDK 1.x exports without looking at it (its "TODO", issue
+    open-telemetry/opentelemetry-python#4568), and its ``shutdown`` takes none. So the work runs
+    on a daemon thread, which is left behind when it overruns (the exit does not wait for it);
+    while it still runs, later flushes of the provider return at once, so a run of stopping
+    engines and the exit after them wait ``timeout`` in all, not each.
+    """
+    action = getattr(provider, "shutdown" if final else "force_flush", None)
+    if action is None:  # the API's no-op provider
+        return True
+    with _overrun_lock:
+        stuck = _overrun.get(provider)
+        if stuck is not None and not stuck.is_alive():
+            del _overrun[provider]
+            stuck = None
+    if stuck is not None:
+        log.warning("spans not exported: an earlier export still waits on the collector")
+        return False
+    if final:
+        worker = threading.Thread(target=action, name="span-flush", daemon=True)
+    else:
+        worker = threading.Thread(target=action, name="span-flush", daemon=True,
+                                  kwargs={"timeout_millis": int(timeout * 1000)})
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        with _overrun_lock:
+            _overrun[provider] = worker
+        log.warning("span export did not finish within %g s (is the collector reachable?): "
+                    "going on without it", timeout)
+        return False
+    return True
 
 
 @dataclass
@@ -81,6 +137,8 @@ class EngineTracer:
         }
         if request.max_tokens is not None:
             attributes["gen_ai.request.max_tokens"] = request.max_tokens
+        if request.lora_name is not None:  # no semantic convention names it; vLLM sets none
+            attributes["gen_ai.request.lora_name"] = request.lora_name
         span = self._tracer.start_span("llm_request", context=parent, kind=SpanKind.SERVER,
                                        start_time=request.arrival_ns, attributes=attributes)
         span.add_event("queued", timestamp=request.arrival_ns)
@@ -151,14 +209,13 @@ class EngineTracer:
         span.end(end_time=stats.end_ns)
 
     def shutdown(self) -> None:
-        """Ends the spans of requests still open (the engine is stopping) and flushes."""
+        """Ends the spans of requests still open (the engine is stopping) and flushes, for
+        ``FLUSH_SECONDS`` at most."""
         for span in self._spans.values():
             span.set_status(Status(StatusCode.ERROR, "engine shut down"))
             span.end()
         self._spans.clear()
-        flush = getattr(self._provider, "force_flush", None)
-        if flush is not None:
-            flush()
+        flush_spans(self._provider)
 
 
 def _step_attributes(stats: StepStats, model: Mapping[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from pagedserve.kernels.attention import AttentionMetadata
 from pagedserve.kernels.quant_linear import Weight
+from pagedserve.model.lora.slots import LoRABatch, LoRAGroup
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,13 +31,16 @@ class CausalLM(Protocol):
     sliding_window: int | None
     lm_head: Weight  # under tensor parallelism, this rank's rows of it
     vocab_size: int  # the scores ``logits`` returns per row: the whole vocabulary
+    # Each layer's projections as LoRA adapters see them, by the name the layers apply them by.
+    lora_groups: dict[str, LoRAGroup]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
-                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None,
+                lora: LoRABatch | None = None) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm. With a
         ``hidden_states`` list, appends the embeddings and each layer's output to it (as
-        ``transformers``' ``output_hidden_states``, before the final norm)."""
+        ``transformers``' ``output_hidden_states``, before the final norm). With ``lora``,
+        each token's adapter adds its deltas to the projections."""
         ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -78,13 +82,13 @@ def lm_head_name(config: PretrainedConfig, weights: dict[str, torch.Tensor], emb
 Rotary = TypeVar("Rotary", torch.Tensor, torch.Tensor | None)
 # A decoder layer: (residual stream, previous layer's output, cos, sin, cache, metadata) ->
 # (residual stream, this layer's output); the next layer or the final norm adds the output in.
-Layer = Callable[[torch.Tensor, torch.Tensor | None, Rotary, Rotary, KVCache, AttentionMetadata],
-                 tuple[torch.Tensor, torch.Tensor]]
+Layer = Callable[[torch.Tensor, torch.Tensor | None, Rotary, Rotary, KVCache, AttentionMetadata,
+                  LoRABatch | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def run_layers(layers: Sequence[Layer[Rotary]], h: torch.Tensor, cos: Rotary, sin: Rotary,
                caches: list[KVCache], meta: AttentionMetadata,
-               hidden_states: list[torch.Tensor] | None
+               hidden_states: list[torch.Tensor] | None, lora: LoRABatch | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs the decoder layers over the residual stream ``h``; returns it with the last
     layer's output, not yet added. With a ``hidden_states`` list, appends the embeddings and
@@ -93,7 +97,7 @@ def run_layers(layers: Sequence[Layer[Rotary]], h: torch.Tensor, cos: Rotary, si
     for layer, cache in zip(layers, caches):
         if hidden_states is not None:
             hidden_states.append(h.clone() if delta is None else h + delta)
-        h, delta = layer(h, delta, cos, sin, cache, meta)
+        h, delta = layer(h, delta, cos, sin, cache, meta, lora)
     if hidden_states is not None and delta is not None:
         hidden_states.append(h + delta)
     return h, delta

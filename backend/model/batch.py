@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.lora_request import LoRARequest
+
 
 @dataclass(frozen=True)
 class SeqChunk:
@@ -33,6 +35,7 @@ class SeqChunk:
     prompt_logprobs: int | None = None
     prompt_first_row: int = 0
     prompt_targets: list[int] = field(default_factory=list)
+    lora_id: int = 0  # the adapter it runs with (``ModelInput.loras``), 0: the base model
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_logits <= len(self.token_ids):
@@ -44,10 +47,12 @@ class SeqChunk:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A step's chunks (decodes first) and the block copies to make before attention."""
+    """A step's chunks (decodes first), the block copies to make before attention, and the
+    adapters its chunks run with, by id."""
 
     chunks: list[SeqChunk] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    loras: dict[int, LoRARequest] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,21 @@ no copies); with ``tensor_parallel_size`` N > 1 they live in N worker processes,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from transformers import PretrainedConfig
 
 from pagedserve.config import EngineConfig
+from pagedserve.lora_request import LoRARequest
 from pagedserve.model.base import CausalLM
 from pagedserve.model.batch import ModelInput, ModelOutput
 from pagedserve.model.loader import LoadedModel, check_loaded_for, load_model
+from pagedserve.model.lora.adapter import LoRAAdapter, load_adapter
+from pagedserve.model.lora.cache import AdapterCache
+from pagedserve.model.lora.residency import AdapterResidency
+from pagedserve.model.lora.slots import LoRASlots
 from pagedserve.model.registry import build_model, family_of
 from pagedserve.model.runner import ModelRunner, num_kv_blocks
 
@@ -49,6 +55,11 @@ class Executor(Protocol):
 
     def execute(self, step: ModelInput) -> ModelOutput:
         """Runs one step (its block copies first); ``ExecutorDied`` if it never can again."""
+        ...
+
+    def load_lora(self, request: LoRARequest) -> None:
+        """Reads and checks a LoRA adapter for the coming steps (``LoRAError`` if it is bad);
+        called off the step thread."""
         ...
 
     def failure(self) -> str | None:
@@ -84,9 +95,11 @@ class InProcessExecutor:
             loaded.weights.clear()
         if config.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        # The adapters' slots are allocated before the KV cache is sized from what is left.
+        adapters = _adapter_residency(config, self.model) if config.enable_lora else None
         num_blocks = num_kv_blocks(self.model, config)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size,
-                                  config.attention_backend)
+                                  config.attention_backend, adapters)
         self.facts = model_facts(self.model, loaded.config, num_blocks)
 
     @property
@@ -97,6 +110,11 @@ class InProcessExecutor:
     def execute(self, step: ModelInput) -> ModelOutput:
         return self.runner.execute(step)
 
+    def load_lora(self, request: LoRARequest) -> None:
+        if self.runner.adapters is None:
+            raise ValueError("LoRA is not enabled (enable_lora=False)")
+        self.runner.adapters.preload(request)
+
     def failure(self) -> str | None:
         return None
 
@@ -105,6 +123,16 @@ class InProcessExecutor:
 
     def shutdown(self) -> None:
         pass
+
+
+def _adapter_residency(config: EngineConfig, model: CausalLM) -> AdapterResidency:
+    slots = LoRASlots(model.lora_groups, model.num_layers, config.max_loras,
+                      config.max_lora_rank, model.dtype, model.device)
+
+    def read(name: str, path: str) -> LoRAAdapter:
+        return load_adapter(Path(path), name, model.config, config.max_lora_rank)
+
+    return AdapterResidency(slots, AdapterCache(config.lora_cache_size, read))
 
 
 def start_executor(config: EngineConfig, loaded: LoadedModel | None

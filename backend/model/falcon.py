@@ -29,6 +29,7 @@ from pagedserve.kernels.quant_linear import Weight
 from pagedserve.kernels.rotary import rotary_write_kv
 from pagedserve.model.base import KVCache, lm_head_name, run_layers
 from pagedserve.model.llama import rotary_tables
+from pagedserve.model.lora.slots import LoRABatch, LoRAGroup
 from pagedserve.model.parallel import ParallelGroup, check_tensor_parallel
 from pagedserve.model.projections import Rows, cast_weights, dense, projection
 
@@ -74,12 +75,29 @@ def _split_fused_qkv(t: torch.Tensor, config: PretrainedConfig, head_dim: int) -
     return torch.cat([p.reshape(-1, *rest) for p in parts])
 
 
+def _lora_groups(config: PretrainedConfig, head_dim: int) -> dict[str, LoRAGroup]:
+    """The projections as adapters see them (PEFT's module names for Falcon); an adapter's
+    ``query_key_value`` rows are regrouped as the weight's are."""
+    hidden = config.hidden_size
+    inner = getattr(config, "ffn_hidden_size", None) or 4 * hidden
+    heads = config.num_attention_heads
+    fused = (heads + 2 * num_kv_heads(config)) * head_dim
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return _split_fused_qkv(t, config, head_dim)
+
+    return {"qkv": LoRAGroup(("query_key_value",), hidden, (fused,), rows),
+            "dense": LoRAGroup(("dense",), heads * head_dim, (hidden,)),
+            "up": LoRAGroup(("dense_h_to_4h",), hidden, (inner,)),
+            "down": LoRAGroup(("dense_4h_to_h",), inner, (hidden,))}
+
+
 class FalconLayer:
     """One decoder layer: attention and GELU MLP behind LayerNorms, parallel or sequential."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
-                 head_dim: int, slopes: torch.Tensor | None, quantization: str | None = None
-                 ) -> None:
+                 head_dim: int, slopes: torch.Tensor | None, quantization: str | None = None,
+                 index: int = 0) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
 
@@ -96,6 +114,7 @@ class FalconLayer:
         def qkv_rows(t: torch.Tensor) -> torch.Tensor:
             return _split_fused_qkv(t, config, head_dim)
 
+        self.index = index  # its place in the model: which of an adapter's weights are its
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = num_kv_heads(config)
         self.head_dim = head_dim
@@ -123,9 +142,12 @@ class FalconLayer:
         self.down_bias = maybe("mlp.dense_4h_to_h.bias")
 
     def _attention(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                   cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+                   cache: KVCache, meta: AttentionMetadata, lora: LoRABatch | None
+                   ) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = linear(x, self.qkv, self.qkv_bias)
+        if lora is not None:
+            lora.add(self.index, "qkv", qkv, x)
         if cos is None or sin is None:  # ALiBi: no rotation, the bias is in the attention
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
@@ -137,29 +159,40 @@ class FalconLayer:
                                       self.num_heads, self.num_kv_heads, meta.backend)
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale,
                                alibi_slopes=self.alibi_slopes)
-        return linear(attn.reshape(tokens, self.num_heads * self.head_dim), self.dense,
-                      self.dense_bias)
+        attn = attn.reshape(tokens, self.num_heads * self.head_dim)
+        out = linear(attn, self.dense, self.dense_bias)
+        if lora is not None:
+            lora.add(self.index, "dense", out, attn)
+        return out
 
     def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor | None,
-                 sin: torch.Tensor | None, cache: KVCache, meta: AttentionMetadata
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 sin: torch.Tensor | None, cache: KVCache, meta: AttentionMetadata,
+                 lora: LoRABatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds the previous layer's output ``delta`` into the residual stream ``h`` (fused
         with the norm that reads it) and runs the layer: returns ``h`` and this layer's
-        output, which the next layer (or the final norm) adds."""
+        output, which the next layer (or the final norm) adds. ``lora`` adds each token's
+        adapter deltas to every projection."""
         x = add_layer_norm(h, delta, *self.attn_norm, self.eps, meta.backend)
-        attn = self._attention(x, cos, sin, cache, meta)
+        attn = self._attention(x, cos, sin, cache, meta, lora)
         if self.sequential:
             assert self.mlp_norm is not None
             x = add_layer_norm(h, attn, *self.mlp_norm, self.eps, meta.backend)
-            return h, self._mlp(x)
+            return h, self._mlp(x, lora)
         if self.mlp_norm is not None:
             x = add_layer_norm(h, None, *self.mlp_norm, self.eps, meta.backend)
-        out = self._mlp(x)
+        out = self._mlp(x, lora)
         out += attn  # transformers' order: mlp + attention, then the residual
         return h, out
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.gelu(linear(x, self.up, self.up_bias)), self.down, self.down_bias)
+    def _mlp(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        up = linear(x, self.up, self.up_bias)
+        if lora is not None:
+            lora.add(self.index, "up", up, x)
+        act = F.gelu(up)
+        down = linear(act, self.down, self.down_bias)
+        if lora is not None:
+            lora.add(self.index, "down", down, act)
+        return down
 
 
 class FalconModel:
@@ -185,8 +218,9 @@ class FalconModel:
         embed = "transformer.word_embeddings.weight"
         self.embed = dense(weights, embed, dtype)  # looked up, not multiplied
         self.layers = [FalconLayer(weights, f"transformer.h.{i}", config, self.head_dim, slopes,
-                                   quantization)
+                                   quantization, i)
                        for i in range(self.num_layers)]
+        self.lora_groups = _lora_groups(config, self.head_dim)
         self.final_norm: Norm = (weights["transformer.ln_f.weight"],
                                  weights.get("transformer.ln_f.bias"))
         self.eps = config.layer_norm_epsilon
@@ -201,14 +235,15 @@ class FalconModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
-                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None,
+                lora: LoRABatch | None = None) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm; with a
-        ``hidden_states`` list, the embeddings and each layer's output are appended to it."""
+        ``hidden_states`` list, the embeddings and each layer's output are appended to it;
+        with ``lora``, each token's adapter adds its deltas."""
         h = self.embed[input_ids]  # a copy: the layers add into it in place
         cos = None if self.cos is None else self.cos[positions]
         sin = None if self.sin is None else self.sin[positions]
-        h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
+        h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states, lora)
         return add_layer_norm(h, delta, *self.final_norm, self.eps, meta.backend)
 
     @torch.inference_mode()

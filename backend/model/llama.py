@@ -27,6 +27,7 @@ projections are all blocks runs its layers in one C call (:mod:`pagedserve.model
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from pagedserve.kernels import block_quant
@@ -44,6 +45,7 @@ from pagedserve.model.base import (
     run_layers,
 )
 from pagedserve.model.fused_decode import FusedDecode
+from pagedserve.model.lora.slots import LoRABatch, LoRAGroup
 from pagedserve.model.parallel import (
     ParallelGroup,
     all_gather_last_dim,
@@ -97,13 +99,23 @@ def rotary_tables(config: PretrainedConfig, head_dim: int, max_positions: int,
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+def _lora_groups(config: PretrainedConfig, head_dim: int) -> dict[str, LoRAGroup]:
+    """The projections as adapters see them (PEFT's module names), as the layers fuse them."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {"qkv": LoRAGroup(("q_proj", "k_proj", "v_proj"), hidden, (q, kv, kv)),
+            "o": LoRAGroup(("o_proj",), q, (hidden,)),
+            "gate_up": LoRAGroup(("gate_proj", "up_proj"), hidden, (inner, inner)),
+            "down": LoRAGroup(("down_proj",), inner, (hidden,))}
+
+
 class LlamaLayer:
     """One decoder layer: attention and SwiGLU MLP, each behind an RMSNorm with a residual."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
                  head_dim: int, sliding_window: int | None = None,
-                 parallel: ParallelGroup | None = None, quantization: str | None = None
-                 ) -> None:
+                 parallel: ParallelGroup | None = None, quantization: str | None = None,
+                 index: int = 0) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[f"{prefix}.{name}"]
 
@@ -115,6 +127,7 @@ class LlamaLayer:
             return weights.get(f"{prefix}.{name}")
 
         dtype = w("input_layernorm.weight").dtype  # the model's: norms are plain tensors
+        self.index = index  # its place in the model: which of an adapter's weights are its
         ranks = 1 if parallel is None else parallel.world_size
         self.parallel = parallel
         self.num_heads = config.num_attention_heads // ranks
@@ -146,27 +159,52 @@ class LlamaLayer:
         self.down_bias = maybe("mlp.down_proj.bias")
 
     def __call__(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
-                 sin: torch.Tensor, cache: KVCache, meta: AttentionMetadata
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 sin: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                 lora: LoRABatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds the previous layer's output ``delta`` to the residual stream ``h`` (in place,
         fused with the norm that reads it) and runs the layer: returns ``h`` and this layer's
-        output, which the next layer (or the final norm) adds."""
+        output, which the next layer (or the final norm) adds. ``lora`` adds each token's
+        adapter deltas to every projection."""
         tokens = h.shape[0]
         x = add_rms_norm(h, delta, self.input_norm, self.eps, meta.backend)
         qkv = linear(x, self.qkv, self.qkv_bias)
+        if lora is not None:
+            lora.add(self.index, "qkv", qkv, x)
         q, k, v = rotary_write_kv(qkv, cos, sin, cache[0], cache[1], meta.slot_mapping,
                                   self.num_heads, self.num_kv_heads, meta.backend,
                                   q_norm=self.q_norm, k_norm=self.k_norm, norm_eps=self.eps)
         attn = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale,
                                sliding_window=self.sliding_window)
-        out = row_parallel_linear(attn.reshape(tokens, self.num_heads * self.head_dim),
-                                  self.o_proj, self.o_bias, self.parallel)
+        attn = attn.reshape(tokens, self.num_heads * self.head_dim)
+        out = row_parallel_linear(attn, self.o_proj, self.o_bias, self.parallel)
+        if lora is not None:
+            lora.add(self.index, "o", out, attn)
         x = add_rms_norm(h, out, self.post_attention_norm, self.eps, meta.backend)
-        if isinstance(self.mlp_in, BlockWeight):
+        if lora is not None:
+            act = self._gated_with_lora(x, lora)
+        elif isinstance(self.mlp_in, BlockWeight):
             act = block_quant.silu_gated(x, self.mlp_in, self.gate_bias, self.up_bias)
         else:
             act = silu_gated(x, *self.mlp_in, self.gate_bias, self.up_bias)
-        return h, row_parallel_linear(act, self.down, self.down_bias, self.parallel)
+        down = row_parallel_linear(act, self.down, self.down_bias, self.parallel)
+        if lora is not None:
+            lora.add(self.index, "down", down, act)
+        return h, down
+
+    def _gated_with_lora(self, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
+        """The MLP's gate and up projections with the adapters' deltas added before the
+        activation (which the fused paths apply inside the projections)."""
+        if isinstance(self.mlp_in, BlockWeight):
+            gate_up = linear(x, self.mlp_in)
+            if self.gate_bias is not None and self.up_bias is not None:
+                gate_up += torch.cat([self.gate_bias, self.up_bias])
+        else:
+            gate, up = self.mlp_in
+            gate_up = torch.cat([linear(x, gate, self.gate_bias), linear(x, up, self.up_bias)],
+                                dim=-1)
+        lora.add(self.index, "gate_up", gate_up, x)
+        width = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :width]) * gate_up[:, width:]
 
 
 class LlamaModel:
@@ -203,8 +241,9 @@ class LlamaModel:
         windows = layer_windows(config)
         self.sliding_window = common_window(windows)
         self.layers = [LlamaLayer(weights, f"model.layers.{i}", config, self.head_dim, windows[i],
-                                  self.parallel, quantization)
+                                  self.parallel, quantization, i)
                        for i in range(self.num_layers)]
+        self.lora_groups = _lora_groups(config, self.head_dim)
         self.norm = weights["model.norm.weight"]
         self.eps = config.rms_norm_eps
         self.lm_head = projection(weights, [lm_head], quantization, dtype)
@@ -216,20 +255,21 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
-                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                meta: AttentionMetadata, hidden_states: list[torch.Tensor] | None = None,
+                lora: LoRABatch | None = None) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm; with a
-        ``hidden_states`` list, the embeddings and each layer's output are appended to it."""
+        ``hidden_states`` list, the embeddings and each layer's output are appended to it;
+        with ``lora``, each token's adapter adds its deltas."""
         # A copy either way: the layers add into it in place.
         h = (self.embed[input_ids] if self.parallel is None
              else vocab_parallel_embedding(input_ids, self.embed, self.parallel))
         cos, sin = self.cos[positions], self.sin[positions]
         delta: torch.Tensor | None
-        if hidden_states is None and self.fused_decode is not None and \
+        if hidden_states is None and lora is None and self.fused_decode is not None and \
                 self.fused_decode.applies(h, meta):
             h, delta = self.fused_decode(h, cos, sin, caches, meta)
         else:
-            h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states)
+            h, delta = run_layers(self.layers, h, cos, sin, caches, meta, hidden_states, lora)
         return add_rms_norm(h, delta, self.norm, self.eps, meta.backend)
 
     @torch.inference_mode()

@@ -22,6 +22,7 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedserve.config import EngineConfig
+from pagedserve.lora_request import LoRARequest
 from pagedserve.model.batch import ModelInput, ModelOutput
 from pagedserve.model.executor import ExecutorDied, ModelFacts
 from pagedserve.model.loader import LoadedModel
@@ -93,6 +94,9 @@ class MultiprocExecutor:
     def worker_pids(self) -> list[int]:
         """This node's ranks' process ids, in rank order."""
         return [int(p.pid) for p in self._processes]
+
+    def load_lora(self, request: LoRARequest) -> None:
+        raise ValueError("LoRA adapters run on one rank (tensor_parallel_size 1)")
 
     def execute(self, step: ModelInput) -> ModelOutput:
         if self._dead is not None:

@@ -11,6 +11,7 @@ from pagedserve.kernels.attention import NULL_BLOCK, AttentionMetadata
 from pagedserve.kernels.dispatch import to_device
 from pagedserve.model.base import CausalLM, KVCache
 from pagedserve.model.batch import ModelInput, ModelOutput, PromptLogprobs
+from pagedserve.model.lora.residency import AdapterResidency
 
 # Prompt rows whose scores are made at once for prompt logprobs (a vocabulary's worth each).
 PROMPT_LOGITS_ROWS = 256
@@ -108,8 +109,10 @@ class ModelRunner:
     """Owns the model and its paged KV cache; executes one scheduled batch per call."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto",
+                 adapters: AdapterResidency | None = None) -> None:
         self.model = model
+        self.adapters = adapters  # LoRA: the adapters' slots (None: enable_lora is off)
         self.block_size = block_size
         self.attention_backend = attention_backend
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
@@ -174,8 +177,10 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             block_tables=block_tables, query_lens=query_lens, seq_lens=seq_lens,
             num_decodes=num_decodes, block_size=bs, backend=self.attention_backend)
+        lora = (None if self.adapters is None
+                else self.adapters.batch(step, device, self.attention_backend))
         hidden = self.model.forward(to_device(input_ids, torch.long, device), pos, self.caches,
-                                    meta)
+                                    meta, lora=lora)
         rows = to_device(sample_rows, torch.long, device)
         prompt: dict[int, PromptLogprobs] = {}
         offset = 0

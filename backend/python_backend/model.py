@@ -28,11 +28,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pagedserve.engine.async_engine import AsyncEngine, EngineOverloaded
+from pagedserve.lora_request import LoRARequest
 from pagedserve.protocol import model_config_pb2 as mc
 from pagedserve.python_backend.loop import LoopThread
 from pagedserve.python_backend.metrics import TritonEngineGauges
-from pagedserve.python_backend.settings import engine_settings
+from pagedserve.python_backend.settings import engine_adapters, engine_settings
 from pagedserve.repository.errors import RepositoryError
+from pagedserve.repository.lora import UnknownLoRA, lora_request_for
 from pagedserve.repository.manager import build_engine
 from pagedserve.repository.model_config import VLLM_INPUTS, VLLM_OUTPUTS
 from pagedserve.tensors import (
@@ -86,6 +88,7 @@ class TritonPythonModel:
                 "(model_transaction_policy { decoupled: true }): it streams its responses")
         try:
             settings = engine_settings(args)
+            self._loras = engine_adapters(args, settings)  # multi_lora.json, as our server's
         except RepositoryError as e:
             raise pb_utils.TritonModelException(e.message) from None
         gauges = TritonEngineGauges(pb_utils, args["model_name"], args["model_version"],
@@ -108,10 +111,11 @@ class TritonPythonModel:
                 generate = parse_request(self._inputs(request), self._parameters(request),
                                          frozenset(request.requested_output_names()),
                                          self.engine.limits)
-            except TensorError as e:
+                lora = lora_request_for(self._loras, generate.lora_name)
+            except (TensorError, UnknownLoRA) as e:
                 sender.send(_error(str(e), pb_utils.TritonError.INVALID_ARG), flags=_FINAL)
                 continue
-            self._loop.loop.call_soon_threadsafe(self._spawn, generate, sender)
+            self._loop.loop.call_soon_threadsafe(self._spawn, generate, lora, sender)
         return None
 
     def finalize(self) -> None:
@@ -139,17 +143,19 @@ class TritonPythonModel:
 
     # ---- the event loop's thread -----------------------------------------------------------
 
-    def _spawn(self, generate: GenerateRequest, sender: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(generate, sender))
+    def _spawn(self, generate: GenerateRequest, lora: LoRARequest | None, sender: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(generate, lora, sender))
         self._tasks[task] = sender
         task.add_done_callback(self._tasks.pop)
 
-    async def _serve(self, generate: GenerateRequest, sender: Any) -> None:
+    async def _serve(self, generate: GenerateRequest, lora: LoRARequest | None,
+                     sender: Any) -> None:
         builder = ResponseBuilder(generate, self._decode)
         try:
             stream = self.engine.generate(generate.prompt, generate.params,
                                           request_id=uuid.uuid4().hex,
-                                          prompt_token_ids=generate.prompt_token_ids)
+                                          prompt_token_ids=generate.prompt_token_ids,
+                                          lora_request=lora)
             async with aclosing(stream) as outputs:  # type: ignore[type-var]
                 async for out in outputs:
                     if generate.stream:

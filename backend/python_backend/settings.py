@@ -15,6 +15,7 @@ from typing import Any
 from pagedserve.config import EngineConfig
 from pagedserve.protocol import model_config_pb2 as mc
 from pagedserve.repository.engine_args import engine_config
+from pagedserve.repository.lora import AdapterTable, adapter_table
 
 
 def config_parameters(model_config: dict[str, Any]) -> mc.ModelConfig:
@@ -46,3 +47,12 @@ def engine_settings(args: dict[str, str]) -> EngineConfig:
         config.parameters["device"].string_value = device
     version_dir = Path(args["model_repository"]) / args["model_version"]
     return engine_config(config, version_dir)
+
+
+def engine_adapters(args: dict[str, str], settings: EngineConfig) -> AdapterTable | None:
+    """The LoRA adapters of the version ``initialize(args)`` is loading: its
+    ``multi_lora.json``, checked as our server checks it (``RepositoryError``); None when its
+    engine settings do not enable LoRA."""
+    model_dir = Path(args["model_repository"])
+    return adapter_table(settings, model_dir / args["model_version"], model_dir.parent,
+                         args["model_name"])

@@ -5,6 +5,15 @@ worker thread so the server keeps answering while weights load. States and reaso
 Triton's ``RepositoryIndex``: ``READY``, ``UNAVAILABLE`` (with the load error or ``unloaded``),
 ``LOADING``, ``UNLOADING``.
 
+A version that stops being served (an unload, the old version of a reload, a model gone from
+the folder in poll mode) drains as Triton's do: at once it is not ready and new requests for it
+are refused with Triton's answer for a model without a ready version, while the requests already
+in flight on it run to their end (their final responses included); then its engine stops. The
+wait is bounded (``drain_seconds``, see ``DRAIN_SECONDS``): the requests still running then end
+with an error that names the unload. Drains run outside the model's lock, so a load of the
+same model meanwhile goes ahead and serves its new engines as soon as they are up, beside the
+old ones still draining (Triton's choice too: no downtime beyond the load itself).
+
 Names from clients are matched against the repository folder's own entries (``names.py``) before
 anything is read, and every unknown or invalid name gets Triton's answer for an unknown model,
 the same whatever exists on disk.
@@ -17,7 +26,7 @@ import copy
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +36,11 @@ import grpc
 from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.stats import EngineObserver
+from pagedserve.lora_request import LoRARequest
 from pagedserve.protocol import model_config_pb2 as mc
 from pagedserve.repository.engine_args import check_kv_cache_total, engine_config
 from pagedserve.repository.errors import RepositoryError, hide_paths
+from pagedserve.repository.lora import AdapterTable, adapter_table
 from pagedserve.repository.model_config import load_config
 from pagedserve.repository.names import model_folder, model_names, shown
 from pagedserve.repository.paths import redact
@@ -39,6 +50,13 @@ from pagedserve.repository.versions import available_versions, select_versions
 log = logging.getLogger(__name__)
 
 CONTROL_MODES = ("none", "explicit", "poll")
+# How long a version that stops being served lets its requests in flight run on before the rest
+# are cut. The server passes its --grace-period (default 30 s), the bound SIGTERM gives requests
+# in flight too, so one setting says how long a request may outlive its model; Triton's unload
+# waits for in-flight requests without a bound of its own, and its --exit-timeout-secs (also
+# 30 s by default) bounds that wait at exit.
+DRAIN_SECONDS = 30.0
+_DRAIN_POLL_S = 0.05  # how often a drain looks whether its requests have ended
 # A model version as RPCs write it: "" / "-1" (latest) or a number, ASCII digits only.
 _VERSION = re.compile(r"-?[0-9]{1,19}")
 
@@ -68,6 +86,8 @@ class ModelVersion:
     # the engine's own tokenizer belongs to its core thread.
     tokenizer: Any
     stats: ModelStats = field(default_factory=ModelStats)
+    # Its LoRA adapters by name (``repository/lora.py``); None when LoRA is not enabled.
+    loras: AdapterTable | None = None
 
     @property
     def decoupled(self) -> bool:
@@ -105,6 +125,8 @@ class _ModelState:
     config: mc.ModelConfig | None = None
     signature: tuple[Any, ...] = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The drains of versions no longer served (``ModelRepository._retire``), until they end.
+    draining: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 EngineFactory = Callable[[EngineConfig, Sequence[EngineObserver]], tuple[AsyncEngine, Any]]
@@ -138,7 +160,8 @@ class ModelRepository:
     def __init__(self, root: Path, control_mode: str = "none",
                  startup_models: list[str] | None = None,
                  engine_factory: EngineFactory = build_engine,
-                 observer_factory: ObserverFactory | None = None) -> None:
+                 observer_factory: ObserverFactory | None = None,
+                 drain_seconds: float = DRAIN_SECONDS) -> None:
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, "
                              f"got {control_mode!r}")
@@ -147,7 +170,12 @@ class ModelRepository:
         self.startup_models = startup_models or []
         self._factory = engine_factory
         self._observers = observer_factory
+        self.drain_seconds = drain_seconds
+        self._stopping = False  # shutdown has begun: drains end at once
         self._models: dict[str, _ModelState] = {}
+        # Model name -> the (adapter name, folder) pairs ``--lora-modules`` attach to it: every
+        # load of the model serves them beside its versions' multi_lora.json.
+        self.lora_modules: dict[str, list[tuple[str, str]]] = {}
         # Engines being built right now, each on a thread that cannot be interrupted; counted
         # on that thread, since the request that began a load may be cancelled before it ends.
         self._building = 0
@@ -174,7 +202,8 @@ class ModelRepository:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def load(self, name: str, config_override: str | None = None) -> None:
-        """(Re)loads every version the policy selects; the old versions serve until then.
+        """(Re)loads every version the policy selects; the old versions serve until then, and
+        drain once the new ones serve: the call returns when they have stopped.
 
         ``config_override`` is a client's JSON ``ModelConfig``: its engine parameters are held
         to the client's limits (paths inside the repository).
@@ -196,6 +225,10 @@ class ModelRepository:
                 settings = {v: engine_config(config, model_dir / str(v), client_root)
                             for v in versions}
                 check_kv_cache_total(name, list(settings.values()))
+                loras = {v: adapter_table(settings[v], model_dir / str(v), self.root, name,
+                                          self.lora_modules.get(name, ()))
+                         for v in versions}
+                self._check_adapter_names(name, loras.values())
             except RepositoryError as e:
                 if not any(s.state == "READY" for s in state.versions.values()):
                     state.versions = {0: _VersionState("UNAVAILABLE", e.message)}
@@ -221,15 +254,47 @@ class ModelRepository:
                         state.versions[version] = _VersionState("UNAVAILABLE", message)
                     raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT, message) from e
                 loaded[version] = _VersionState(
-                    "READY", "", ModelVersion(name, version, config, engine, tokenizer))
+                    "READY", "", ModelVersion(name, version, config, engine, tokenizer,
+                                              loras=loras[version]))
                 log.info("successfully loaded '%s' version %d", name, version)
             previous = state.versions
             state.versions = loaded
             state.config = config
             state.signature = _signature(model_dir)
-            for old_state in previous.values():
-                if old_state.model is not None:
-                    await asyncio.to_thread(old_state.model.engine.shutdown)
+            drain = self._retire(state, [vs.model for vs in previous.values()
+                                         if vs.model is not None], {})
+        await _settled([drain])
+
+    def _check_adapter_names(self, name: str, tables: Iterable[AdapterTable | None]) -> None:
+        """An adapter name that another loaded model serves would make the OpenAI door's
+        ``model`` ambiguous: refused."""
+        for table in tables:
+            for adapter in table.names() if table is not None else ():
+                holder = self.adapter_holder(adapter, excluding=name)
+                if holder is not None:
+                    raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"LoRA adapter '{shown(adapter)}' of model '{name}' is "
+                                          f"served by model '{holder}' already")
+
+    def adapter_holder(self, adapter: str, excluding: str = "") -> str | None:
+        """The loaded model (other than ``excluding``) one of whose versions serves ``adapter``."""
+        for other, state in sorted(self._models.items()):
+            if other == excluding:
+                continue
+            for vs in state.versions.values():
+                if vs.model is not None and vs.model.loras is not None \
+                        and adapter in vs.model.loras:
+                    return other
+        return None
+
+    def adapter(self, name: str) -> tuple[ModelVersion, LoRARequest] | None:
+        """The latest ready version of the model that serves LoRA adapter ``name``, and the
+        adapter; None when no ready version serves one of that name."""
+        for model in sorted(self.all_ready(), key=lambda m: (m.name, -m.version)):
+            found = model.loras.get(name) if model.loras is not None else None
+            if found is not None:
+                return model, found
+        return None
 
     def _build(self, settings: EngineConfig,
                observers: Sequence[EngineObserver]) -> tuple[AsyncEngine, Any]:
@@ -258,10 +323,13 @@ class ModelRepository:
                 continue
             state.versions[version] = _VersionState("UNAVAILABLE", failure)
             log.info("stopping the failed engine of '%s' version %d", vs.model.name, version)
-            await asyncio.to_thread(vs.model.engine.shutdown)
+            await asyncio.to_thread(vs.model.engine.shutdown)  # no request left to drain
 
     async def unload(self, name: str) -> None:
-        """Unloads every version; requests still running on them end with an error.
+        """Unloads every version: ``UNLOADING`` at once (new requests refused), ``UNAVAILABLE``
+        ``unloaded`` once the requests in flight have ended, or been cut after
+        ``drain_seconds``, and the engines have stopped; the call returns then (Triton's returns
+        at once: here its return means the memory is free).
 
         A name that was never loaded, valid or not, is nothing to unload: success, as Triton
         2.51 answers (so the answer tells nothing about the disk either).
@@ -270,13 +338,64 @@ class ModelRepository:
         if state is None:
             return
         async with state.lock:
-            old = state.versions
-            state.versions = {v: _VersionState("UNLOADING") for v in old}
-            for version_state in old.values():
-                if version_state.model is not None:
-                    await asyncio.to_thread(version_state.model.engine.shutdown)
-            state.versions = {v: _VersionState("UNAVAILABLE", "unloaded") for v in old}
-            log.info("successfully unloaded '%s'", name)
+            models: list[ModelVersion] = []
+            markers: dict[int, _VersionState] = {}
+            for version, vs in state.versions.items():
+                if vs.model is not None:
+                    models.append(vs.model)
+                    markers[version] = _VersionState("UNLOADING")
+                elif vs.state != "UNLOADING":  # an earlier unload's drain ends those
+                    markers[version] = _VersionState("UNAVAILABLE", "unloaded")
+            state.versions = {**state.versions, **markers}
+            self._retire(state, models, {version: marker for version, marker in markers.items()
+                                         if marker.state == "UNLOADING"})
+            drains = list(state.draining)  # this one's, and any earlier one's still running
+        await _settled(drains)
+
+    def _retire(self, state: _ModelState, models: list[ModelVersion],
+                markers: dict[int, _VersionState]) -> asyncio.Task[None] | None:
+        """Starts the drain of ``models``, versions no longer served (called under
+        ``state.lock``; the drain runs on without it). The ``markers`` (``UNLOADING``) that
+        are still in place when it ends turn ``UNAVAILABLE`` ``unloaded``."""
+        if not models:
+            return None
+        task = asyncio.create_task(self._drain(state, models, markers))
+        state.draining.add(task)
+        task.add_done_callback(state.draining.discard)
+        return task
+
+    async def _drain(self, state: _ModelState, models: list[ModelVersion],
+                     markers: dict[int, _VersionState]) -> None:
+        """Waits until no request is in flight on ``models`` (for ``drain_seconds`` at most,
+        none once shutdown has begun), then stops their engines: a request still running ends
+        with an error naming the unload."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_seconds
+        while (not self._stopping and loop.time() < deadline
+               and any(m.engine.in_flight for m in models)):
+            await asyncio.sleep(_DRAIN_POLL_S)
+        for model in models:
+            try:
+                cut = model.engine.in_flight
+                if cut:
+                    log.warning("unloading '%s' version %d: cutting %d requests still in "
+                                "flight", model.name, model.version, cut)
+                await asyncio.to_thread(model.engine.shutdown,
+                                        self._cut_reason(model.name, model.version))
+                log.info("successfully unloaded '%s' version %d", model.name, model.version)
+            except Exception:  # one engine's failure to stop must not keep the others running
+                log.exception("failed to stop the engine of '%s' version %d", model.name,
+                              model.version)
+        for version, marker in markers.items():
+            if state.versions.get(version) is marker:  # not replaced by a load meanwhile
+                state.versions[version] = _VersionState("UNAVAILABLE", "unloaded")
+
+    def _cut_reason(self, name: str, version: int) -> str:
+        """The error of a request still running when its version's drain ends."""
+        why = ("the server is shutting down" if self._stopping else
+               f"the request did not finish within the {self.drain_seconds:g} s an unload "
+               "waits for requests in flight")
+        return f"model '{name}' version {version} was unloaded: {why}"
 
     async def poll_once(self) -> None:
         """Poll mode: loads new models, reloads changed ones, unloads removed ones."""
@@ -293,7 +412,9 @@ class ModelRepository:
             del self._models[name]
 
     async def shutdown(self) -> None:
-        """Stops every engine."""
+        """Stops every engine, without draining: the server's grace period has let requests
+        finish before (``app.py``), and drains still running end at once."""
+        self._stopping = True
         for name in list(self._models):
             await self.unload(name)
 
@@ -350,16 +471,24 @@ class ModelRepository:
                     yield name, version, failure
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The ready version asked for (latest ready when ``version`` is empty or -1)."""
+        """The ready version asked for (latest ready when ``version`` is empty or -1).
+
+        Refusals carry Triton's wording; where a version is out of service because its engine
+        died (a tensor-parallel rank gone), the engine's error follows it, so that clients see
+        why (``docs/tensor-parallel.md``).
+        """
         state = self._models.get(name)  # only loaded names: never a path look-up
         if state is None:
             raise unknown_model(name)
         if version in ("", "-1"):
             ready = self.ready_versions(name)
             if not ready:
+                dead = "; ".join(f"version {v} failed: {failure}"
+                                 for v, vs in sorted(state.versions.items())
+                                 if (failure := vs.failure()) is not None)
                 raise RepositoryError(grpc.StatusCode.UNAVAILABLE,
                                       f"Request for unknown model: '{name}' has no available "
-                                      "versions")
+                                      f"versions{': ' + dead if dead else ''}")
             return ready[-1]
         if not _VERSION.fullmatch(version):  # int() would take " 2", "+2", "0_2", "٢"
             raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -372,7 +501,15 @@ class ModelRepository:
                                   f"Request for unknown model: '{name}' version {number} is "
                                   "not found")
         if not vs.ready or vs.model is None:
+            failure = vs.failure()
             raise RepositoryError(grpc.StatusCode.UNAVAILABLE,
                                   f"Request for unknown model: '{name}' version {number} is "
-                                  "not at ready state")
+                                  f"not at ready state{': ' + failure if failure else ''}")
         return vs.model
+
+
+async def _settled(drains: Sequence[asyncio.Task[None] | None]) -> None:
+    """Waits for the drains; cancelling the waiter (a client gone) leaves them running."""
+    tasks = [task for task in drains if task is not None]
+    if tasks:
+        await asyncio.shield(asyncio.gather(*tasks))

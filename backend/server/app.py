@@ -43,6 +43,7 @@ from pagedserve.server.http.listener import (
     DEFAULT_MAX_CONNECTIONS,
     HttpSettings,
 )
+from pagedserve.server.lora_modules import LoRAModule, attach_lora_modules
 from pagedserve.server.metrics import MetricFamilies, RepositoryCollector, metrics_observers
 from pagedserve.server.service import InferenceService
 from pagedserve.server.state import SERVER_NAME, SERVER_VERSION, ServerState
@@ -83,6 +84,8 @@ class ServeOptions:
     grpc_restrictions: dict[str, Restriction] = field(default_factory=dict)
     http_restrictions: dict[str, Restriction] = field(default_factory=dict)
     trace_config: tuple[str, ...] = ()  # Triton's --trace-config values
+    lora_modules: tuple[LoRAModule, ...] = ()  # vLLM's --lora-modules
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter, /v1/unload_lora_adapter
 
 
 def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -105,7 +108,8 @@ async def serve(options: ServeOptions) -> int:
                         idle_timeout=options.http_idle_timeout,
                         restrictions=options.http_restrictions,
                         max_body_bytes=options.http_max_input_size,
-                        max_connections=options.http_max_connections, api_key=options.api_key)
+                        max_connections=options.http_max_connections, api_key=options.api_key,
+                        runtime_lora_updating=options.allow_runtime_lora_updating)
     tracing = ServerTracing(parse_trace_config(options.trace_config))
     state = ServerState()
     state.trace.update(trace_level=[tracing.settings.level],
@@ -120,7 +124,8 @@ async def serve(options: ServeOptions) -> int:
         return [*metrics(name, version), *tracing.observers(name, version)]
 
     repository = ModelRepository(options.model_repository, options.model_control_mode,
-                                 list(options.load_models), observer_factory=observers)
+                                 list(options.load_models), observer_factory=observers,
+                                 drain_seconds=options.grace_period)  # unloads' bound too
     registry.register(RepositoryCollector(repository))
     server = grpc.aio.server(
         interceptors=[RestrictedProtocols(options.grpc_restrictions)]
@@ -158,6 +163,12 @@ async def serve(options: ServeOptions) -> int:
         await server.stop(0)
         _exit_now(0)
     starting.result()  # a failure to start is raised here
+    if options.lora_modules:
+        try:
+            await attach_lora_modules(repository, options.lora_modules)
+        except ValueError:  # the server does not start (exit status 2, the message said)
+            await repository.shutdown()
+            raise
     rows = [(n, v or "-", s or "UNLOADED", r) for n, v, s, r in repository.index()]
     log.info("\n%s", _table(rows, ("Model", "Version", "Status", "Reason")) if rows else
              "no models in the repository")

@@ -12,6 +12,7 @@ from pagedserve.repository.default import default_repository
 from pagedserve.server.access import GRPC_HEADER_PREFIX, parse_restrictions
 from pagedserve.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions, serve
 from pagedserve.server.http.listener import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
+from pagedserve.server.lora_modules import parse_lora_modules
 from pagedserve.server.tls import TlsOptions
 from pagedserve.server.tracing import parse_trace_config
 
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository-poll-secs", type=float, default=15.0,
                         help="poll interval of --model-control-mode=poll")
     parser.add_argument("--grace-period", type=float, default=30.0,
-                        help="seconds in-flight requests may take to finish after SIGTERM")
+                        help="seconds in-flight requests may take to finish after SIGTERM, "
+                             "or after their model is unloaded")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="largest gRPC message accepted or sent; larger ones get "
                              "RESOURCE_EXHAUSTED (default 64 MiB)")
@@ -85,6 +87,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
                         help="the OpenAI routes (/v1) need 'Authorization: Bearer <key>' "
                              "(default: $PAGEDSERVE_API_KEY; unset, they are open)")
+    parser.add_argument("--lora-modules", nargs="+", action="extend", default=[],
+                        metavar="name=path|JSON",
+                        help="LoRA adapters for the model with LoRA enabled, as vLLM's: "
+                             "name=path, or {\"name\": ..., \"path\": ..., "
+                             "\"base_model_name\": ...} to name the model (needed when several "
+                             "have LoRA enabled); repeatable (docs/http.md)")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip()
+                        .lower() in ("1", "true"),
+                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                             "(default: $VLLM_ALLOW_RUNTIME_LORA_UPDATING, as vLLM)")
     _add_tls(parser, "grpc", "gRPC")
     _add_tls(parser, "http", "the HTTP and metrics ports")
     parser.add_argument("--grpc-restricted-protocol", action="append", default=[],
@@ -148,6 +161,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         http_idle_timeout=args.http_idle_timeout,
         http_max_input_size=args.http_max_input_size,
         http_max_connections=args.http_max_connections, api_key=args.api_key,
+        lora_modules=parse_lora_modules(args.lora_modules),
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         grpc_restrictions=parse_restrictions(args.grpc_restricted_protocol,
                                              "grpc-restricted-protocol", GRPC_HEADER_PREFIX,
                                              "protocol"),

@@ -14,10 +14,12 @@ from typing import Any
 
 import grpc
 
-from pagedserve.engine.async_engine import EngineOverloaded
+from pagedserve.engine.async_engine import EngineOverloaded, EngineStopped
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.repository import ModelVersion
+from pagedserve.repository.lora import UnknownLoRA, lora_request_for
 from pagedserve.server.accounting import RequestAccount
 from pagedserve.server.wire import (
     build_response,
@@ -66,6 +68,7 @@ class Inference:
         self.trace_headers = trace_headers
         self.version = str(model.version)
         self._account = RequestAccount(model.stats)
+        self.lora: LoRARequest | None = None  # the adapter it names, once prepared
 
     def prepare(self) -> tuple[GenerateRequest, bool]:
         """Validates the request; returns it and whether an empty final response was asked."""
@@ -76,7 +79,8 @@ class Inference:
             requested = frozenset(o.name for o in self.request.outputs)
             generate = parse_request(arrays, request_parameters(self.request), requested,
                                      self.model.engine.limits)
-        except TensorError as e:
+            self.lora = lora_request_for(self.model.loras, generate.lora_name)
+        except (TensorError, UnknownLoRA) as e:
             self._account.release(False)
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         return generate, empty_final
@@ -100,7 +104,8 @@ class Inference:
         try:
             stream: AsyncGenerator[RequestOutput, None] = self.model.engine.generate(  # type: ignore[assignment]
                 generate.prompt, generate.params, request_id=engine_id,
-                prompt_token_ids=generate.prompt_token_ids, trace_headers=self.trace_headers)
+                prompt_token_ids=generate.prompt_token_ids, trace_headers=self.trace_headers,
+                lora_request=self.lora)
             async with aclosing(stream) as outputs:
                 async for out in outputs:
                     self._account.output()
@@ -121,6 +126,8 @@ class Inference:
         except EngineOverloaded as e:
             raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"{log_prefix(self.request.id)}{e}") from None
+        except EngineStopped as e:  # its model unloaded: another replica or a reload serves it
+            raise InferError(grpc.StatusCode.UNAVAILABLE, str(e), started=True) from None
         except RuntimeError as e:  # engine shut down, a failed step, or this request's failure
             raise InferError(grpc.StatusCode.INTERNAL, str(e), started=True) from None
         finally:

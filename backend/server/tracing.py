@@ -9,7 +9,7 @@ specification and Triton have it), endpoints, headers, ``OTEL_BSP_*`` batching,
 ``OTEL_TRACES_SAMPLER[_ARG]``, ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``; Triton's
 ``opentelemetry,url=`` and ``opentelemetry,resource=`` flags override the endpoint and add
 resource attributes. Spans leave through a batch span processor, flushed when an engine stops
-and when the server exits.
+and when the server exits, each time for ``FLUSH_SECONDS`` at most (``engine/tracing.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from pagedserve.engine.stats import EngineObserver
-from pagedserve.engine.tracing import EngineTracer, TraceSettings
+from pagedserve.engine.tracing import FLUSH_SECONDS, EngineTracer, TraceSettings, flush_spans
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,10 @@ class ServerTracing:
             "OTEL_RESOURCE_ATTRIBUTES", "")
         if not named:  # the environment's name wins over the default
             attributes.setdefault("service.name", "pagedserve")
-        self.provider = TracerProvider(resource=Resource.create(attributes))
+        # No shutdown of its own at exit: ``shutdown`` does it, bounded; the SDK's, unbounded,
+        # would wait on an unreachable collector after the server has stopped.
+        self.provider = TracerProvider(resource=Resource.create(attributes),
+                                       shutdown_on_exit=False)
         exporter = _exporter(env, config.url)
         if exporter is not None:
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -178,5 +181,6 @@ class ServerTracing:
                              str(version))]
 
     def shutdown(self) -> None:
-        """Exports what is still buffered; the server is exiting."""
-        self.provider.shutdown()
+        """Exports what is still buffered, for ``FLUSH_SECONDS`` at most; the server is
+        exiting."""
+        flush_spans(self.provider, FLUSH_SECONDS, final=True)

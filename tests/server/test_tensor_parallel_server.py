@@ -1,7 +1,7 @@
 """The server with a tensor-parallel model: SmolLM2 over 3 ranks (its 9 query heads and 3 KV
 heads split by 3) streams the single-device greedy text through ``tritonclient``; a rank killed
-mid-request fails that request with an error naming it and takes the server to not-ready and
-not-live until an unload and a load bring it back;
+mid-request fails that request with an error naming it, refuses new requests with it, and takes
+the server to not-ready and not-live until an unload and a load bring it back;
 SmolLM2 over 2 ranks is refused at load with the numbers that do not divide."""
 
 from __future__ import annotations
@@ -128,6 +128,18 @@ def test_a_killed_rank_fails_the_request_and_the_readiness(
     assert server.http_get("/v2/health/ready")[0] == 400
     index = {m.name: m for m in client.get_model_repository_index().models}
     assert index[MODEL].state == "UNAVAILABLE" and re.search(reason, index[MODEL].reason)
+    # New requests, and the model's metadata, are refused with the rank's error.
+    refused = (rf"^Request for unknown model: '{MODEL}' has no available versions: version 1 "
+               rf"failed: tensor-parallel worker {reason} during a step$")
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata(MODEL)
+    assert e.value.status() == "StatusCode.UNAVAILABLE" and re.search(refused, e.value.message())
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    client.async_stream_infer(MODEL, llm_inputs(PROMPT, 4), request_id="after")
+    result, error = answers.get(timeout=DEADLINE_S)
+    client.stop_stream()
+    assert result is None and re.search(refused, error.message()), error
     _wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), "ranks reaped")
     # Not live either: nothing but an unload or a load mends it, so a liveness probe
     # restarts the server; in explicit mode an unload and a load bring it back.

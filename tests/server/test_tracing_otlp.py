@@ -3,13 +3,17 @@ OTLP/gRPC and OTLP/HTTP to a receiver on loopback, the last ones flushed on SIGT
 
 A stream that carries a W3C ``traceparent`` gets its requests' ``llm_request`` spans in that
 trace, and the step spans that served them link to them; a stream without one gets root spans.
-Triton's ``TraceSetting`` turns tracing off and on at run time.
+Triton's ``TraceSetting`` turns tracing off and on at run time. A collector that never answers
+(or a closed port) holds SIGTERM for ``FLUSH_SECONDS`` at most, whatever the exporter's timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -17,11 +21,14 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
+from pagedserve.engine.tracing import FLUSH_SECONDS
+from pagedserve.server.app import STOP_SECONDS
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.server.conftest import (
     DEFAULT_REPOSITORY,
     MODEL,
     ServerHandle,
+    free_port,
     is_final,
     llm_inputs,
     start_server,
@@ -132,3 +139,43 @@ def test_trace_setting_turns_tracing_off_and_on(
     assert server.stop() == 0
     spans = receiver.wait_for(lambda got: len(_requests(got)) >= 1, timeout=30)
     assert len(_requests(spans)) == 1  # the request sent while tracing was on
+
+
+# Seconds allowed beyond a promised bound for a busy machine's scheduling (test_shutdown's).
+MARGIN = 30
+GRACE = 30
+
+
+@pytest.mark.parametrize(("protocol", "collector"), [
+    ("http/protobuf", "silent"), ("grpc", "silent"), ("http/protobuf", "closed")])
+def test_an_unreachable_collector_does_not_hold_the_exit(protocol: str, collector: str) -> None:
+    """Spans buffered for a collector that accepts connections and never answers (or a port
+    nobody listens on): the engine's flush and the exporter's shutdown at SIGTERM give up
+    after ``FLUSH_SECONDS`` each time, and the exit is orderly. With the exporter's timeout at
+    600 s, an unbounded flush would outlast the grace period's leftover plus ``STOP_SECONDS``
+    and end in the forced exit."""
+    with contextlib.ExitStack() as stack:
+        if collector == "silent":  # the kernel accepts the connections; nobody reads them
+            listener = stack.enter_context(socket.socket())
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            port = listener.getsockname()[1]
+        else:
+            port = free_port()
+        server = start_server(DEFAULT_REPOSITORY, "--grace-period", str(GRACE), env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol,
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "600",  # seconds, for each export
+            "OTEL_BSP_SCHEDULE_DELAY": "60000",  # only the flushes export
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+        })
+        stack.callback(server.stop)
+        _stream(server, [("buffered", 4)])
+        signalled = time.monotonic()
+        assert server.stop(timeout=GRACE + STOP_SECONDS + MARGIN) == 0
+        took = time.monotonic() - signalled
+        print(f"{protocol} to a {collector} collector: exit {took:.1f} s after SIGTERM")
+        log = server.log()
+        assert f"span export did not finish within {FLUSH_SECONDS:g} s" in log, log
+        assert "Shutdown took over" not in log and "Server stopped" in log, log
+        assert took < FLUSH_SECONDS + MARGIN, took

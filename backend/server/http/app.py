@@ -26,6 +26,7 @@ from pagedserve.server.http.generate import GenerateRoutes
 from pagedserve.server.http.kserve import KServeRoutes
 from pagedserve.server.http.kserve_infer import InferRoute
 from pagedserve.server.http.listener import HttpListener
+from pagedserve.server.http.openai.lora import LoRARoutes
 from pagedserve.server.http.openai.serving import OpenAIError, OpenAIRoutes
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,11 @@ def build_app(context: HttpContext, doors: bool) -> web.Application:
                        "inference", tracked=True)
         for method, path, handler in OpenAIRoutes(context).routes():
             routes.add(method, path, handler, tracked=method == "POST", api_key=True)
+        if context.settings.runtime_lora_updating:  # else not found, as vLLM's without it
+            log.warning("LoRA dynamic loading & unloading is enabled in the API server. This "
+                        "should ONLY be used for local development!")
+            for method, path, handler in LoRARoutes(context).routes():
+                routes.add(method, path, handler, api_key=True)
 
     async def scrape(request: web.Request) -> web.Response:
         # Triton's metrics belong to no restricted group.

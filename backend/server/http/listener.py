@@ -46,6 +46,9 @@ class HttpSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     api_key: str | None = None  # the OpenAI routes' bearer token, as vLLM's --api-key
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter are served (vLLM's
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING); without it they are not found, as vLLM's.
+    runtime_lora_updating: bool = False
 
 
 _OVER_CAPACITY = json.dumps({"error": "too many connections; retry later"},

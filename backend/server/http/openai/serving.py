@@ -2,11 +2,13 @@
 ``POST /v1/chat/completions``, whole or streamed (Server-Sent Events ending ``data: [DONE]``).
 
 Each prompt of a request is one engine request on the model the request names (a ready model
-of the repository; the first one when it names none). A client that disconnects cancels its
-handler, which aborts its engine requests at once. Errors are OpenAI's error object with the
-status vLLM answers; once a stream has started, an error is an ``error`` event followed by
-``[DONE]``. Every request is counted in Triton's statistics as a gRPC one is, and the engine's
-own metrics and spans come from the engine, whichever door fed it.
+of the repository; the first one when it names none), or on the LoRA adapter it names (the
+model that serves the adapter runs it; responses name the adapter, as vLLM's do). A client
+that disconnects cancels its handler, which aborts its engine requests at once. Errors are
+OpenAI's error object with the status vLLM answers; once a stream has started, an error is an
+``error`` event followed by ``[DONE]``. Every request is counted in Triton's statistics as a
+gRPC one is, and the engine's own metrics and spans come from the engine, whichever door fed
+it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pydantic
 from aiohttp import web
 
 from pagedserve.engine.async_engine import EngineOverloaded
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from pagedserve.repository import ModelVersion, RepositoryError
 from pagedserve.sampling_params import SamplingParams
@@ -49,12 +52,14 @@ MAX_REQUEST_ID_CHARS = 256
 class OpenAIError(Exception):
     """A failed request: OpenAI's error object with ``status``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.kind = kind or _TYPES.get(status, "Error")  # the error object's ``type``
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "Error"),
+        return {"error": {"message": self.message, "type": self.kind,
                           "param": self.param, "code": self.status}}
 
     def response(self) -> web.Response:
@@ -84,6 +89,12 @@ class _Call:
     created: int
     headers: dict[str, str] | None
     decode: Callable[[int], str]
+    lora: LoRARequest | None = None  # the adapter the request named
+    name: str = ""  # what responses call the model: the name the request used
+
+    @property
+    def served(self) -> str:
+        return self.name or self.model.name
 
 
 @dataclass
@@ -94,6 +105,19 @@ class _Prompt:
     text: str | None
     token_ids: list[int] | None
     output: RequestOutput | None = None
+
+
+def _card(name: str, created: int, root: str, parent: str | None,
+          max_model_len: int | None) -> dict[str, Any]:
+    """A ``/v1/models`` entry, as vLLM's ``ModelCard``."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
+            "root": root, "parent": parent, "max_model_len": max_model_len,
+            "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                            "created": created, "allow_create_engine": False,
+                            "allow_sampling": True, "allow_logprobs": True,
+                            "allow_search_indices": False, "allow_view": True,
+                            "allow_fine_tuning": False, "organization": "*", "group": None,
+                            "is_blocking": False}]}
 
 
 class OpenAIRoutes:
@@ -107,16 +131,21 @@ class OpenAIRoutes:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _model(self, name: str | None) -> ModelVersion:
+    def _model(self, name: str | None) -> tuple[ModelVersion, LoRARequest | None]:
+        """The model version a request's ``model`` names, and the LoRA adapter when it names
+        one (adapter names never equal a model's)."""
         repository = self.context.repository
         if name is None:
             ready = sorted(repository.all_ready(), key=lambda m: (m.name, -m.version))
             if not ready:
                 raise OpenAIError(404, "no model is ready")
-            return ready[0]
+            return ready[0], None
         try:
-            return repository.get(name, "")
+            return repository.get(name, ""), None
         except RepositoryError:
+            found = repository.adapter(name)
+            if found is not None:
+                return found
             raise OpenAIError(404, f"The model `{name[:200]}` does not exist.",
                               "model") from None
 
@@ -138,7 +167,7 @@ class OpenAIRoutes:
                      ) -> tuple[_Request, _Call]:
         """The request, checked, and what answering it needs."""
         body = await self._parse(request, kind)
-        model = self._model(body.model)
+        model, lora = self._model(body.model)
         try:
             params = body.to_sampling_params()
         except (ValueError, TypeError) as e:
@@ -147,7 +176,8 @@ class OpenAIRoutes:
         request_id = prefix + (given if 0 < len(given) <= MAX_REQUEST_ID_CHARS
                                else uuid.uuid4().hex)
         return body, _Call(model, params, request_id, int(time.time()),
-                           trace_headers(request.headers), token_decoder(model.tokenizer))
+                           trace_headers(request.headers), token_decoder(model.tokenizer),
+                           lora, lora.lora_name if lora is not None else model.name)
 
     @staticmethod
     async def _sse(request: web.Request, events: AsyncIterator[bytes]) -> web.StreamResponse:
@@ -169,16 +199,16 @@ class OpenAIRoutes:
         await stream.write_eof()
         return stream
 
-    async def _run(self, model: ModelVersion, prompt: _Prompt, params: SamplingParams,
-                   headers: dict[str, str] | None) -> AsyncIterator[RequestOutput]:
+    async def _run(self, call: _Call, prompt: _Prompt) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt, counted in Triton's statistics."""
+        model = call.model
         account = RequestAccount(model.stats)
         account.submitted()
         ok = False
         try:
-            stream = model.engine.generate(prompt.text, params, request_id=uuid.uuid4().hex,
+            stream = model.engine.generate(prompt.text, call.params, request_id=uuid.uuid4().hex,
                                            prompt_token_ids=prompt.token_ids,
-                                           trace_headers=headers)
+                                           trace_headers=call.headers, lora_request=call.lora)
             async with aclosing(stream) as outputs:  # type: ignore[type-var]
                 async for out in outputs:
                     account.output()
@@ -189,14 +219,12 @@ class OpenAIRoutes:
         finally:
             account.release(ok)
 
-    async def _final(self, model: ModelVersion, prompt: _Prompt, params: SamplingParams,
-                     headers: dict[str, str] | None) -> _Prompt:
-        async for out in self._run(model, prompt, params, headers):
+    async def _final(self, call: _Call, prompt: _Prompt) -> _Prompt:
+        async for out in self._run(call, prompt):
             prompt.output = out
         return prompt
 
-    async def _merged(self, model: ModelVersion, prompts: list[_Prompt], params: SamplingParams,
-                      headers: dict[str, str] | None
+    async def _merged(self, call: _Call, prompts: list[_Prompt]
                       ) -> AsyncIterator[tuple[_Prompt, RequestOutput]]:
         """Every prompt's outputs as they come, all prompts running at once."""
         queue: asyncio.Queue[tuple[_Prompt, RequestOutput] | BaseException | None] = \
@@ -204,7 +232,7 @@ class OpenAIRoutes:
 
         async def feed(prompt: _Prompt) -> None:
             try:
-                async for out in self._run(model, prompt, params, headers):
+                async for out in self._run(call, prompt):
                     prompt.output = out
                     queue.put_nowait((prompt, out))
                 queue.put_nowait(None)
@@ -251,23 +279,21 @@ class OpenAIRoutes:
     # ---- /v1/models ------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
+        """The ready models, then each LoRA adapter of theirs as a card of its own whose
+        ``parent`` is its model (vLLM's shape; ``root`` is the adapter's name: no server path
+        goes out)."""
         created = int(time.time())
-        cards = {}
+        cards: dict[str, dict[str, Any]] = {}
+        adapters: dict[str, dict[str, Any]] = {}
         for model in sorted(self.context.repository.all_ready(),
                             key=lambda m: (m.name, -m.version)):
-            if model.name in cards:
-                continue
-            cards[model.name] = {
-                "id": model.name, "object": "model", "created": created,
-                "owned_by": "pagedserve", "root": model.name, "parent": None,
-                "max_model_len": model.engine.core.limits.max_model_len,
-                "permission": [{"id": f"modelperm-{uuid.uuid4().hex}",
-                                "object": "model_permission", "created": created,
-                                "allow_create_engine": False, "allow_sampling": True,
-                                "allow_logprobs": True, "allow_search_indices": False,
-                                "allow_view": True, "allow_fine_tuning": False,
-                                "organization": "*", "group": None, "is_blocking": False}]}
-        return web.Response(body=compact({"object": "list", "data": list(cards.values())}),
+            if model.name not in cards:
+                cards[model.name] = _card(model.name, created, model.name, None,
+                                          model.engine.core.limits.max_model_len)
+            for name in model.loras.names() if model.loras is not None else ():
+                adapters.setdefault(name, _card(name, created, name, model.name, None))
+        return web.Response(body=compact({"object": "list",
+                                          "data": [*cards.values(), *adapters.values()]}),
                             content_type="application/json")
 
     # ---- /v1/completions -------------------------------------------------------------------
@@ -283,8 +309,7 @@ class OpenAIRoutes:
                    for i, p in enumerate(body.prompts())]
         if body.stream:
             return await self._sse(request, self._completion_events(body, call, prompts))
-        done = await asyncio.gather(*(self._final(model, p, call.params, call.headers)
-                                      for p in prompts))
+        done = await asyncio.gather(*(self._final(call, p) for p in prompts))
         choices = []
         completion_tokens = 0
         for prompt in done:
@@ -301,7 +326,7 @@ class OpenAIRoutes:
         usage = responses.usage(sum(len(o.prompt_token_ids) for o in outs if o),
                                 completion_tokens, self._cached(outs))
         return web.Response(body=compact(responses.envelope(
-            call.request_id, "text_completion", call.created, model.name, choices, usage)),
+            call.request_id, "text_completion", call.created, call.served, choices, usage)),
             content_type="application/json")
 
     @staticmethod
@@ -335,7 +360,7 @@ class OpenAIRoutes:
         offsets: dict[int, int] = {}
         generated: dict[int, int] = {}
         options = body.stream_options
-        async for prompt, out in self._merged(model, prompts, call.params, call.headers):
+        async for prompt, out in self._merged(call, prompts):
             for seq, delta, delta_ids in zip(out.outputs, out.delta_texts, out.delta_token_ids):
                 index = prompt.index * body.n + seq.index
                 first = index not in offsets
@@ -361,7 +386,7 @@ class OpenAIRoutes:
                         offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 offsets[index] = offset
                 chunk = responses.envelope(call.request_id, "text_completion", call.created,
-                                           model.name, [responses.completion_choice(
+                                           call.served, [responses.completion_choice(
                                                index, text, logprobs, seq.finish_reason,
                                                seq.stop_reason)])
                 if options is not None and options.continuous_usage_stats:
@@ -371,7 +396,7 @@ class OpenAIRoutes:
         if options is not None and options.include_usage:
             outs = [p.output for p in prompts]
             yield _event(responses.envelope(
-                call.request_id, "text_completion", call.created, model.name, [],
+                call.request_id, "text_completion", call.created, call.served, [],
                 responses.usage(sum(len(o.prompt_token_ids) for o in outs if o),
                                 sum(generated.values()), self._cached(outs))))
 
@@ -401,7 +426,7 @@ class OpenAIRoutes:
             echo = body.messages[-1].text() or ""
         if body.stream:
             return await self._sse(request, self._chat_events(body, call, prompt, top, echo))
-        await self._final(model, prompt, call.params, call.headers)
+        await self._final(call, prompt)
         out = prompt.output
         assert out is not None
         choices = []
@@ -417,7 +442,7 @@ class OpenAIRoutes:
         usage = responses.usage(len(out.prompt_token_ids), completion_tokens,
                                 out.num_cached_tokens)
         return web.Response(body=compact(responses.envelope(
-            call.request_id, "chat.completion", call.created, model.name, choices, usage)),
+            call.request_id, "chat.completion", call.created, call.served, choices, usage)),
             content_type="application/json")
 
     async def _chat_events(self, body: ChatCompletionRequest, call: _Call, prompt: _Prompt,
@@ -428,12 +453,12 @@ class OpenAIRoutes:
 
         def chunk(choice: dict[str, Any], tokens: int) -> bytes:
             value = responses.envelope(call.request_id, "chat.completion.chunk", call.created,
-                                       call.model.name, [choice])
+                                       call.served, [choice])
             if options is not None and options.continuous_usage_stats:
                 value["usage"] = responses.usage(prompt_tokens, tokens, None)
             return _event(value)
 
-        async for _, out in self._merged(call.model, [prompt], call.params, call.headers):
+        async for _, out in self._merged(call, [prompt]):
             prompt_tokens = len(out.prompt_token_ids)
             for seq, delta, delta_ids in zip(out.outputs, out.delta_texts, out.delta_token_ids):
                 index = seq.index
@@ -459,6 +484,6 @@ class OpenAIRoutes:
             final = prompt.output
             assert final is not None
             yield _event(responses.envelope(
-                call.request_id, "chat.completion.chunk", call.created, call.model.name, [],
+                call.request_id, "chat.completion.chunk", call.created, call.served, [],
                 responses.usage(len(final.prompt_token_ids), sum(generated.values()),
                                 final.num_cached_tokens)))
