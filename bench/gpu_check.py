@@ -227,15 +227,20 @@ def lora_row(shapes: Shapes, device: torch.device, timer: Timer, bandwidth: floa
     b = torch.randn(slots_n, sum(out_slices), rank, dtype=dtype, device=device) * 0.02
     slots = torch.arange(tokens, device=device) % slots_n
 
-    def run(backend: str) -> Callable[[], Any]:
-        return lambda: add_lora(y, x, a, b, slots, out_slices, backend=backend)
+    def run(backend: str, out: torch.Tensor = y) -> Callable[[], Any]:
+        return lambda: add_lora(out, x, a, b, slots, out_slices, backend=backend)
 
+    got, expected = y.clone(), y.clone()
+    run("triton", got)()
+    run("torch", expected)()
+    error = float((got.float() - expected.float()).norm() / expected.float().norm())
     # Every adapter's a and b read once, x read, y read and written.
     moved = (a.numel() + b.numel() + x.numel() + 2 * y.numel()) * dtype.itemsize
     triton_ms, torch_ms = timer(run("triton")), timer(run("torch"))
     return Row("LoRA delta (q|k|v)", triton_ms, torch_ms, moved,
                moved / (triton_ms / 1e3) / bandwidth,
-               f"{tokens} rows, {slots_n} adapters of rank {rank}")
+               f"{tokens} rows, {slots_n} adapters of rank {rank}; rel. error vs torch "
+               f"{error:.1e}", passed=error < 1e-2)
 
 
 def kernel_tests(smoke: bool) -> Row:

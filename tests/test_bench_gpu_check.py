@@ -19,12 +19,13 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path, capsys: pytest.CaptureF
     result = json.loads(out.read_text())
     assert result["smoke"] is True and result["copy_bandwidth_bytes_per_s"] > 0
     rows = {r["name"]: r for r in result["rows"]}
-    assert rows["kernel tests"]["note"].startswith("passed: 1 passed")
+    assert rows["kernel tests"]["note"].startswith("passed: 2 passed")
     kernel_rows = [r for r in result["rows"] if r["bytes_moved"] is not None]
-    assert len(kernel_rows) == 4
+    assert len(kernel_rows) == 5
     for row in kernel_rows:
         assert row["triton_ms"] > 0 and row["torch_ms"] > 0 and row["fraction_of_copy"] > 0
-    for row in kernel_rows[:2]:  # the two attention shapes agree with the torch path
+    # The two attention shapes and the LoRA delta agree with the torch path.
+    for row in [*kernel_rows[:2], rows["LoRA delta (q|k|v)"]]:
         assert float(row["note"].rsplit(" ", 1)[1]) < 1e-2
     assert rows["greedy = transformers (fp32)"]["note"] == "2/2 prompts identical"
     assert rows["beam search = transformers (fp32)"]["note"] == "width 3: 2/2 prompts identical"

@@ -36,6 +36,7 @@ from pagedserve.engine.async_engine import AsyncEngine, EngineDead
 from pagedserve.engine.core import EngineCore
 from pagedserve.model.batch import ModelInput, SeqChunk
 from pagedserve.model.executor import ExecutorDied
+from pagedserve.model.file_checks import ModelFileError
 from pagedserve.model.loader import LoadedModel, load_model
 from pagedserve.model.multiproc import MultiprocExecutor
 from tests.conftest import TinyFactory, assert_all_blocks_free, hf_greedy
@@ -237,15 +238,30 @@ def test_a_failed_step_ends_the_ranks_at_once(tiny_llama: TinyFactory) -> None:
 @pytest.mark.slow
 def test_a_rank_that_fails_to_load_fails_the_start(tiny_llama: TinyFactory,
                                                    tmp_path: Path) -> None:
-    """The driver reads only the config and tokenizer; the ranks read the weights, here cut
-    short: the start fails at once with a rank's own error, nothing left running."""
+    """The driver reads only the config, the tokenizer and the weights' headers; the ranks
+    read the weights, here without the final norm (renamed in the header, which the driver's
+    checks take): the start fails at once with a rank's own error, nothing left running."""
+    source = tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    assert data.count(b'"model.norm.weight"') == 1
+    weights.write_bytes(data.replace(b'"model.norm.weight"', b'"model.norx.weight"'))
+    with pytest.raises(ExecutorDied, match=r"tensor-parallel worker rank \d \(pid \d+\) exited "
+                                           r"with code 1 during start-up: \w+Error"):
+        LLM(str(broken), tensor_parallel_size=2)
+    assert not multiprocessing.active_children()
+
+
+def test_weights_cut_short_are_refused_before_any_rank_starts(tiny_llama: TinyFactory,
+                                                              tmp_path: Path) -> None:
     source = tiny_llama(**CASES["gqa-head128-tp2"][0], intermediate=384)
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4096])
-    with pytest.raises(ExecutorDied, match=r"tensor-parallel worker rank \d \(pid \d+\) exited "
-                                           r"with code 1 during start-up: \w+Error"):
+    with pytest.raises(ModelFileError, match=r"outside the \d+ bytes of data"):
         LLM(str(broken), tensor_parallel_size=2)
     assert not multiprocessing.active_children()
 
