@@ -91,8 +91,15 @@ class LLM:
                     for (prompt, ids), params, lora in zip(items, params_list, loras)]
         for lora in {r.lora_request for r in requests if r.lora_request is not None}:
             self.engine.load_lora(lora)
-        for request in requests:
-            self.engine.add_request(request)
+        added: list[str] = []
+        try:
+            for request in requests:
+                self.engine.add_request(request)
+                added.append(request.request_id)
+        except BaseException:
+            for request_id in added:  # all or nothing
+                self.engine.abort(request_id)
+            raise
         return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(self, messages: ChatMessages | list[ChatMessages],

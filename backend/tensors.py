@@ -32,6 +32,7 @@ import numpy as np
 
 from pagedserve.engine.input_processor import AdmissionLimits
 from pagedserve.outputs import RequestOutput
+from pagedserve.repository.names import shown
 from pagedserve.sampling_params import SamplingParams
 
 # Request parameters that are Triton's own, never sampling parameters.
@@ -152,8 +153,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in pairs:
         if key in values:
-            raise TensorError(f"input 'sampling_parameters' holds the key '{key[:64]}' more "
-                              "than once")
+            raise TensorError(f"input 'sampling_parameters' holds the key '{shown(key)}' "
+                              "more than once")
         values[key] = value
     return values
 

@@ -286,3 +286,41 @@ def test_the_triton_path_applies_adapters(adapted: Callable[[str], Adapted]) -> 
                            lora_request=[None, model.request(4)])
     assert [o.outputs[0].token_ids for o in outputs] == \
         [model.reference(None, prompts[0]), model.reference(4, prompts[1])]
+
+
+def test_a_passed_over_adapter_is_not_starved(adapted: Callable[[str], Adapted]) -> None:
+    """max_loras 1, adapter 1 running and a steady stream of adapter-1 requests behind a
+    request for adapter 2: adapter 2's request runs once those already running end, ahead of
+    the later adapter-1 requests."""
+    model = adapted("llama")
+    llm = _llm(model.tiny.loaded, max_loras=1)
+    core = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompts = random_prompts(16, 6, 12)
+
+    def add(name: str, prompt: list[int], lora: int) -> None:
+        core.add_request(core.make_request(name, None, params, prompt,
+                                           lora_request=model.request(lora)))
+
+    add("first", prompts[0], 1)
+    add("other", prompts[1], 2)
+    finished: list[str] = []
+    for i, prompt in enumerate(prompts[2:]):
+        add(f"later{i}", prompt, 1)  # a new request of the running adapter every step
+        finished += [o.request_id for o in core.step() if o.finished]
+    while core.has_unfinished_requests:
+        finished += [o.request_id for o in core.step() if o.finished]
+    assert finished.index("other") < min(finished.index(f"later{i}") for i in range(4))
+
+
+def test_one_id_names_one_adapter_at_a_time(adapted: Callable[[str], Adapted]) -> None:
+    model = adapted("llama")
+    llm = _llm(model.tiny.loaded)
+    prompts = random_prompts(17, 2, 10)
+    clash = LoRARequest("impostor", 1, str(model.paths[1]))  # adapter 2's folder, id 1
+    with pytest.raises(ValueError, match="id 1 names adapter 'adapter1' in requests still "
+                                         "running"):
+        llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False,
+                     lora_request=[model.request(1), clash])
+    assert not llm.engine.has_unfinished_requests  # nothing of the call stays queued
+    assert_all_blocks_free(llm)

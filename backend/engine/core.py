@@ -170,6 +170,11 @@ class EngineCore:
         that names it is queued."""
         self.executor.load_lora(lora_request)
 
+    def unload_lora(self, lora_id: int) -> None:
+        """Forgets adapter ``lora_id``'s loaded weights (it was removed from service); any
+        thread."""
+        self.executor.unload_lora(lora_id)
+
     def summary(self) -> ModelSummary:
         blocks = self.block_manager.num_usable_blocks
         return ModelSummary(self.model_family, self.dtype, blocks,
@@ -213,6 +218,17 @@ class EngineCore:
         """Queues a request made by ``make_request``; it starts as one sequence."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        lora = request.lora_request
+        if lora is not None:
+            # A step's adapters are told apart by id: one id, one adapter at a time.
+            clash = next((r.lora_request for r in self.requests.values()
+                          if r.lora_request is not None
+                          and r.lora_request.lora_int_id == lora.lora_int_id
+                          and r.lora_request != lora), None)
+            if clash is not None:
+                raise ValueError(f"lora_request: id {lora.lora_int_id} names adapter "
+                                 f"{clash.lora_name!r} in requests still running; adapter "
+                                 f"{lora.lora_name!r} needs another id")
         params = request.params
         if params.use_beam_search:
             end_tokens = set(params.stop_token_ids)
@@ -520,7 +536,9 @@ class EngineCore:
         copies = step.block_copies  # made again, before any part runs
         for request, chunks in parts.items():
             try:
-                done.append(self.executor.execute(ModelInput(chunks, copies, step.loras)))
+                # Its own adapters only: one that cannot be read fails its requests alone.
+                loras = {c.lora_id: step.loras[c.lora_id] for c in chunks if c.lora_id}
+                done.append(self.executor.execute(ModelInput(chunks, copies, loras)))
                 copies = []  # made: the later parts read them
             except ExecutorDied:
                 raise

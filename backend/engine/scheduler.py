@@ -7,13 +7,14 @@ requests go first, in arrival order: each sequence asks for all the tokens it ha
 yet (one for a decode, the rest of a prompt for a prefill), cut to the budget left (chunked
 prefill). Waiting requests then join first come, first served while budget, cap and free blocks
 allow (one whose LoRA adapter would make more than ``max_loras`` adapters in the step is passed
-over); a joining sequence first takes its longest cached prefix from the block manager, and a
-request whose next prefix block is being computed by another request right now waits one step
-to find it cached instead of computing it again (vLLM would compute it twice). When a
-running sequence cannot get a block, the newest running request is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed (mostly from the prefix
-cache). Under a sliding window (every layer of the model attends over at most W trailing
-tokens) a sequence's blocks wholly before its window are released before each of its steps.
+over, and only base-model requests go ahead of it); a joining sequence first takes its longest
+cached prefix from the block manager, and a request whose next prefix block is being computed
+by another request right now waits one step to find it cached instead of computing it again
+(vLLM would compute it twice). When a running sequence cannot get a block, the newest running
+request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed (mostly from the prefix cache). Under a sliding window (every layer of the model
+attends over at most W trailing tokens) a sequence's blocks wholly before its window are
+released before each of its steps.
 
 With speculative decoding, budget and free blocks left once everyone has been scheduled go to
 draft tokens: a greedy request's decode also computes the tokens its n-gram proposer guesses
@@ -138,7 +139,9 @@ class Scheduler:
         width = sum(r.params.num_seqs for r in self.running)
         in_flight: set[bytes] | None = None
         # At most max_loras adapters in a step (vLLM's rule): a waiting request whose adapter
-        # would be one too many is passed over, and later requests may go ahead of it.
+        # would be one too many is passed over. Behind it only base-model requests go ahead,
+        # so the running adapters drain and its turn comes (vLLM's lets later requests of the
+        # running adapters go ahead too, which can starve it for good).
         loras = {r.lora_id for r in self.running if r.lora_id}
         passed = 0
         while len(self.waiting) > passed and budget > 0 and not out.preempted:
@@ -146,7 +149,7 @@ class Scheduler:
             if width + request.params.num_seqs > self.config.max_num_seqs:
                 break
             lora = request.lora_id
-            if lora and lora not in loras and len(loras) >= self.config.max_loras:
+            if lora and (passed or (lora not in loras and len(loras) >= self.config.max_loras)):
                 passed += 1
                 continue
             if in_flight is None and self.block_manager.enable_prefix_caching:

@@ -62,6 +62,10 @@ class Executor(Protocol):
         called off the step thread."""
         ...
 
+    def unload_lora(self, lora_id: int) -> None:
+        """Forgets a LoRA adapter's loaded weights; any thread."""
+        ...
+
     def failure(self) -> str | None:
         """Why no step can run any more (a dead worker), or ``None``; never blocks."""
         ...
@@ -114,6 +118,10 @@ class InProcessExecutor:
         if self.runner.adapters is None:
             raise ValueError("LoRA is not enabled (enable_lora=False)")
         self.runner.adapters.preload(request)
+
+    def unload_lora(self, lora_id: int) -> None:
+        if self.runner.adapters is not None:
+            self.runner.adapters.cache.discard(lora_id)
 
     def failure(self) -> str | None:
         return None

@@ -196,8 +196,11 @@ class LlamaLayer:
         activation (which the fused paths apply inside the projections)."""
         if isinstance(self.mlp_in, BlockWeight):
             gate_up = linear(x, self.mlp_in)
-            if self.gate_bias is not None and self.up_bias is not None:
-                gate_up += torch.cat([self.gate_bias, self.up_bias])
+            width = gate_up.shape[-1] // 2
+            if self.gate_bias is not None:
+                gate_up[:, :width] += self.gate_bias
+            if self.up_bias is not None:
+                gate_up[:, width:] += self.up_bias
         else:
             gate, up = self.mlp_in
             gate_up = torch.cat([linear(x, gate, self.gate_bias), linear(x, up, self.up_bias)],

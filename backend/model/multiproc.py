@@ -98,6 +98,9 @@ class MultiprocExecutor:
     def load_lora(self, request: LoRARequest) -> None:
         raise ValueError("LoRA adapters run on one rank (tensor_parallel_size 1)")
 
+    def unload_lora(self, lora_id: int) -> None:
+        pass  # none is ever loaded
+
     def execute(self, step: ModelInput) -> ModelOutput:
         if self._dead is not None:
             raise ExecutorDied(self._dead)

@@ -144,8 +144,16 @@ def read_multi_lora(version_dir: Path, root: Path, model: str) -> list[tuple[str
 
     Raises ``RepositoryError`` (INVALID_ARGUMENT) naming the file, the model and the adapter.
     """
-    path = version_dir / MULTI_LORA_FILE
     where = f"{version_dir.name}/{MULTI_LORA_FILE} of model '{model}'"
+    try:
+        return _read_multi_lora(version_dir, root, model, where)
+    except OSError as e:  # unreadable, removed meanwhile: said without the path
+        raise _refuse(f"{where} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _read_multi_lora(version_dir: Path, root: Path, model: str, where: str
+                     ) -> list[tuple[str, str]] | None:
+    path = version_dir / MULTI_LORA_FILE
     if not path.exists() and not path.is_symlink():
         return None
     if not is_within(path, version_dir.parent):
@@ -178,6 +186,9 @@ def read_multi_lora(version_dir: Path, root: Path, model: str) -> list[tuple[str
     return adapters
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def confined_folder(value: str, base: Path, root: Path, what: str) -> str:
     """``value`` (relative: from ``base``) resolved, refused unless it is an existing folder
     inside ``root``, symlinks resolved; messages name ``what``, never the path."""
@@ -190,11 +201,21 @@ def confined_folder(value: str, base: Path, root: Path, what: str) -> str:
         start = "the version folder" if base != root else "the repository"
         raise AdapterPathError(f"{what} must name a folder inside the model repository "
                                f"(relative paths start at {start})", missing=False)
-    if not full.is_dir():
-        raise AdapterPathError(f"{what} names no folder (an adapter is a folder of "
-                               "adapter_config.json and adapter_model.safetensors)",
-                               missing=True)
-    return str(full.resolve())
+    try:
+        if not full.is_dir():
+            raise AdapterPathError(f"{what} names no folder (an adapter is a folder of "
+                                   "adapter_config.json and adapter_model.safetensors)",
+                                   missing=True)
+        # The folder's files are read later: a symlink among them must not lead out either.
+        for file in ADAPTER_FILES:
+            inside = full / file
+            if (inside.exists() or inside.is_symlink()) and not is_within(inside, root):
+                raise AdapterPathError(f"{what}: its {file} resolves outside the model "
+                                       "repository", missing=False)
+        return str(full.resolve())
+    except OSError as e:
+        raise AdapterPathError(f"{what} cannot be read ({e.strerror or type(e).__name__})",
+                               missing=True) from None
 
 
 def adapter_table(engine: EngineConfig, version_dir: Path, root: Path, model: str,

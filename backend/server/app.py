@@ -161,6 +161,8 @@ async def serve(options: ServeOptions) -> int:
     if not starting.done():
         log.warning("Signal received while loading models: abandoning the loads")
         await server.stop(0)
+        # The models loaded already may have traced: their spans go out, within the bound.
+        await asyncio.to_thread(tracing.shutdown)
         _exit_now(0)
     starting.result()  # a failure to start is raised here
     if options.lora_modules:

@@ -28,6 +28,9 @@ _VERSIONS = (2, 3)
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NAME = 63  # GGML_MAX_NAME less its terminator
 _MAX_ARRAY_DEPTH = 2
+MAX_TENSORS = 1 << 20
+MAX_METADATA = 1 << 16
+MAX_WALKED_ITEMS = 1 << 22  # strings of an array (vocabularies and merges have under a million)
 _STRING, _ARRAY = 8, 9
 # Value type -> struct format of one scalar.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
@@ -126,6 +129,8 @@ class _Walk:
         if item_type not in (_STRING, _ARRAY):
             raise self.fail(f"{what} has items of unknown value type {item_type}")
         count = self.count(f"the length of {what}", 8 if item_type == _STRING else 12)
+        if count > MAX_WALKED_ITEMS:  # each is walked in Python: bounded in time too
+            raise self.fail(f"{what} has {count} items, more than {MAX_WALKED_ITEMS}")
         for i in range(count):
             self.value(item_type, f"item {i} of {what}", depth + 1)
         return ArrayInfo(item_type, count)
@@ -156,6 +161,11 @@ def _walk(walk: _Walk, size: int) -> GGUFHeader:
     header = GGUFHeader(version)
     tensor_count = walk.count("the tensor count", _MIN_TENSOR_INFO)
     kv_count = walk.count("the metadata count", _MIN_KV)
+    # Bounded by the file's size alone, a crafted file's millions of tiny entries would each
+    # cost a Python object: no model has anywhere near these many.
+    if tensor_count > MAX_TENSORS or kv_count > MAX_METADATA:
+        raise walk.fail(f"{tensor_count} tensors and {kv_count} metadata entries: at most "
+                        f"{MAX_TENSORS} and {MAX_METADATA}")
     for i in range(kv_count):
         key = walk.string(f"metadata key {i}")
         if key in header.metadata:

@@ -17,6 +17,7 @@ from pagedserve.model.file_checks.json_object import parse_object
 
 # The safetensors library's own limit on a header.
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIMS = 8  # far beyond any weight's; a list of thousands would only cost time
 _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 
@@ -55,7 +56,8 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if dtype not in _ITEM_BYTES:
             raise ModelFileError(f"{path.name}: tensor {name[:80]!r} has unknown dtype "
                                  f"{str(dtype)[:40]!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
+                not all(_is_count(d) for d in shape):
             raise ModelFileError(f"{path.name}: tensor {name[:80]!r} has shape "
                                  f"{str(shape)[:80]}, not a list of sizes")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
@@ -63,8 +65,10 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             raise ModelFileError(f"{path.name}: tensor {name[:80]!r} has data_offsets "
                                  f"{str(offsets)[:80]} outside the {data_size} bytes of data")
         elements = 1
-        for d in shape:
+        for d in shape:  # stopped once past the data: no product of huge numbers is formed
             elements *= d
+            if elements * _ITEM_BYTES[dtype] > data_size:
+                break
         if elements * _ITEM_BYTES[dtype] != offsets[1] - offsets[0]:
             raise ModelFileError(f"{path.name}: tensor {name[:80]!r} of shape {shape} and dtype "
                                  f"{dtype} takes {elements * _ITEM_BYTES[dtype]} bytes, not the "

@@ -371,6 +371,14 @@ def load_adapter(path: Path, name: str, config: PretrainedConfig,
     called ``name`` in messages; :class:`LoRAError` if it cannot be served as PEFT would
     apply it, or has a rank above ``max_rank``. Every check runs on the config and the
     safetensors header: no tensor is read from an adapter that is then refused."""
+    try:
+        return _load(path, name, config, max_rank)
+    except OSError as e:  # unreadable, removed meanwhile: said without the path
+        raise LoRAError(f"adapter {name!r}: its files cannot be read "
+                        f"({e.strerror or type(e).__name__})") from None
+
+
+def _load(path: Path, name: str, config: PretrainedConfig, max_rank: int) -> LoRAAdapter:
     layout = _LAYOUTS.get(config.model_type)
     if layout is None:
         raise LoRAError(f"adapter {name!r}: the base model's type {config.model_type!r} has no "

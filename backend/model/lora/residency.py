@@ -4,8 +4,10 @@ A step names its adapters (``ModelInput.loras``; the scheduler lets no more than
 into one step). Each is put in a slot unless it is there already: a free slot, else the one
 used least recently by an adapter this step does not run. Adapters come from the
 :class:`~pagedserve.model.lora.cache.AdapterCache`, which the engine fills off the step thread
-before the request that names one is queued, so a step normally copies tensors and reads no
-file.
+before the request that names one is queued: a step copies tensors and reads no file unless
+more adapters are in use than the cache keeps (``max_cpu_loras``), when one is read again
+here. Should that read fail, the engine runs the step's requests apart and only those of that
+adapter fail.
 """
 
 from __future__ import annotations

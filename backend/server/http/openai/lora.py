@@ -27,7 +27,13 @@ from typing import Any
 from aiohttp import web
 
 from pagedserve.repository import ModelVersion
-from pagedserve.repository.lora import AdapterPathError, AdapterTable, confined_folder, name_problem
+from pagedserve.repository.lora import (
+    MAX_ADAPTERS,
+    AdapterPathError,
+    AdapterTable,
+    confined_folder,
+    name_problem,
+)
 from pagedserve.repository.names import model_names, shown
 from pagedserve.server.http.context import HttpContext
 from pagedserve.server.http.openai.serving import OpenAIError
@@ -134,6 +140,9 @@ class LoRARoutes:
         if holder is not None:
             raise OpenAIError(400, f"The lora adapter '{shown(name)}' is served by model "
                                    f"'{holder}' already.", "lora_name", _INVALID)
+        if any(name not in _table(v) and len(_table(v)) >= MAX_ADAPTERS for v in versions):
+            raise OpenAIError(400, f"Model '{model}' serves {MAX_ADAPTERS} LoRA adapters "
+                                   "already, the most it takes.", kind=_INVALID)
         if not body.get("load_inplace") and any(name in _table(v) for v in versions):
             raise OpenAIError(400, f"The lora adapter '{shown(name)}' has already been loaded. "
                                    "If you want to load the adapter in place, set "
@@ -178,7 +187,10 @@ class LoRARoutes:
             raise OpenAIError(404, f"The lora adapter '{shown(name)}' cannot be found.",
                               kind="NotFoundError")
         for version in versions:
+            removed = _table(version).get(name)
             _table(version).remove(name)
+            if removed is not None:  # its weights go too (requests running with it reread them)
+                version.engine.core.unload_lora(removed.lora_int_id)
         log.info("Removed LoRA adapter: name '%s'", shown(name))
         return _text(f"Success: LoRA adapter '{name}' removed successfully.")
 

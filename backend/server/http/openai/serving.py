@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
-from pagedserve.engine.async_engine import EngineOverloaded
+from pagedserve.engine.async_engine import EngineDead, EngineOverloaded, EngineStopped
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from pagedserve.repository import ModelVersion, RepositoryError
@@ -72,7 +72,8 @@ def _event(value: dict[str, Any]) -> bytes:
 
 
 def _engine_error(e: BaseException) -> OpenAIError:
-    if isinstance(e, EngineOverloaded):
+    # Overloaded, unloaded while it ran, or its engine dead: the service, not the request.
+    if isinstance(e, EngineOverloaded | EngineStopped | EngineDead):
         return OpenAIError(503, str(e))
     if isinstance(e, ValueError):
         return OpenAIError(400, str(e))
