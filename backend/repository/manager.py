@@ -207,7 +207,16 @@ class ModelRepository:
 
         ``config_override`` is a client's JSON ``ModelConfig``: its engine parameters are held
         to the client's limits (paths inside the repository).
+
+        A caller that goes away (a cancelled RPC) does not stop the load, as in Triton: it runs
+        to its end, so no version is left LOADING and no engine built on its thread is lost.
         """
+        loading = asyncio.ensure_future(self._load(name, config_override))
+        # Its error is the caller's; a caller gone, it was logged already.
+        loading.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(loading)
+
+    async def _load(self, name: str, config_override: str | None) -> None:
         model_dir = model_folder(self.root, name)
         if model_dir is None:
             raise _unknown_to_load(name)
@@ -381,7 +390,7 @@ class ModelRepository:
                     log.warning("unloading '%s' version %d: cutting %d requests still in "
                                 "flight", model.name, model.version, cut)
                 await asyncio.to_thread(model.engine.shutdown,
-                                        self._cut_reason(model.name, model.version))
+                                        self._cut_reason(model.name, model.version, cut))
                 log.info("successfully unloaded '%s' version %d", model.name, model.version)
             except Exception:  # one engine's failure to stop must not keep the others running
                 log.exception("failed to stop the engine of '%s' version %d", model.name,
@@ -390,12 +399,17 @@ class ModelRepository:
             if state.versions.get(version) is marker:  # not replaced by a load meanwhile
                 state.versions[version] = _VersionState("UNAVAILABLE", "unloaded")
 
-    def _cut_reason(self, name: str, version: int) -> str:
-        """The error of a request still running when its version's drain ends."""
-        why = ("the server is shutting down" if self._stopping else
-               f"the request did not finish within the {self.drain_seconds:g} s an unload "
-               "waits for requests in flight")
-        return f"model '{name}' version {version} was unloaded: {why}"
+    def _cut_reason(self, name: str, version: int, cut: int) -> str:
+        """The error of a request still running when its version's drain ends, or (none
+        running: ``cut`` 0) of one that reaches the engine after it stopped, having looked the
+        version up just before the unload."""
+        unloaded = f"model '{name}' version {version} was unloaded"
+        if self._stopping:
+            return f"{unloaded}: the server is shutting down"
+        if not cut:
+            return unloaded
+        return (f"{unloaded}: the request did not finish within the {self.drain_seconds:g} s "
+                "an unload waits for requests in flight")
 
     async def poll_once(self) -> None:
         """Poll mode: loads new models, reloads changed ones, unloads removed ones."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -334,5 +335,36 @@ def test_poll_mode_follows_the_folder(tmp_path: Path) -> None:
         (tmp_path / "b").rmdir()
         await repo.poll_once()
         assert [r[0] for r in repo.index()] == ["a"]
+
+    asyncio.run(main())
+
+
+def test_a_load_whose_caller_goes_away_runs_to_its_end(tmp_path: Path) -> None:
+    """A cancelled RepositoryModelLoad (the client's deadline) leaves no version LOADING and
+    no engine unowned: the load finishes and serves, as Triton's does."""
+    _model(tmp_path, "a", [1])
+    building = threading.Event()
+    release = threading.Event()
+
+    def slow(config: EngineConfig, observers: Any = ()) -> tuple[Any, Any]:
+        building.set()
+        release.wait(60)
+        return _stub_factory(config, observers)
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, "explicit", engine_factory=slow)
+        caller = asyncio.create_task(repo.load("a"))
+        await asyncio.to_thread(building.wait, 60)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        release.set()
+        for _ in range(600):  # the load finishes on its own
+            if repo.is_ready():
+                break
+            await asyncio.sleep(0.1)
+        assert repo.get("a").engine is not None
+        assert [row[2] for row in repo.index() if row[0] == "a"] == ["READY"]
+        await repo.shutdown()
 
     asyncio.run(main())
