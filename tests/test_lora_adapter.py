@@ -5,6 +5,7 @@ CPU cache of loaded adapters (LRU order, capacity, one load per id under concurr
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -469,7 +470,11 @@ def test_cache_loads_different_ids_side_by_side() -> None:
     assert sorted(cache.ids()) == [1, 2]
 
 
-def test_cache_keeps_no_failed_load() -> None:
+def test_cache_remembers_a_refusal_until_the_files_change(tmp_path: Path) -> None:
+    folder = tmp_path / "one"
+    folder.mkdir()
+    config = folder / "adapter_config.json"
+    config.write_text("{}")
     attempts: list[str] = []
 
     def loader(name: str, path: str) -> LoRAAdapter:
@@ -479,9 +484,29 @@ def test_cache_keeps_no_failed_load() -> None:
         return LoRAAdapter(name, 1, {})
 
     cache = AdapterCache(max_cpu_loras=2, loader=loader)
-    with pytest.raises(LoRAError, match="broken"):
+    for _ in range(3):  # read once: the refusal is remembered
+        with pytest.raises(LoRAError, match="broken"):
+            cache.get(1, "one", str(folder))
+    assert attempts == [str(folder)] and cache.ids() == []
+    config.write_text('{"r": 8}')  # the adapter is fixed: read again
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    assert cache.get(1, "one", str(folder)).name == "one"
+    assert attempts == [str(folder)] * 2 and cache.ids() == [1]
+
+
+def test_cache_keeps_no_failed_load_of_another_kind() -> None:
+    """An error that is not a refusal of the adapter (a bug, an interruption) is not kept."""
+    attempts: list[str] = []
+
+    def loader(name: str, path: str) -> LoRAAdapter:
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise RuntimeError("interrupted")
+        return LoRAAdapter(name, 1, {})
+
+    cache = AdapterCache(max_cpu_loras=2, loader=loader)
+    with pytest.raises(RuntimeError, match="interrupted"):
         cache.get(1, "one", "/a/1")
-    assert cache.ids() == []
     assert cache.get(1, "one", "/a/1").name == "one"  # tried again
     assert attempts == ["/a/1", "/a/1"] and cache.ids() == [1]
 

@@ -4,18 +4,39 @@ Keyed by the request's ``lora_int_id``, as vLLM's cache is. Reading an adapter t
 and checks, so it runs outside the lock: two adapters load side by side, and a lookup of an
 adapter already held never waits for another's load. Concurrent requests for one id that is
 not held share a single load (the first one in does it; the others wait on its entry).
+
+An adapter refused (``LoRAError``) is remembered with the state of its files (sizes and times):
+requests naming it again get the refusal without its files being read and checked again,
+until they change.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from pagedserve.model.lora.adapter import LoRAAdapter
+from pagedserve.model.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, LoRAError
 
 # (name, path) -> the adapter; raises (LoRAError) for one that cannot be served.
 Loader = Callable[[str, str], LoRAAdapter]
+# Refusals remembered, the most recent ones: a bound on what clients naming bad adapters cost.
+MAX_REFUSALS = 64
+FilesState = tuple[tuple[int, int] | None, ...]
+
+
+def _files_state(path: str) -> FilesState:
+    """(modification time, size) of the adapter folder and its two files, None where missing."""
+    def state(p: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    return tuple(state(p) for p in (path, os.path.join(path, CONFIG_FILE),
+                                    os.path.join(path, WEIGHTS_FILE)))
 
 
 class _Entry:
@@ -40,13 +61,19 @@ class AdapterCache:
         self._capacity = max_cpu_loras
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        # (name, path) -> the files' state when refused, and the refusal's message.
+        self._refused: OrderedDict[tuple[str, str], tuple[FilesState, str]] = OrderedDict()
 
     def get(self, lora_id: int, name: str, path: str) -> LoRAAdapter:
         """The adapter ``lora_id`` names, loaded from ``path`` unless held. An id that now
         names another name or path (an adapter replaced under its id) is loaded again. A
         failed load raises its error to every caller waiting on it and is not kept, so a
         later call tries again."""
+        files = _files_state(path)
         with self._lock:
+            refused = self._refused.get((name, path))
+            if refused is not None and refused[0] == files:
+                raise LoRAError(refused[1])
             entry = self._entries.get(lora_id)
             loads = entry is None or (entry.name, entry.path) != (name, path)
             if loads:
@@ -56,7 +83,7 @@ class AdapterCache:
             self._evict()
         assert entry is not None
         if loads:
-            self._load(lora_id, entry)
+            self._load(lora_id, entry, files)
         else:
             entry.done.wait()
         if entry.error is not None:
@@ -64,7 +91,7 @@ class AdapterCache:
         assert entry.adapter is not None
         return entry.adapter
 
-    def _load(self, lora_id: int, entry: _Entry) -> None:
+    def _load(self, lora_id: int, entry: _Entry, files: FilesState) -> None:
         try:
             entry.adapter = self._loader(entry.name, entry.path)
         except BaseException as exc:
@@ -72,6 +99,10 @@ class AdapterCache:
             with self._lock:
                 if self._entries.get(lora_id) is entry:
                     del self._entries[lora_id]
+                if isinstance(exc, LoRAError):
+                    self._refused[(entry.name, entry.path)] = (files, str(exc))
+                    while len(self._refused) > MAX_REFUSALS:
+                        self._refused.popitem(last=False)
         finally:
             entry.done.set()
 
