@@ -84,14 +84,27 @@ class _Site(web.BaseSite):
         server = self._runner.server
         assert server is not None
         cap = self._settings.max_connections
+        loop = asyncio.get_running_loop()
+        # A burst of accepts makes all its protocols before any of them is connected (asyncio
+        # runs each one's connection_made in a later callback), and aiohttp counts a
+        # connection only from then: the protocols of the burst are counted here until their
+        # turn comes, or a burst would pass the cap whole.
+        unconnected = 0
+
+        def connected() -> None:
+            nonlocal unconnected
+            unconnected -= 1
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= cap:
+            nonlocal unconnected
+            if len(server.connections) + unconnected >= cap:
                 log.warning("HTTP connection refused: %d connections are open (the cap)", cap)
                 return _Refused()
+            unconnected += 1
+            # Runs just before the transport's own call of connection_made, queued after it.
+            loop.call_soon(connected)
             return server()
 
-        loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             protocol, self._host, self._port, ssl=self._settings.tls, backlog=BACKLOG,
             reuse_address=True,
