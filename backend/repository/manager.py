@@ -180,6 +180,8 @@ class ModelRepository:
         # on that thread, since the request that began a load may be cancelled before it ends.
         self._building = 0
         self._building_lock = threading.Lock()
+        # The loads waiting on an engine built on its thread (each load() runs shielded).
+        self._building_loads: set[asyncio.Task[Any]] = set()
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -248,6 +250,9 @@ class ModelRepository:
                 old = state.versions.get(version)
                 if old is None or old.model is None:
                     state.versions[version] = _VersionState("LOADING")
+                building = asyncio.current_task()
+                assert building is not None  # load() runs _load as a task of its own
+                self._building_loads.add(building)
                 try:
                     observers = (self._observers(name, version) if self._observers else ())
                     engine, tokenizer = await asyncio.to_thread(self._build, settings[version],
@@ -262,6 +267,8 @@ class ModelRepository:
                     if old is None or old.model is None:
                         state.versions[version] = _VersionState("UNAVAILABLE", message)
                     raise RepositoryError(grpc.StatusCode.INVALID_ARGUMENT, message) from e
+                finally:
+                    self._building_loads.discard(building)
                 loaded[version] = _VersionState(
                     "READY", "", ModelVersion(name, version, config, engine, tokenizer,
                                               loras=loras[version]))
@@ -429,6 +436,12 @@ class ModelRepository:
         """Stops every engine, without draining: the server's grace period has let requests
         finish before (``app.py``), and drains still running end at once."""
         self._stopping = True
+        # Loads waiting on an engine still building are abandoned (its thread cannot be
+        # stopped; app.py exits without waiting for it): they hold their models' locks.
+        loads = list(self._building_loads)
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
 

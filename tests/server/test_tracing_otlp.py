@@ -48,7 +48,9 @@ def _stream(server: ServerHandle, requests: list[tuple[str, int]],
     client.start_stream(callback=lambda result, error: results.put((result, error)),
                         headers=headers)
     for request_id, max_tokens in requests:
-        client.async_stream_infer(MODEL, llm_inputs("Tell me about tracing.", max_tokens),
+        # EOS ignored: each request makes its max_tokens, which its span must count.
+        client.async_stream_infer(MODEL, llm_inputs("Tell me about tracing.", max_tokens,
+                                                    params={"ignore_eos": True}),
                                   request_id=request_id)
     done = 0
     while done < len(requests):
@@ -89,9 +91,10 @@ def test_spans_reach_a_collector_and_link_requests_to_steps(
     _stream(server, [("untraced", 3)])
     # The HTTP doors carry the trace context in the same header.
     for path, body in ((f"/v2/models/{MODEL}/generate",
-                        {"text_input": "Tell me about tracing.", "parameters": {"max_tokens": 5}}),
+                        {"text_input": "Tell me about tracing.",
+                         "parameters": {"max_tokens": 5, "ignore_eos": True}}),
                        ("/v1/completions", {"model": MODEL, "prompt": "Tell me about tracing.",
-                                            "max_tokens": 5})):
+                                            "max_tokens": 5, "ignore_eos": True})):
         request = urllib.request.Request(server.http_url + path, json.dumps(body).encode(),
                                          headers={**traceparent,
                                                   "Content-Type": "application/json"})
