@@ -89,6 +89,23 @@ class ServerHandle:
         return int(self.process.returncode)
 
 
+def add_default_model(root: Path, name: str, settings: dict[str, Any],
+                      decoupled: bool = True, config: str | None = None) -> Path:
+    """A model folder ``root/name`` serving the embedded model as ``model_repository/`` does:
+    its ``config.pbtxt`` (unary when not ``decoupled``; ``config`` replaces it whole) and
+    ``1/model.json`` of ``settings``. Returns the folder."""
+    folder = root / name
+    (folder / "1").mkdir(parents=True)
+    if config is None:
+        config = (DEFAULT_REPOSITORY / MODEL / "config.pbtxt").read_text()
+        assert "decoupled: true" in config
+        if not decoupled:
+            config = config.replace("decoupled: true", "decoupled: false")
+    (folder / "config.pbtxt").write_text(config)
+    (folder / "1" / "model.json").write_text(json.dumps(settings))
+    return folder
+
+
 def start_server(repo_dir: str | Path, *extra_args: str, timeout: float = 180,
                  env: dict[str, str] | None = None, probe: bool = True,
                  code: str | None = None) -> ServerHandle:

@@ -299,16 +299,12 @@ def test_huge_prompts_are_refused_with_bounded_memory(fresh_server: ServerHandle
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """A unary (not decoupled) model that takes one request at a time and queues none."""
-    from tests.server.conftest import DEFAULT_REPOSITORY, start_server
+    from tests.server.conftest import add_default_model, start_server
 
     root = tmp_path_factory.mktemp("one-slot")
-    model = root / "one"
-    (model / "1").mkdir(parents=True)
-    config = (DEFAULT_REPOSITORY / "smollm2" / "config.pbtxt").read_text()
-    (model / "config.pbtxt").write_text(config.replace("decoupled: true", "decoupled: false"))
-    (model / "1" / "model.json").write_text(json.dumps({
-        "model": "default", "max_model_len": 512, "kv_cache_memory_bytes": 16 * 2**20,
-        "max_num_seqs": 1, "max_queue_size": 0}))
+    add_default_model(root, "one", {"model": "default", "max_model_len": 512,
+                                    "kv_cache_memory_bytes": 16 * 2**20, "max_num_seqs": 1,
+                                    "max_queue_size": 0}, decoupled=False)
     handle = start_server(root)
     yield handle
     handle.stop()

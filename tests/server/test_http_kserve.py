@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, ServerHandle, start_server
+from tests.server.conftest import MODEL, ServerHandle, add_default_model, start_server
 
 pytestmark = pytest.mark.slow
 UNARY = "unary"
@@ -33,13 +33,8 @@ PROMPT = "The capital of France is"
 def rest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     root = tmp_path_factory.mktemp("rest-repo")
     for name, decoupled in ((MODEL, True), (UNARY, False)):
-        (root / name / "1").mkdir(parents=True)
-        config = (DEFAULT_REPOSITORY / MODEL / "config.pbtxt").read_text()
-        if not decoupled:
-            config = config.replace("decoupled: true", "decoupled: false")
-        (root / name / "config.pbtxt").write_text(config)
-        (root / name / "1" / "model.json").write_text(json.dumps({
-            "model": "default", "max_model_len": 1024, "kv_cache_memory_bytes": 32 * 2**20}))
+        add_default_model(root, name, {"model": "default", "max_model_len": 1024,
+                                       "kv_cache_memory_bytes": 32 * 2**20}, decoupled)
     handle = start_server(root)
     yield handle
     assert handle.stop() == 0

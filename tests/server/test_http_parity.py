@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import DEFAULT_REPOSITORY, MODEL, start_server
+from tests.server.conftest import MODEL, add_default_model, start_server
 from tests.triton_ref import make_echo_repository, running_triton
 
 pytestmark = pytest.mark.slow
@@ -45,13 +45,8 @@ def triton_target() -> Iterator[Target]:
 def pagedserve_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     root = tmp_path_factory.mktemp("parity-repo")
     for name, decoupled in ((MODEL, True), ("unary", False)):
-        (root / name / "1").mkdir(parents=True)
-        config = (DEFAULT_REPOSITORY / MODEL / "config.pbtxt").read_text()
-        if not decoupled:
-            config = config.replace("decoupled: true", "decoupled: false")
-        (root / name / "config.pbtxt").write_text(config)
-        (root / name / "1" / "model.json").write_text(json.dumps({
-            "model": "default", "max_model_len": 512, "kv_cache_memory_bytes": 16 * 2**20}))
+        add_default_model(root, name, {"model": "default", "max_model_len": 512,
+                                       "kv_cache_memory_bytes": 16 * 2**20}, decoupled)
     handle = start_server(root)
     yield Target("pagedserve", handle.http_url, MODEL, "unary")
     handle.stop()

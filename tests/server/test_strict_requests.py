@@ -22,9 +22,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.server.conftest import (
-    DEFAULT_REPOSITORY,
-    MODEL,
     ServerHandle,
+    add_default_model,
     llm_inputs,
     start_server,
     text_of,
@@ -54,13 +53,9 @@ BAD_CONFIGS = {
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     root = tmp_path_factory.mktemp("strict-repo")
-    config = (DEFAULT_REPOSITORY / MODEL / "config.pbtxt").read_text()
-    models = {UNARY: config.replace("decoupled: true", "decoupled: false"),
-              **{name: text for name, (text, _) in BAD_CONFIGS.items()}}
-    for name, text in models.items():
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "config.pbtxt").write_text(text)
-        (root / name / "1" / "model.json").write_text(json.dumps(MODEL_JSON))
+    add_default_model(root, UNARY, MODEL_JSON, decoupled=False)
+    for name, (text, _) in BAD_CONFIGS.items():
+        add_default_model(root, name, MODEL_JSON, config=text)
     handle = start_server(root, "--model-control-mode", "explicit", "--load-model", UNARY)
     yield handle
     assert handle.stop() == 0

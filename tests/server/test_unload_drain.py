@@ -11,7 +11,6 @@ model unloaded while its request runs. Token counts come from the responses them
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import threading
 import time
@@ -27,8 +26,8 @@ from tritonclient.utils import InferenceServerException
 
 from pagedserve.repository import ModelRepository, RepositoryError
 from tests.server.conftest import (
-    DEFAULT_REPOSITORY,
     ServerHandle,
+    add_default_model,
     is_final,
     llm_inputs,
     start_server,
@@ -143,16 +142,11 @@ def test_a_dead_engine_s_error_reaches_the_refusals(tmp_path: Path) -> None:
 
 
 def _repository(root: Path) -> Path:
-    config = (DEFAULT_REPOSITORY / "smollm2" / "config.pbtxt").read_text()
-    assert "decoupled: true" in config
-    for name, decoupled in ((MODEL, "true"), (PLAIN, "false")):
-        folder = root / name
-        (folder / "1").mkdir(parents=True)
-        (folder / "config.pbtxt").write_text(
-            config.replace("decoupled: true", f"decoupled: {decoupled}"))
-        (folder / "1" / "model.json").write_text(json.dumps({
-            "model": "default", "dtype": "float32", "max_model_len": 2048,
-            "kv_cache_memory_bytes": 128 * 2**20, "enforce_eager": True}))
+    for name, decoupled in ((MODEL, True), (PLAIN, False)):
+        add_default_model(root, name, {"model": "default", "dtype": "float32",
+                                       "max_model_len": 2048,
+                                       "kv_cache_memory_bytes": 128 * 2**20,
+                                       "enforce_eager": True}, decoupled)
     return root
 
 
