@@ -5,6 +5,7 @@ from pagedserve.llm import LLM
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_outputs import StructuredOutputsParams
 
 __all__ = ["LLM", "CompletionOutput", "EngineConfig", "LoRARequest", "RequestOutput",
-           "SamplingParams"]
+           "SamplingParams", "StructuredOutputsParams"]

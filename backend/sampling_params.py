@@ -6,6 +6,8 @@ import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pagedserve.structured_outputs import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 # Integer fields must fit the int64 tensors the sampler builds from them.
 _INT64_MAX = 2**63 - 1
@@ -40,6 +42,11 @@ class SamplingParams:
     knobs do not apply: ``temperature`` and ``seed`` are ignored), a finished beam scores
     ``cumulative_logprob / generated_length ** length_penalty``, and the best ``n`` finished beams
     are returned. ``early_stopping`` is ``True``, ``False`` or ``"never"``, as in ``transformers``.
+
+    ``structured_outputs`` (a ``StructuredOutputsParams``, or its dict) constrains the output to
+    a JSON schema, regex, choice or grammar: each step the tokens it cannot continue with are
+    masked before sampling (so ``logprobs`` are those of the masked distribution, as in vLLM),
+    and the output ends when the grammar does.
     """
 
     n: int = 1
@@ -63,8 +70,11 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name in ("stop", "stop_token_ids"):
@@ -150,6 +160,10 @@ class SamplingParams:
             fail("beam_width", "must be at least 1")
         if self.early_stopping not in (True, False, "never"):
             fail("early_stopping", 'must be true, false or "never"')
+        if self.structured_outputs is not None and self.min_tokens:
+            # The grammar decides where a constrained output ends; forbidding the end token
+            # before min_tokens could leave no token allowed.
+            fail("min_tokens", "is not supported with structured_outputs")
         if self.use_beam_search:
             self._validate_beam_search(fail)
         elif self.n > 1 and self.is_greedy:
@@ -168,6 +182,9 @@ class SamplingParams:
                 fail(name, "is not supported with beam search (beam_width > 1)")
         if self.stop:
             fail("stop", "is not supported with beam search (beam_width > 1)")
+        if self.structured_outputs is not None:
+            raise ValueError("SamplingParams.structured_outputs is not supported with beam "
+                             "search (beam_width > 1)")
 
     @property
     def use_beam_search(self) -> bool:

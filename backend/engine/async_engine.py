@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pagedserve.engine.core import EngineCore
 from pagedserve.engine.input_processor import AdmissionLimits, InputProcessor
 from pagedserve.engine.sequence import Request
+from pagedserve.engine.structured_output import CompiledConstraint
 from pagedserve.lora_request import LoRARequest
 from pagedserve.model.executor import ExecutorDied
 from pagedserve.outputs import RequestOutput
@@ -55,6 +56,7 @@ class _Add:
     arrival_ns: int
     trace_headers: Mapping[str, str] | None
     lora_request: LoRARequest | None = None
+    constraint: CompiledConstraint | None = None
 
 
 @dataclass
@@ -133,12 +135,21 @@ class AsyncEngine:
         generator only when it is garbage-collected. ``trace_headers`` (W3C ``traceparent``,
         ``tracestate``) parent the request's trace span. ``lora_request`` names the adapter it
         runs with (read and checked before it is queued, off the step thread: a bad adapter is
-        a ``ValueError`` too).
+        a ``ValueError`` too). A ``structured_outputs`` constraint is compiled before the
+        request is queued, on the compiler's threads: a bad or unsatisfiable one is a
+        ``ValueError``, and a slow one delays no other request.
         """
         request_id = request_id or uuid.uuid4().hex
         failure = self.failure()
         if failure is not None:
             raise EngineDead(failure)
+        constraint = None
+        if params is not None and params.structured_outputs is not None:
+            with self._lock:
+                if self._stopped is not None:
+                    raise EngineStopped(self._stopped)
+            constraint = await asyncio.wrap_future(
+                self.core.structured.submit(params.structured_outputs))
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         with self._lock:
@@ -153,7 +164,7 @@ class AsyncEngine:
             self._active.add(request_id)
             # Under the lock: queued before a concurrent shutdown's stop, so it is answered.
             self._incoming.put(_Add(request_id, prompt, params, prompt_token_ids, sink, loop,
-                                    time.time_ns(), trace_headers, lora_request))
+                                    time.time_ns(), trace_headers, lora_request, constraint))
         finished = False
         try:
             while True:
@@ -204,7 +215,7 @@ class AsyncEngine:
                     request = self._inputs.make_request(
                         command.request_id, command.prompt, command.params,
                         command.prompt_token_ids, command.arrival_ns, command.trace_headers,
-                        command.lora_request)
+                        command.lora_request, command.constraint)
                     if request.lora_request is not None:
                         # Here, not on the step thread: the steps find the adapter loaded.
                         self.core.load_lora(request.lora_request)

@@ -25,6 +25,12 @@ from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.engine.stats import EngineObserver, FinishedRequest, RequestInfo, StepStats
+from pagedserve.engine.structured_output import (
+    CompiledConstraint,
+    StructuredOutputCompiler,
+    grammar_bitmask,
+)
+from pagedserve.kernels.token_bitmask import apply_token_bitmask
 from pagedserve.lora_request import LoRARequest
 from pagedserve.model.base import CausalLM
 from pagedserve.model.batch import ModelInput, ModelOutput, PromptLogprobs, SeqChunk
@@ -129,6 +135,7 @@ class EngineCore:
             max_prompt_chars=max_prompt_chars(self.tokenizer, self.max_model_len),
             enable_lora=self.config.enable_lora)
         self.input_processor = InputProcessor(self.tokenizer, self.limits)
+        self.structured = StructuredOutputCompiler(self.tokenizer, self.vocab_size)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id,
                                                 self.max_model_len, self.scheduler.finish)
         self.requests: dict[str, Request] = {}
@@ -155,14 +162,20 @@ class EngineCore:
                      params: SamplingParams | None = None,
                      prompt_token_ids: list[int] | None = None,
                      trace_headers: Mapping[str, str] | None = None,
-                     lora_request: LoRARequest | None = None) -> Request:
-        """Validates and tokenizes a request without touching engine state.
+                     lora_request: LoRARequest | None = None,
+                     constraint: CompiledConstraint | None = None) -> Request:
+        """Validates and tokenizes a request without touching engine state; compiles its
+        ``structured_outputs`` here unless ``constraint`` is that, compiled already
+        (``structured.submit``, off the caller's thread).
 
         Raises ``ValueError`` naming the offending field.
         """
+        if params is not None and params.structured_outputs is not None and constraint is None:
+            constraint = self.structured.compile(params.structured_outputs)
         return self.input_processor.make_request(request_id, prompt, params, prompt_token_ids,
                                                  trace_headers=trace_headers,
-                                                 lora_request=lora_request)
+                                                 lora_request=lora_request,
+                                                 constraint=constraint)
 
     def load_lora(self, lora_request: LoRARequest) -> None:
         """Reads and checks the adapter so that the steps find it loaded (``LoRAError``, a
@@ -212,6 +225,7 @@ class EngineCore:
             for observer in self._observers:
                 observer.shutdown()
         finally:
+            self.structured.shutdown()
             self.executor.shutdown()
 
     def add_request(self, request: Request) -> None:
@@ -266,10 +280,14 @@ class EngineCore:
             num_prompt_tokens=len(request.prompt_token_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                params.skip_special_tokens),
-            generator=generator, block_table=BlockTable(root=request.prefix_root))
+            generator=generator, block_table=BlockTable(root=request.prefix_root),
+            grammar=None if request.constraint is None else request.constraint.new_matcher())
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = self._new_sequence(parent.request, index, list(parent.token_ids))
+        if child.grammar is not None:
+            for token in parent.output_token_ids:
+                child.grammar.accept(token)
         child.cumulative_logprob = parent.cumulative_logprob
         self.scheduler.fork(parent, child)
         parent.request.seqs.append(child)
@@ -562,7 +580,7 @@ class EngineCore:
         rows = [SamplingRow(s.params, history, s.num_prompt_tokens, s.generator,
                             self.eos_token_id) for s, history in zip(seqs, histories)]
         try:
-            return self.sampler(logits, rows), {}
+            return self.sampler(self._constrain(logits, seqs, histories), rows), {}
         except Exception:
             log.exception("sampling in step %d failed; sampling its requests one at a time",
                           self._steps)
@@ -573,7 +591,9 @@ class EngineCore:
         failed: dict[Request, Exception] = {}
         for request, index in indices.items():
             try:
-                part = self.sampler(logits[index], [rows[i] for i in index])
+                part = self.sampler(self._constrain(logits[index], [seqs[i] for i in index],
+                                                   [histories[i] for i in index]),
+                                    [rows[i] for i in index])
             except Exception as e:
                 failed[request] = e
                 continue
@@ -582,6 +602,21 @@ class EngineCore:
                 merged.logprobs[i] = part.logprobs[j]
                 merged.top_logprobs[i] = part.top_logprobs[j]
         return merged, failed
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence],
+                   histories: list[list[int]]) -> torch.Tensor:
+        """Masks the rows of constrained sequences to the tokens their grammars allow next
+        (in place); the other rows are left as they are."""
+        matchers = [s.grammar for s in seqs]
+        ahead = [history[len(s.token_ids):] for s, history in zip(seqs, histories)]
+        bitmask = grammar_bitmask(matchers, ahead, self.vocab_size)
+        if bitmask is None:
+            return logits
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        index = torch.tensor(rows, device=logits.device)
+        with torch.inference_mode():  # the model's logits are inference tensors
+            logits[index] = apply_token_bitmask(logits[index], bitmask[rows])
+        return logits
 
     def _advance(self, request: Request,
                  sampled: list[tuple[Sequence, int, float, TokenLogprobs | None]],
@@ -604,12 +639,18 @@ class EngineCore:
                 accepted += 1
             appended = new_tokens.setdefault(seq, [])
             for token, logprob, top in rows[:accepted + 1]:
+                if seq.grammar is not None and not seq.grammar.accept(token):
+                    raise RuntimeError(f"token {token} was sampled against the request's "
+                                       "structured_outputs constraint")
                 seq.token_ids.append(token)
                 appended.append(token)
                 seq.cumulative_logprob += logprob
                 if top is not None:
                     seq.logprobs.append(top)
                 self.output_processor.check_stop(seq, token)
+                if (not seq.is_finished and seq.grammar is not None
+                        and seq.grammar.is_terminated()):
+                    self.output_processor.end_with_grammar(seq)
                 if seq.is_finished:  # the rest of the run is not the request's
                     break
             timing.generated += len(appended)

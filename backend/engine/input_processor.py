@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.engine.sequence import Request
+from pagedserve.engine.structured_output import CompiledConstraint
 from pagedserve.lora_request import LoRARequest
 from pagedserve.sampling_params import SamplingParams
 
@@ -63,16 +64,21 @@ class InputProcessor:
                      prompt_token_ids: list[int] | None = None,
                      arrival_ns: int | None = None,
                      trace_headers: Mapping[str, str] | None = None,
-                     lora_request: LoRARequest | None = None) -> Request:
+                     lora_request: LoRARequest | None = None,
+                     constraint: CompiledConstraint | None = None) -> Request:
         """The request, ready to queue; raises ``ValueError`` naming the offending field.
 
         ``arrival_ns`` (wall clock, default now) is when the caller handed it over;
-        ``trace_headers`` the W3C trace context it came with, for its trace span.
+        ``trace_headers`` the W3C trace context it came with, for its trace span;
+        ``constraint`` its ``structured_outputs`` compiled (required when it has one).
         """
         arrival_ns = time.time_ns() if arrival_ns is None else arrival_ns
         limits = self.limits
         params = params or SamplingParams()
         self._check_params(params)
+        if (params.structured_outputs is None) != (constraint is None):
+            raise ValueError("structured_outputs: a constrained request needs its compiled "
+                             "constraint, and only it has one")
         if lora_request is not None:
             if not isinstance(lora_request, LoRARequest):
                 raise ValueError(f"lora_request must be a LoRARequest, got "
@@ -121,7 +127,7 @@ class InputProcessor:
                     f"{limits.num_usable_blocks}; lower max_tokens")
         return Request(request_id, prompt, prompt_token_ids, params, next(self._arrivals),
                        limits.max_model_len, arrival_ns=arrival_ns, trace_headers=trace_headers,
-                       lora_request=lora_request)
+                       lora_request=lora_request, constraint=constraint)
 
     def _refuse_length(self, num_tokens: int) -> None:
         raise ValueError(f"prompt is {num_tokens} tokens long; the maximum context length is "

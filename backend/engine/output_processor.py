@@ -49,6 +49,10 @@ class OutputProcessor:
                 or seq.num_tokens >= self.max_model_len:
             self._end(seq, "length", None, render=False)
 
+    def end_with_grammar(self, seq: Sequence) -> None:
+        """Ends a sequence whose constraint has ended: nothing may follow its output."""
+        self._end(seq, "stop", None, render=False)
+
     def _end(self, seq: Sequence, reason: str, stop_reason: str | int | None,
                 render: bool) -> None:
         if render:

@@ -11,6 +11,7 @@ import torch
 from pagedserve.engine.beam_search import BeamSearch
 from pagedserve.engine.block_manager import BlockTable, root_key
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.structured_output import CompiledConstraint, GrammarMatcher
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
@@ -48,6 +49,7 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     text_sent: int = 0  # characters of output text already handed to the caller
+    grammar: GrammarMatcher | None = None  # where its output stands in the request's constraint
 
     @property
     def params(self) -> SamplingParams:
@@ -103,6 +105,8 @@ class Request:
     # With params.prompt_logprobs: each prompt position's candidates so far (None for the first).
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     lora_request: LoRARequest | None = None  # the adapter it runs with; None: the base model
+    # Its structured_outputs constraint, compiled before it was queued.
+    constraint: CompiledConstraint | None = None
 
     @property
     def is_finished(self) -> bool:

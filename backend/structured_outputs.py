@@ -1,0 +1,137 @@
+"""What a constrained request's output must match: vLLM's ``StructuredOutputsParams``.
+
+Plain data, checked at construction: exactly one constraint (a JSON schema, a regex, a list of
+choices, a grammar, or any JSON object), each bounded in size so that a hostile request cannot
+make the compiler's work unbounded. The engine compiles it (``pagedserve.engine.structured_output``)
+into a matcher that masks each step's logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+# A constraint's text (schema, regex, grammar, all choices together) is compiled against the
+# whole vocabulary: bounded so that one request cannot occupy the compiler for long.
+MAX_CONSTRAINT_CHARS = 65536
+MAX_CHOICES = 1024
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on a request's output, named as in vLLM.
+
+    - ``json``: a JSON schema (a dict, or its JSON text) the output must validate against;
+    - ``regex``: a regular expression the whole output must match;
+    - ``choice``: the output is exactly one of these strings;
+    - ``grammar``: an EBNF grammar (GBNF, as xgrammar reads it; a Lark grammar is tried
+      where EBNF does not parse) whose ``root`` rule the output must derive;
+    - ``json_object``: any JSON object.
+
+    ``disable_any_whitespace`` makes JSON outputs compact (no free whitespace between tokens);
+    ``disable_fallback`` keeps a JSON schema or grammar that xgrammar refuses from falling back to
+    llguidance. Invalid values raise ``ValueError`` naming the field.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in _KINDS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError("You can only use one kind of structured outputs constraint but "
+                             f"multiple are specified: {', '.join(given)}")
+        if not given:
+            raise ValueError("You must use one kind of structured outputs constraint but none "
+                             f"are specified (one of {', '.join(_KINDS)})")
+        for name in ("disable_any_whitespace", "disable_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be a boolean")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json":
+            self.json = _schema_text(value)
+        elif kind in ("regex", "grammar"):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"structured_outputs.{kind} must be a non-empty string")
+            _check_size(kind, len(value))
+        elif kind == "choice":
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(c, str) and c for c in value)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of "
+                                 "non-empty strings")
+            if len(value) > MAX_CHOICES:
+                raise ValueError(f"structured_outputs.choice holds {len(value)} strings, more "
+                                 f"than {MAX_CHOICES}")
+            _check_size(kind, sum(len(c) for c in value))
+        elif value is not True:
+            raise ValueError("structured_outputs.json_object must be true")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is: ``json``, ``regex``, ``choice``, ``grammar`` or
+        ``json_object``."""
+        return next(k for k in _KINDS if getattr(self, k) is not None)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Equal for constraints that compile to the same grammar (the compile cache's key)."""
+        value = getattr(self, self.kind)
+        return (self.kind, tuple(value) if isinstance(value, list) else value,
+                self.disable_any_whitespace, self.disable_fallback)
+
+    @classmethod
+    def from_value(cls, value: Any, field_name: str = "structured_outputs"
+                   ) -> StructuredOutputsParams:
+        """From a dict, its JSON text (as Triton's vLLM backend receives it), or an instance;
+        unknown keys raise ``ValueError`` naming them."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            _check_size(field_name, len(value), field_name)
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{field_name} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{field_name} must be a JSON object, got "
+                             f"{type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k)[:60] for k in value if k not in known)
+        if unknown:
+            raise ValueError(f"{field_name}: unknown field(s) {', '.join(unknown[:8])}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**value)
+
+
+def _check_size(name: str, size: int, label: str | None = None) -> None:
+    if size > MAX_CONSTRAINT_CHARS:
+        raise ValueError(f"{label or 'structured_outputs.' + name} is {size} characters long, "
+                         f"more than {MAX_CONSTRAINT_CHARS}")
+
+
+def _schema_text(value: Any) -> str:
+    """The schema as JSON text, checked to be a JSON object (its key order kept: it is the
+    order the output's properties take)."""
+    if isinstance(value, str):
+        _check_size("json", len(value))
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("structured_outputs.json must be a JSON schema object, got "
+                         f"{type(value).__name__}")
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"structured_outputs.json cannot be written as JSON: {e}") from None
+    _check_size("json", len(text))
+    return text
