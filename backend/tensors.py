@@ -9,7 +9,9 @@ otherwise. Semantics follow the vLLM backend (``src/utils/request.py``, ``model.
 
 * ``sampling_parameters`` (a JSON object) wins over request parameters; string values are cast
   to the parameter's type (``"128"`` → 128), as the backend does; its ``lora_name`` names the
-  LoRA adapter (``GenerateRequest.lora_name``), not a sampling parameter;
+  LoRA adapter (``GenerateRequest.lora_name``), not a sampling parameter; its
+  ``structured_outputs`` (or the older ``guided_decoding``) is a JSON string of
+  ``StructuredOutputsParams`` fields (a JSON object works too);
 * ``exclude_input_in_output`` absent: the prompt is prepended when not streaming only;
   ``False`` while streaming is an error;
 * ``finish_reason`` is ``str(reason)`` (``"None"`` while running), ``logprobs`` a JSON list of
@@ -34,6 +36,7 @@ from pagedserve.engine.input_processor import AdmissionLimits
 from pagedserve.outputs import RequestOutput
 from pagedserve.repository.names import shown
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_outputs import StructuredOutputsParams
 
 # Request parameters that are Triton's own, never sampling parameters.
 RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority",
@@ -41,6 +44,7 @@ RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end"
 
 # The key of ``sampling_parameters`` (or request parameter) that names a LoRA adapter.
 LORA_NAME = "lora_name"
+GUIDED_DECODING = "guided_decoding"
 
 # return_<flag> input -> the output it switches on.
 _FLAG_OUTPUTS = {
@@ -233,6 +237,16 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict[str, Any] | No
     prepend = (not exclude) if exclude is not None else not stream
     values = _sampling_values(inputs, parameters or {})
     lora_name = values.pop(LORA_NAME, None)  # the vLLM backend's key, no sampling parameter
+    if GUIDED_DECODING in values:
+        # The vLLM backend's older key for the same constraint (GuidedDecodingParams).
+        if "structured_outputs" in values:
+            raise TensorError("invalid sampling_parameters: give structured_outputs or "
+                              "guided_decoding, not both")
+        try:
+            values["structured_outputs"] = StructuredOutputsParams.from_value(
+                values.pop(GUIDED_DECODING), GUIDED_DECODING)
+        except ValueError as e:
+            raise TensorError(f"invalid sampling_parameters: {e}") from None
     params = sampling_params_from(values)
     outputs = {"text_output"}
     outputs.update(out for flag, out in _FLAG_OUTPUTS.items() if _flag(inputs, flag))

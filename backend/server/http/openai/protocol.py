@@ -1,8 +1,9 @@
 """The OpenAI requests vLLM accepts, as pydantic models, and their sampling parameters.
 
 Field names, defaults and checks follow vLLM's OpenAI server (unknown fields are ignored, as
-there); what our engine does not offer (``logit_bias``, ``suffix``, tools and response formats
-until structured outputs come) is refused by name rather than silently dropped.
+there); what our engine does not offer (``logit_bias``, ``suffix``) is refused by name rather
+than silently dropped. A request's constraint comes from ``response_format``, vLLM's
+``structured_outputs`` field or its older ``guided_*`` fields, one of them at most.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_outputs import StructuredOutputsParams
+
+# vLLM's older fields, each one constraint of StructuredOutputsParams.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
 
 
 class OpenAIRequestError(Exception):
@@ -61,6 +67,12 @@ class _Sampling(_Request):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> _Sampling:
@@ -88,6 +100,27 @@ class _Sampling(_Request):
                                          "sequences are known only at the end", "best_of")
         return self
 
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The request's structured-outputs constraint, from whichever field gave it."""
+        given = [name for name in ("response_format", "structured_outputs", *_GUIDED)
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.get("type") == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise OpenAIRequestError(f"only one of {', '.join(given)} may constrain the "
+                                     "output", given[1])
+        if not given:
+            return None
+        name = given[0]
+        try:
+            if name == "response_format":
+                return _response_format(self.response_format or {})
+            if name == "structured_outputs":
+                return StructuredOutputsParams.from_value(self.structured_outputs)
+            return StructuredOutputsParams(**{_GUIDED[name]: getattr(self, name)})
+        except ValueError as e:
+            raise OpenAIRequestError(str(e), name) from None
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
         """The engine's parameters; ``ValueError`` (naming the field) where they are bad."""
@@ -98,7 +131,8 @@ class _Sampling(_Request):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "ignore_eos": self.ignore_eos, "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
-            "skip_special_tokens": self.skip_special_tokens}
+            "skip_special_tokens": self.skip_special_tokens,
+            "structured_outputs": self.constraint()}
         optional = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                     "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
                     "presence_penalty": self.presence_penalty,
@@ -109,7 +143,8 @@ class _Sampling(_Request):
         if self.use_beam_search:
             values = {k: v for k, v in values.items()
                       if k in ("n", "max_tokens", "min_tokens", "stop_token_ids", "ignore_eos",
-                               "skip_special_tokens", "prompt_logprobs")}
+                               "skip_special_tokens", "prompt_logprobs",
+                               "structured_outputs")}
             values["beam_width"] = max(self.best_of or self.n, self.n, 2)
             values["n"] = self.n
             values["length_penalty"] = self.length_penalty
@@ -198,7 +233,6 @@ class ChatCompletionRequest(_Sampling):
     echo: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -214,9 +248,6 @@ class ChatCompletionRequest(_Sampling):
                                      "`add_generation_prompt` to True.", "continue_final_message")
         if self.tools:
             raise OpenAIRequestError("tools are not supported yet", "tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise OpenAIRequestError("response_format other than text is not supported yet",
-                                     "response_format")
         return self
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -228,3 +259,21 @@ class ChatCompletionRequest(_Sampling):
                       else self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+
+
+def _response_format(value: dict[str, Any]) -> StructuredOutputsParams:
+    """OpenAI's ``response_format``: ``json_object``, or ``json_schema`` with its ``schema``
+    (``strict`` or not, the schema is enforced: vLLM's rule)."""
+    kind = value.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ValueError("response_format.json_schema must be an object with the schema")
+        schema = spec.get("schema", spec.get("json_schema"))
+        if schema is None:
+            raise ValueError("response_format.json_schema.schema is required")
+        return StructuredOutputsParams(json=schema)
+    raise ValueError(f"response_format.type must be text, json_object or json_schema, got "
+                     f"{str(kind)[:40]!r}")

@@ -171,6 +171,8 @@ class OpenAIRoutes:
         model, lora = self._model(body.model)
         try:
             params = body.to_sampling_params()
+        except OpenAIRequestError as e:
+            raise OpenAIError(400, e.message, e.param) from None
         except (ValueError, TypeError) as e:
             raise OpenAIError(400, str(e)) from None
         given = request.headers.get("X-Request-Id", "")
