@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.server.http.openai.tools.plan import ToolError, ToolPlan, plan_tools
 from pagedserve.structured_outputs import StructuredOutputsParams
 
 # vLLM's older fields, each one constraint of StructuredOutputsParams.
@@ -104,6 +105,9 @@ class _Sampling(_Request):
         """The request's structured-outputs constraint, from whichever field gave it."""
         given = [name for name in ("response_format", "structured_outputs", *_GUIDED)
                  if getattr(self, name) is not None]
+        forced = self.forced_constraint()
+        if forced is not None:
+            given.insert(0, "tool_choice")
         if self.response_format is not None and self.response_format.get("type") == "text":
             given.remove("response_format")
         if len(given) > 1:
@@ -112,6 +116,8 @@ class _Sampling(_Request):
         if not given:
             return None
         name = given[0]
+        if forced is not None:
+            return forced
         try:
             if name == "response_format":
                 return _response_format(self.response_format or {})
@@ -120,6 +126,10 @@ class _Sampling(_Request):
             return StructuredOutputsParams(**{_GUIDED[name]: getattr(self, name)})
         except ValueError as e:
             raise OpenAIRequestError(str(e), name) from None
+
+    def forced_constraint(self) -> StructuredOutputsParams | None:
+        """A constraint the request's other fields force (the chat's tool choice)."""
+        return None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
@@ -205,6 +215,8 @@ class ChatMessage(_Request):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
 
     def text(self) -> str | None:
         """The content as one string: text parts joined by newlines, as vLLM renders them for
@@ -246,13 +258,30 @@ class ChatCompletionRequest(_Sampling):
                 "add_generation_prompt" in self.model_fields_set:
             raise OpenAIRequestError("Cannot set both `continue_final_message` and "
                                      "`add_generation_prompt` to True.", "continue_final_message")
-        if self.tools:
-            raise OpenAIRequestError("tools are not supported yet", "tools")
+        self.tool_plan()  # refused here, by name, if bad
         return self
 
+    def tool_plan(self) -> ToolPlan:
+        try:
+            return plan_tools(self.tools, self.tool_choice)
+        except ToolError as e:
+            raise OpenAIRequestError(str(e), e.param) from None
+
+    def forced_constraint(self) -> StructuredOutputsParams | None:
+        try:
+            return self.tool_plan().constraint()
+        except ValueError as e:  # a tool's parameters are no JSON schema object
+            raise OpenAIRequestError(f"tools: {e}", "tools") from None
+
     def conversation(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in self.messages]
+        messages = []
+        for m in self.messages:
+            message: dict[str, Any] = {"role": m.role, "content": m.text()}
+            for key in ("name", "tool_calls", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        return messages
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None

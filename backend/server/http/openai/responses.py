@@ -87,10 +87,10 @@ def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None,
             "stop_reason": stop_reason}
 
 
-def chat_choice(index: int, content: str, logprobs: dict[str, Any] | None,
+def chat_choice(index: int, message: dict[str, Any], logprobs: dict[str, Any] | None,
                 finish_reason: str | None, stop_reason: str | int | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": content},
-            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 
 def chat_delta(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,

@@ -38,6 +38,10 @@ from pagedserve.server.http.openai.protocol import (
     CompletionRequest,
     OpenAIRequestError,
 )
+from pagedserve.server.http.openai.tools.answer import ChoiceStream, whole
+from pagedserve.server.http.openai.tools.parsers import ToolParser, parser_for_template
+from pagedserve.server.http.openai.tools.plan import ToolPlan
+from pagedserve.server.http.openai.tools.prompt import conversation_with_tools, renders_tools
 from pagedserve.server.streaming import SHUTTING_DOWN
 from pagedserve.tensors import token_decoder
 
@@ -411,13 +415,22 @@ class OpenAIRoutes:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, call = await self._begin(request, ChatCompletionRequest, "chatcmpl-")
         model = call.model
+        plan = body.tool_plan()
+        template = model.tokenizer.chat_template
+        parser = parser_for_template(template)
         try:
+            messages = body.conversation()
+            extra: dict[str, Any] = {}
+            if not renders_tools(template):
+                messages = conversation_with_tools(messages, plan)
+            elif plan.offered:
+                extra["tools"] = [t.spec for t in plan.tools]
             text = model.tokenizer.apply_chat_template(
-                body.conversation(), tokenize=False,
+                messages, tokenize=False,
                 add_generation_prompt=body.add_generation_prompt and not
                 body.continue_final_message,
                 continue_final_message=body.continue_final_message,
-                **(body.chat_template_kwargs or {}))
+                **extra, **(body.chat_template_kwargs or {}))
         except OpenAIRequestError as e:
             raise OpenAIError(400, e.message, e.param) from None
         except Exception as e:  # the template's own error, about this conversation
@@ -428,7 +441,8 @@ class OpenAIRoutes:
         if body.echo and body.messages[-1].role == "assistant":
             echo = body.messages[-1].text() or ""
         if body.stream:
-            return await self._sse(request, self._chat_events(body, call, prompt, top, echo))
+            return await self._sse(request, self._chat_events(body, call, prompt, top, echo,
+                                                              plan, parser))
         await self._final(call, prompt)
         out = prompt.output
         assert out is not None
@@ -440,8 +454,9 @@ class OpenAIRoutes:
             if top is not None:
                 logprobs = responses.chat_logprobs(seq.token_ids, seq.logprobs or [], top,
                                                    call.decode)
-            choices.append(responses.chat_choice(i, echo + seq.text, logprobs,
-                                                 seq.finish_reason, seq.stop_reason))
+            answer = whole(echo + seq.text, seq.finish_reason, plan, parser)
+            choices.append(responses.chat_choice(i, answer.message(), logprobs,
+                                                 answer.finish_reason, seq.stop_reason))
         usage = responses.usage(len(out.prompt_token_ids), completion_tokens,
                                 out.num_cached_tokens)
         return web.Response(body=compact(responses.envelope(
@@ -449,8 +464,10 @@ class OpenAIRoutes:
             content_type="application/json")
 
     async def _chat_events(self, body: ChatCompletionRequest, call: _Call, prompt: _Prompt,
-                           top: int | None, echo: str) -> AsyncIterator[bytes]:
+                           top: int | None, echo: str, plan: ToolPlan, parser: ToolParser
+                           ) -> AsyncIterator[bytes]:
         generated: dict[int, int] = {}
+        streams: dict[int, ChoiceStream] = {}
         options = body.stream_options
         prompt_tokens = 0
 
@@ -467,6 +484,7 @@ class OpenAIRoutes:
                 index = seq.index
                 if index not in generated:
                     generated[index] = 0
+                    streams[index] = ChoiceStream(plan, parser)
                     yield chunk(responses.chat_delta(
                         index, {"role": "assistant", "content": ""}, None, None), 0)
                     if echo:
@@ -480,9 +498,17 @@ class OpenAIRoutes:
                     logprobs = responses.chat_logprobs(
                         delta_ids, seq.logprobs[len(seq.logprobs) - len(delta_ids):], top,
                         call.decode)
-                yield chunk(responses.chat_delta(index, {"content": delta}, logprobs,
-                                                 seq.finish_reason, seq.stop_reason),
-                            generated[index])
+                stream = streams[index]
+                # Text held back as a possible tool call goes out later; its logprobs with
+                # the step's chunk, if it has one.
+                deltas = stream.feed(delta, seq.finished) or (
+                    [{"content": ""}] if seq.finished or logprobs else [])
+                for i, part in enumerate(deltas):
+                    last = i == len(deltas) - 1
+                    yield chunk(responses.chat_delta(
+                        index, part, logprobs if last else None,
+                        stream.finish_reason(seq.finish_reason) if last else None,
+                        seq.stop_reason), generated[index])
         if options is not None and options.include_usage:
             final = prompt.output
             assert final is not None
