@@ -135,6 +135,9 @@ CASES = {
                        **ALL_FLAGS),
     "logprobs": llm_inputs("Paris is", 6, stream=True, params={"logprobs": 3},
                            return_logprobs=True, **ALL_FLAGS),
+    # The vLLM backend's structured-outputs request: the constraint as a JSON string.
+    "choice": llm_inputs("Is 'I loved it' positive or negative?", 8, stream=True, params={
+        "structured_outputs": json.dumps({"choice": ["Positive", "Negative"]})}, **ALL_FLAGS),
     "ids": [tensor("input_ids", [1, 504, 3575, 282], "INT64"),
             tensor("sampling_parameters", json.dumps({"temperature": 0, "max_tokens": 5}),
                    "BYTES")],
@@ -148,8 +151,10 @@ def test_same_outputs_as_our_server(triton: TritonHost, ours: str) -> None:
         assert "error" not in a and "error" not in b, (name, a, b)
         a["logprobs"], b["logprobs"] = _rounded(a["logprobs"]), _rounded(b["logprobs"])
         assert a == b, name
-    stream, whole, n2, beams, stop = (theirs[list(CASES).index(k)]
-                                      for k in ("stream", "whole", "n2", "beams", "stop"))
+    stream, whole, n2, beams, stop, choice = (
+        theirs[list(CASES).index(k)] for k in ("stream", "whole", "n2", "beams", "stop",
+                                               "choice"))
+    assert choice["texts"][0] in ("Positive", "Negative")
     assert stream["responses"] > 1 and whole["responses"] == 1  # deltas, or one response
     assert whole["texts"][0] == "The capital of France is" + stream["texts"][0]
     assert len(n2["texts"]) == 2 and len(beams["texts"]) == 2 and beams["finish"]
@@ -206,13 +211,16 @@ def test_cancelled_request_frees_its_blocks(triton: TritonHost) -> None:
     ({"temperature": "hot"}, "sampling parameter 'temperature' must be of type float"),
     ({"max_tokens": 8, "nonsense": 1}, "nonsense"),
     ({"top_p": 7}, "top_p"),
+    ({"structured_outputs": json.dumps({"regex": "[a-"})}, "structured_outputs.regex"),
 ])
 def test_bad_sampling_parameters_get_our_error(triton: TritonHost, ours: str,
                                                params: dict[str, Any], named: str) -> None:
     inputs = llm_inputs("Hello", 4, stream=True, params=params)
     (theirs,), (mine,) = _run(triton.grpc_url, [inputs]), _run(ours, [inputs])
-    # Streamed errors carry no status code; the message is the model's, word for word.
-    assert named in theirs["error"] and theirs["error"] == mine["error"]
+    # Streamed errors carry no status code; the message is the model's, word for word (our
+    # server names the request in refusals that come from the engine, a constraint's here).
+    assert named in theirs["error"]
+    assert theirs["error"] == mine["error"].removeprefix("[request id: 0] ")
 
 
 def test_perf_analyzer_streams_through_triton(triton: TritonHost, tmp_path: Path) -> None:
