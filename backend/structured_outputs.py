@@ -9,7 +9,7 @@ into a matcher that masks each step's logits.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # A constraint's text (schema, regex, grammar, all choices together) is compiled against the
@@ -32,7 +32,9 @@ class StructuredOutputsParams:
 
     ``disable_any_whitespace`` makes JSON outputs compact (no free whitespace between tokens);
     ``disable_fallback`` keeps a JSON schema or grammar that xgrammar refuses from falling back to
-    llguidance. Invalid values raise ``ValueError`` naming the field.
+    llguidance. Invalid values raise ``ValueError`` naming the field. ``source`` is the
+    request field the constraint came from (``guided_decoding``, OpenAI's ``response_format``,
+    ...): refusals, here and when it is compiled, name it.
     """
 
     json: str | dict[str, Any] | None = None
@@ -42,37 +44,46 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     disable_any_whitespace: bool = False
     disable_fallback: bool = False
+    source: str = field(default="structured_outputs", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         given = [k for k in _KINDS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError("You can only use one kind of structured outputs constraint but "
-                             f"multiple are specified: {', '.join(given)}")
+            raise ValueError(f"{self.source}: You can only use one kind of structured outputs "
+                             f"constraint but multiple are specified: {', '.join(given)}")
         if not given:
-            raise ValueError("You must use one kind of structured outputs constraint but none "
-                             f"are specified (one of {', '.join(_KINDS)})")
+            raise ValueError(f"{self.source}: You must use one kind of structured outputs "
+                             f"constraint but none are specified (one of {', '.join(_KINDS)})")
         for name in ("disable_any_whitespace", "disable_fallback"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"structured_outputs.{name} must be a boolean")
+                raise ValueError(f"{self.source}.{name} must be a boolean")
         kind = given[0]
         value = getattr(self, kind)
+        label = self.label
         if kind == "json":
-            self.json = _schema_text(value)
+            self.json = _schema_text(value, label)
         elif kind in ("regex", "grammar"):
             if not isinstance(value, str) or not value:
-                raise ValueError(f"structured_outputs.{kind} must be a non-empty string")
-            _check_size(kind, len(value))
+                raise ValueError(f"{label} must be a non-empty string")
+            _check_size(label, len(value))
         elif kind == "choice":
             if (not isinstance(value, list) or not value
                     or not all(isinstance(c, str) and c for c in value)):
-                raise ValueError("structured_outputs.choice must be a non-empty list of "
-                                 "non-empty strings")
+                raise ValueError(f"{label} must be a non-empty list of non-empty strings")
             if len(value) > MAX_CHOICES:
-                raise ValueError(f"structured_outputs.choice holds {len(value)} strings, more "
-                                 f"than {MAX_CHOICES}")
-            _check_size(kind, sum(len(c) for c in value))
+                raise ValueError(f"{label} holds {len(value)} strings, more than "
+                                 f"{MAX_CHOICES}")
+            _check_size(label, sum(len(c) for c in value))
         elif value is not True:
-            raise ValueError("structured_outputs.json_object must be true")
+            raise ValueError(f"{label} must be true")
+
+    @property
+    def label(self) -> str:
+        """How refusals name the constraint: ``structured_outputs.json``, or the field it came
+        from where that field is the constraint itself (``response_format``, ``guided_json``)."""
+        if self.source in ("structured_outputs", "guided_decoding"):
+            return f"{self.source}.{self.kind}"
+        return self.source
 
     @property
     def kind(self) -> str:
@@ -95,7 +106,7 @@ class StructuredOutputsParams:
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
-            _check_size(field_name, len(value), field_name)
+            _check_size(field_name, len(value))
             try:
                 value = json.loads(value)
             except (ValueError, RecursionError) as e:
@@ -103,35 +114,34 @@ class StructuredOutputsParams:
         if not isinstance(value, dict):
             raise ValueError(f"{field_name} must be a JSON object, got "
                              f"{type(value).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.name != "source"}
         unknown = sorted(str(k)[:60] for k in value if k not in known)
         if unknown:
             raise ValueError(f"{field_name}: unknown field(s) {', '.join(unknown[:8])}; "
                              f"known: {', '.join(sorted(known))}")
-        return cls(**value)
+        return cls(**value, source=field_name)
 
 
-def _check_size(name: str, size: int, label: str | None = None) -> None:
+def _check_size(label: str, size: int) -> None:
     if size > MAX_CONSTRAINT_CHARS:
-        raise ValueError(f"{label or 'structured_outputs.' + name} is {size} characters long, "
-                         f"more than {MAX_CONSTRAINT_CHARS}")
+        raise ValueError(f"{label} is {size} characters long, more than "
+                         f"{MAX_CONSTRAINT_CHARS}")
 
 
-def _schema_text(value: Any) -> str:
+def _schema_text(value: Any, label: str) -> str:
     """The schema as JSON text, checked to be a JSON object (its key order kept: it is the
     order the output's properties take)."""
     if isinstance(value, str):
-        _check_size("json", len(value))
+        _check_size(label, len(value))
         try:
             value = json.loads(value)
         except (ValueError, RecursionError) as e:
-            raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            raise ValueError(f"{label} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise ValueError("structured_outputs.json must be a JSON schema object, got "
-                         f"{type(value).__name__}")
+        raise ValueError(f"{label} must be a JSON schema object, got {type(value).__name__}")
     try:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError) as e:
-        raise ValueError(f"structured_outputs.json cannot be written as JSON: {e}") from None
-    _check_size("json", len(text))
+        raise ValueError(f"{label} cannot be written as JSON: {e}") from None
+    _check_size(label, len(text))
     return text

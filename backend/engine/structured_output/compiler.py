@@ -120,12 +120,12 @@ class StructuredOutputCompiler:
                 params.kind == "json"
                 or (params.kind == "grammar" and "::=" not in str(params.grammar)))
             if not fallback:
-                raise ValueError(f"structured_outputs.{params.kind}: "
+                raise ValueError(f"{params.label}: "
                                  f"{_bounded(str(refused))}") from None
             try:
                 return self._backend("guidance").compile(params)
             except ValueError as also:
-                raise ValueError(f"structured_outputs.{params.kind}: "
+                raise ValueError(f"{params.label}: "
                                  f"{_bounded(str(refused))} (xgrammar); "
                                  f"{_bounded(str(also))} (llguidance)") from None
 
@@ -134,7 +134,7 @@ class StructuredOutputCompiler:
         bitmask = torch.zeros(1, bitmask_words(self._vocab_size), dtype=torch.int32)
         compiled.new_matcher().fill_bitmask(bitmask, 0)
         if not bool(bitmask.any()):
-            raise ValueError(f"structured_outputs.{params.kind}: no output can satisfy the "
+            raise ValueError(f"{params.label}: no output can satisfy the "
                              "constraint")
 
 

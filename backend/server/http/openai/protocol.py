@@ -123,7 +123,7 @@ class _Sampling(_Request):
                 return _response_format(self.response_format or {})
             if name == "structured_outputs":
                 return StructuredOutputsParams.from_value(self.structured_outputs)
-            return StructuredOutputsParams(**{_GUIDED[name]: getattr(self, name)})
+            return StructuredOutputsParams(**{_GUIDED[name]: getattr(self, name)}, source=name)
         except ValueError as e:
             raise OpenAIRequestError(str(e), name) from None
 
@@ -271,7 +271,7 @@ class ChatCompletionRequest(_Sampling):
         try:
             return self.tool_plan().constraint()
         except ValueError as e:  # a tool's parameters are no JSON schema object
-            raise OpenAIRequestError(f"tools: {e}", "tools") from None
+            raise OpenAIRequestError(str(e), "tools") from None
 
     def conversation(self) -> list[dict[str, Any]]:
         messages = []
@@ -295,7 +295,7 @@ def _response_format(value: dict[str, Any]) -> StructuredOutputsParams:
     (``strict`` or not, the schema is enforced: vLLM's rule)."""
     kind = value.get("type")
     if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json_object=True, source="response_format")
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
@@ -303,6 +303,6 @@ def _response_format(value: dict[str, Any]) -> StructuredOutputsParams:
         schema = spec.get("schema", spec.get("json_schema"))
         if schema is None:
             raise ValueError("response_format.json_schema.schema is required")
-        return StructuredOutputsParams(json=schema)
+        return StructuredOutputsParams(json=schema, source="response_format")
     raise ValueError(f"response_format.type must be text, json_object or json_schema, got "
                      f"{str(kind)[:40]!r}")

@@ -222,7 +222,13 @@ class OpenAIRoutes:
                     yield out
             ok = True
         except (ValueError, EngineOverloaded, RuntimeError) as e:
-            raise _engine_error(e) from None
+            error = _engine_error(e)
+            constraint = call.params.structured_outputs
+            if (isinstance(e, ValueError) and constraint is not None
+                    and str(e).startswith(constraint.source)):
+                # The constraint was refused when compiled: the field it came from.
+                error.param = constraint.source
+            raise error from None
         finally:
             account.release(ok)
 

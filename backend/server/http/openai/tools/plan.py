@@ -65,7 +65,7 @@ class ToolPlan:
         """The output's schema for ``named`` and ``required``; ``None`` otherwise."""
         if self.mode == "named":
             tool = next(t for t in self.tools if t.name == self.named)
-            return StructuredOutputsParams(json=tool.parameters)
+            return StructuredOutputsParams(json=tool.parameters, source="tools")
         if self.mode == "required":
             calls = [{"type": "object",
                       "properties": {"name": {"type": "string", "enum": [t.name]},
@@ -73,7 +73,7 @@ class ToolPlan:
                       "required": ["name", "parameters"]} for t in self.tools]
             return StructuredOutputsParams(json={
                 "type": "array", "minItems": 1,
-                "items": {"type": "object", "anyOf": calls}})
+                "items": {"type": "object", "anyOf": calls}}, source="tools")
         return None
 
 
