@@ -110,7 +110,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        raw = logits
+        # Each row's log-normalizer: the sampled tokens' logprobs need only it, and the full
+        # log_softmax (a second [rows, vocab] tensor) only rows that ask for top logprobs.
+        log_norm = torch.logsumexp(raw, dim=-1)
         device = logits.device
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
                or r.params.frequency_penalty for r in rows):
@@ -136,7 +139,7 @@ class Sampler:
             drawn = (probs / noise).argmax(dim=-1)
             tokens = torch.where(to_device(greedy, torch.bool, device), tokens, drawn)
 
-        sampled_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+        sampled_logprobs = raw.gather(1, tokens[:, None])[:, 0] - log_norm
         # One copy to the host (float64 holds every token id exactly).
         host = torch.stack((tokens.double(), sampled_logprobs.double())).cpu()
         token_list = [int(t) for t in host[0].tolist()]
@@ -145,7 +148,8 @@ class Sampler:
         wanted = [r.params.logprobs for r in rows]
         if any(w is not None for w in wanted):
             k = max(w or 0 for w in wanted)
-            top_values, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
+            top_values, top_ids = ((raw - log_norm[:, None]).topk(k, dim=-1) if k
+                                   else (None, None))
             for i, w in enumerate(wanted):
                 if w is None:
                     continue
