@@ -115,11 +115,13 @@ def _text(tokenizer: Any, tokens: int, seed: int) -> str:
     return " ".join(words)
 
 
-def prompts_for(workload: Workload, count: int, tokenizer: Any) -> list[str]:
-    shared = _text(tokenizer, workload.shared_tokens, 1000) + "\n" if workload.shared_tokens \
-        else ""
+def prompts_for(workload: Workload, count: int, tokenizer: Any, first: int = 0) -> list[str]:
+    """``count`` prompts numbered from ``first``: cells take disjoint numbers, so no server's
+    cache holds a cell's prompts from an earlier one (the shared prefix excepted)."""
+    shared = _text(tokenizer, workload.shared_tokens, 100_000) + "\n" \
+        if workload.shared_tokens else ""
     return [f"{shared}Question {i}: {_text(tokenizer, workload.prompt_tokens, i)}"
-            for i in range(count)]
+            for i in range(first, first + count)]
 
 
 # ---------------------------------------------------------------------------------- servers
@@ -276,7 +278,8 @@ async def drive(base_url: str, prompts: list[str], max_tokens: int, concurrency:
               for p in prompts]
     timings = [Timing() for _ in prompts]
     slots = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A connection per request: llama-server closes kept-alive connections after a stream.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=900)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
@@ -329,13 +332,17 @@ def run_system(system: str, args: argparse.Namespace, concurrencies: list[int],
     server, settings = start_system(system, max(concurrencies), scratch, args)
     try:
         server.wait_ready()
-        asyncio.run(drive(server.base_url, prompts_for(WORKLOADS["short"], 2, tokenizer), 4, 2))
+        first = 0
+        warmup = prompts_for(WORKLOADS["short"], 2, tokenizer, first)
+        asyncio.run(drive(server.base_url, warmup, 4, 2))
+        first += len(warmup)
         cells: dict[str, dict[str, Any]] = {}
         for workload in workloads:
             for concurrency in concurrencies:
                 count = max(8, args.requests_per_slot * concurrency) if not args.quick \
                     else concurrency
-                prompts = prompts_for(workload, count, tokenizer)
+                prompts = prompts_for(workload, count, tokenizer, first)
+                first += count
                 monitor = ContentionMonitor()
                 cell = asyncio.run(drive(server.base_url, prompts, args.max_tokens,
                                          concurrency))
