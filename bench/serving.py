@@ -172,9 +172,10 @@ class ManagedServer:
 
 
 def our_repository(setting: str, max_num_seqs: int, scratch: Path) -> Path:
-    """``model_repository/`` with ``setting`` and ``max_num_seqs`` in its model.json."""
+    """``model_repository/``'s ``smollm2`` alone, with ``setting`` and ``max_num_seqs`` in its
+    model.json."""
     repo = scratch / f"repo-{setting}"
-    shutil.copytree(REPOSITORY, repo)
+    shutil.copytree(REPOSITORY / MODEL, repo / MODEL)
     settings_path = repo / MODEL / "1" / "model.json"
     values = json.loads(settings_path.read_text())
     values.update(OUR_SETTINGS[setting], max_num_seqs=max_num_seqs)

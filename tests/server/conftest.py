@@ -2,14 +2,19 @@
 
 ``start_server(repo_dir, *extra_args)`` is the reusable helper (the parity tests start real
 Triton the same way); the session-scoped ``server`` fixture (``tests/conftest.py``, shared by
-every module that needs the default repository unchanged) serves the repo's own
-``model_repository/``. Tests talk to it only through the official ``tritonclient``.
+every module that needs the default repository unchanged) serves ``DEFAULT_REPOSITORY``: the
+repo's own ``model_repository/`` with its reference model ``smollm2`` alone (most tests talk to
+one model, and every server they start loads all it finds; ``CHECKOUT_REPOSITORY``, with the
+fast ``smollm2-gguf`` beside it, has tests of its own). Tests talk to it only through the
+official ``tritonclient``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,8 +33,31 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REPOSITORY = ROOT / "model_repository"
+CHECKOUT_REPOSITORY = ROOT / "model_repository"  # what `serve` serves when given no repository
 MODEL = "smollm2"
+FAST_MODEL = "smollm2-gguf"
+
+
+def _reference_repository() -> Path:
+    """A copy of the checkout's repository holding ``smollm2`` alone, named by its content
+    (so a changed file makes a new copy) and made atomically (test workers start at once)."""
+    files = sorted(p for p in (CHECKOUT_REPOSITORY / MODEL).rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(CHECKOUT_REPOSITORY)).encode() + b"\0"
+                      + path.read_bytes())
+    target = Path(tempfile.gettempdir()) / f"pagedserve-test-repository-{digest.hexdigest()[:16]}"
+    if not target.exists():
+        scratch = Path(tempfile.mkdtemp(prefix="pagedserve-test-repository-"))
+        shutil.copytree(CHECKOUT_REPOSITORY / MODEL, scratch / MODEL)
+        try:
+            scratch.rename(target)
+        except OSError:  # another worker made it first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+DEFAULT_REPOSITORY = _reference_repository()
 
 
 def free_port() -> int:
