@@ -148,8 +148,15 @@ class AsyncEngine:
             with self._lock:
                 if self._stopped is not None:
                     raise EngineStopped(self._stopped)
-            constraint = await asyncio.wrap_future(
-                self.core.structured.submit(params.structured_outputs))
+            compiling = self.core.structured.submit(params.structured_outputs)
+            try:
+                constraint = await asyncio.wrap_future(compiling)
+            except asyncio.CancelledError:
+                # A shutdown cancels the compiles still queued: the engine's end, not the
+                # caller's cancellation.
+                if compiling.cancelled() and self._stopped is not None:
+                    raise EngineStopped(self._stopped) from None
+                raise
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         with self._lock:
