@@ -25,7 +25,7 @@ from pagedserve import LLM, EngineConfig, SamplingParams, StructuredOutputsParam
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.core import EngineCore
 from pagedserve.engine.structured_output import compiler as compiler_module
-from pagedserve.kernels.token_bitmask import apply_token_bitmask
+from pagedserve.kernels.token_bitmask import apply_token_bitmask, mask_rows_
 from pagedserve.model.loader import LoadedModel
 from tests.conftest import assert_all_blocks_free
 
@@ -407,3 +407,19 @@ def test_token_bitmask_masks_exactly_the_cleared_bits() -> None:
         for token in range(vocab):
             allowed = (int(bitmask[row, token // 32]) >> (token % 32)) & 1
             assert masked[row, token] == (logits[row, token] if allowed else float("-inf"))
+
+
+def test_masking_rows_in_place_equals_the_reference() -> None:
+    generator = torch.Generator().manual_seed(1)
+    vocab = 1000
+    logits = torch.randn(5, vocab, generator=generator)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 32), generator=generator, dtype=torch.int32)
+    rows = [0, 3, 4]
+    masked = logits.clone()
+    mask_rows_(masked, bitmask, rows)  # xgrammar's CPU kernel
+    reference = apply_token_bitmask(logits, bitmask)
+    assert torch.equal(masked[rows], reference[rows])
+    assert torch.equal(masked[[1, 2]], logits[[1, 2]])  # the other rows untouched
+    as_bf16 = logits.bfloat16()  # the torch path
+    mask_rows_(as_bf16, bitmask, rows)
+    assert torch.equal(as_bf16[rows], apply_token_bitmask(logits.bfloat16(), bitmask)[rows])

@@ -30,7 +30,7 @@ from pagedserve.engine.structured_output import (
     StructuredOutputCompiler,
     grammar_bitmask,
 )
-from pagedserve.kernels.token_bitmask import apply_token_bitmask
+from pagedserve.kernels.token_bitmask import mask_rows_
 from pagedserve.lora_request import LoRARequest
 from pagedserve.model.base import CausalLM
 from pagedserve.model.batch import ModelInput, ModelOutput, PromptLogprobs, SeqChunk
@@ -613,9 +613,8 @@ class EngineCore:
         if bitmask is None:
             return logits
         rows = [i for i, m in enumerate(matchers) if m is not None]
-        index = torch.tensor(rows, device=logits.device)
         with torch.inference_mode():  # the model's logits are inference tensors
-            logits[index] = apply_token_bitmask(logits[index], bitmask[rows])
+            mask_rows_(logits, bitmask, rows)
         return logits
 
     def _advance(self, request: Request,

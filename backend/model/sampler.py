@@ -132,11 +132,7 @@ class Sampler:
                     to_device([r.params.top_k for r in rows], torch.long, device),
                     to_device([r.params.top_p for r in rows], torch.float32, device),
                     to_device([r.params.min_p for r in rows], torch.float32, device))
-            noise = torch.empty_like(probs).exponential_()
-            for i, r in enumerate(rows):
-                if r.generator is not None and not greedy[i]:
-                    noise[i].exponential_(generator=r.generator)
-            drawn = (probs / noise).argmax(dim=-1)
+            drawn = (probs / self._noise(probs, rows, greedy)).argmax(dim=-1)
             tokens = torch.where(to_device(greedy, torch.bool, device), tokens, drawn)
 
         sampled_logprobs = raw.gather(1, tokens[:, None])[:, 0] - log_norm
@@ -159,6 +155,24 @@ class Sampler:
                 entry.setdefault(token_list[i], lp_list[i])
                 top[i] = entry
         return SamplerOutput(token_list, lp_list, top)
+
+    @staticmethod
+    def _noise(probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]
+               ) -> torch.Tensor:
+        """Exp(1) noise for every row that samples: a seeded row's from its own generator,
+        the others' in one draw; greedy rows (whose draw is not used) get ones. Drawing a
+        vocabulary's worth of noise is the sampler's largest cost, so no row is drawn twice."""
+        free = [i for i, r in enumerate(rows) if not greedy[i] and r.generator is None]
+        if len(free) == len(rows):
+            return torch.empty_like(probs).exponential_()
+        noise = torch.ones_like(probs)
+        if free:
+            noise[free] = torch.empty(len(free), probs.shape[1],
+                                      device=probs.device).exponential_()
+        for i, r in enumerate(rows):
+            if r.generator is not None and not greedy[i]:
+                noise[i].exponential_(generator=r.generator)
+        return noise
 
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
