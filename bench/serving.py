@@ -85,6 +85,10 @@ OUR_SETTINGS: dict[str, dict[str, Any]] = {
     "gguf": {"dtype": "float32", "quantization": "gguf"},
 }
 MAX_MODEL_LEN = 2048
+# Our KV cache in the benchmark's repositories: the largest concurrency's long prompts and
+# outputs all fit (fp32 K/V of the embedded model: 46 KB a token), as they do in the peers'
+# caches (llama-server: a full context per slot; vLLM: --vllm-kv-gib).
+OUR_KV_CACHE_BYTES = 2 << 30
 READY_TIMEOUT_S = 600.0
 WORDS = ("river", "stone", "light", "market", "garden", "engine", "paper", "window", "silver",
          "forest", "signal", "harbor", "winter", "copper", "letter", "valley", "thread",
@@ -178,7 +182,8 @@ def our_repository(setting: str, max_num_seqs: int, scratch: Path) -> Path:
     shutil.copytree(REPOSITORY / MODEL, repo / MODEL)
     settings_path = repo / MODEL / "1" / "model.json"
     values = json.loads(settings_path.read_text())
-    values.update(OUR_SETTINGS[setting], max_num_seqs=max_num_seqs)
+    values.update(OUR_SETTINGS[setting], max_num_seqs=max_num_seqs,
+                  kv_cache_memory_bytes=OUR_KV_CACHE_BYTES)
     settings_path.write_text(json.dumps(values, indent=2))
     return repo
 
