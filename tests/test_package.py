@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from pagedserve.python_backend.host import wait_ready
-from tests.server.conftest import MODEL, free_port, is_final, llm_inputs
+from tests.server.conftest import FAST_MODEL, MODEL, free_port, is_final, llm_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Hugging Face's kernel hub client: a distribution whose import name is `kernels`.
@@ -93,6 +93,9 @@ def _serves(venv: Path, tmp_path: Path) -> None:
         assert "Paris" in answer.stdout
         wait_ready(f"127.0.0.1:{port}", timeout=300, proc=server)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        # The installed repository holds the fp32 reference and the fast setting beside it.
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert sorted(m["name"] for m in index) == [MODEL, FAST_MODEL], index
         responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         client.async_stream_infer(MODEL, llm_inputs("The capital of France is", 4, stream=False))
