@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host: {os.cpu_count()} CPUs; ISA: {', '.join(flags) or 'none of ' + str(ISA_FLAGS)}",
           flush=True)
     tokenizer = load_model().tokenizer
+    git = git_state()  # what is measured: the tree as the run starts
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as scratch:
         for system in systems:
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results[system] = run_system(system, args, concurrencies, workloads, tokenizer,
                                          Path(scratch))
-    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "git": git_state(),
+    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "git": git,
               "host": {"cpus": os.cpu_count(), "isa": flags}, "quick": args.quick,
               "max_tokens": args.max_tokens, "concurrency": concurrencies,
               "workloads": {w.name: asdict(w) for w in workloads}, "systems": results,
