@@ -105,15 +105,7 @@ class StructuredOutputsParams:
         unknown keys raise ``ValueError`` naming them."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            _check_size(field_name, len(value))
-            try:
-                value = json.loads(value)
-            except (ValueError, RecursionError) as e:
-                raise ValueError(f"{field_name} is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"{field_name} must be a JSON object, got "
-                             f"{type(value).__name__}")
+        value = _json_object(value, field_name, "a JSON object")
         known = {f.name for f in fields(cls) if f.name != "source"}
         unknown = sorted(str(k)[:60] for k in value if k not in known)
         if unknown:
@@ -128,9 +120,8 @@ def _check_size(label: str, size: int) -> None:
                          f"{MAX_CONSTRAINT_CHARS}")
 
 
-def _schema_text(value: Any, label: str) -> str:
-    """The schema as JSON text, checked to be a JSON object (its key order kept: it is the
-    order the output's properties take)."""
+def _json_object(value: Any, label: str, what: str) -> dict[str, Any]:
+    """``value``, or the JSON text it is, as a dict; ``ValueError`` naming ``label``."""
     if isinstance(value, str):
         _check_size(label, len(value))
         try:
@@ -138,7 +129,14 @@ def _schema_text(value: Any, label: str) -> str:
         except (ValueError, RecursionError) as e:
             raise ValueError(f"{label} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{label} must be a JSON schema object, got {type(value).__name__}")
+        raise ValueError(f"{label} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _schema_text(value: Any, label: str) -> str:
+    """The schema as JSON text, checked to be a JSON object (its key order kept: it is the
+    order the output's properties take)."""
+    value = _json_object(value, label, "a JSON schema object")
     try:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError) as e:

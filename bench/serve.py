@@ -52,7 +52,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -67,6 +66,7 @@ from typing import Any
 from clients.load import LoadReport, LoadRequest, make_requests, run_load
 from clients.load_http import run_http_load
 from pagedserve.bench.cpu_steal import proc_stat_cpu as _proc_stat_cpu
+from pagedserve.bench.serving import terminate
 from pagedserve.bench.throughput import git_state
 from pagedserve.python_backend.host import Ports, TritonHost, wait_ready
 
@@ -178,15 +178,9 @@ class Server:
             raise RuntimeError(f"{e}; see {self.log.name}") from None
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = terminate(self.proc)
         self.log.close()
-        return int(self.proc.returncode)
+        return status
 
 
 def _children(pid: int) -> tuple[int, ...]:

@@ -165,14 +165,21 @@ class ManagedServer:
         raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    """Stops a server as an operator would (SIGTERM, then SIGKILL after ``timeout_s``); its
+    exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
 
 
 def our_repository(setting: str, max_num_seqs: int, scratch: Path) -> Path:
