@@ -608,10 +608,10 @@ class EngineCore:
         """Masks the rows of constrained sequences to the tokens their grammars allow next
         (in place); the other rows are left as they are."""
         matchers = [s.grammar for s in seqs]
+        if not any(matchers):  # the common step: nothing to do
+            return logits
         ahead = [history[len(s.token_ids):] for s, history in zip(seqs, histories)]
         bitmask = grammar_bitmask(matchers, ahead, self.vocab_size)
-        if bitmask is None:
-            return logits
         rows = [i for i, m in enumerate(matchers) if m is not None]
         with torch.inference_mode():  # the model's logits are inference tensors
             mask_rows_(logits, bitmask, rows)

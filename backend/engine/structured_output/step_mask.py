@@ -8,16 +8,14 @@ from pagedserve.engine.structured_output.matcher import GrammarMatcher, bitmask_
 
 
 def grammar_bitmask(matchers: list[GrammarMatcher | None], ahead: list[list[int]],
-                    vocab_size: int) -> torch.Tensor | None:
+                    vocab_size: int) -> torch.Tensor:
     """Row ``i`` allows the tokens ``matchers[i]`` allows once the tokens ``ahead[i]`` follow
     (a drafted row's earlier drafts, taken as accepted and rolled back after); rows without a
-    matcher allow every token. ``None`` when no row has a matcher.
+    matcher allow every token.
 
     A row whose drafts the grammar forbids allows every token: its pick is never used, since
     the row before it cannot pick the forbidden draft.
     """
-    if all(m is None for m in matchers):
-        return None
     bitmask = torch.full((len(matchers), bitmask_words(vocab_size)), -1, dtype=torch.int32)
     for row, (matcher, tokens) in enumerate(zip(matchers, ahead)):
         if matcher is None:
