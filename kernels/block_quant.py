@@ -4,7 +4,7 @@ A block holds 32 consecutive inputs of one output row: Q4_1 as an fp16 scale ``d
 offset ``m`` and 4-bit codes (``w = d * q + m``), Q8_0 as an fp16 scale and int8 codes
 (``w = d * q``). These are the bytes of a GGUF file's tensors, so a GGUF model's projections
 serve from its own bytes; :func:`quantize` makes the same blocks from any float weight.
-:func:`pack_rows` moves a Q4_1 weight's bytes into the kernel's faster layout (eight rows
+:func:`pack_rows` moves a weight's bytes into the kernel's faster layout (eight rows
 interleaved, :data:`PACKED`); :func:`unpack_rows` moves them back.
 
 The product (:func:`block_linear`) runs on the C kernel of ``kernels/csrc/block_quant_cpu.c``,
@@ -25,9 +25,10 @@ from pagedserve.kernels import cpu
 
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")  # a GGUF file's formats, as stored
-# Q4_1 with its rows repacked eight at a time for the kernel (kernels/csrc/block_quant_cpu.c
-# documents the layout): the same codes, scales and offsets, the same bytes in all.
-PACKED = "q4_1x8"
+# Each format with its rows repacked eight at a time for the kernel (kernels/csrc/block_quant_cpu.c
+# documents the layouts): the same codes, scales and offsets, the same bytes in all.
+PACKED = {"q4_1": "q4_1x8", "q8_0": "q8_0x8"}
+_UNPACKED = {packed: kind for kind, packed in PACKED.items()}
 _GROUP = 8  # rows repacked together
 
 
@@ -35,7 +36,7 @@ _GROUP = 8  # rows repacked together
 class BlockWeight:
     """A ``[out, in]`` weight as ``out`` rows of ``in / 32`` blocks in format ``kind``."""
 
-    kind: str  # one of FORMATS, or PACKED
+    kind: str  # one of FORMATS, or one of PACKED's values
     blocks: torch.Tensor  # uint8 [out, in / 32 * block bytes], contiguous
 
     @property
@@ -84,41 +85,50 @@ def quantize(weight: torch.Tensor, kind: str) -> BlockWeight:
 
 
 def pack_rows(weight: BlockWeight) -> BlockWeight:
-    """A Q4_1 ``weight`` with its rows repacked eight at a time (:data:`PACKED`), the faster
-    layout of the kernel; ``weight`` itself where its kind is another or its rows are not a
-    multiple of eight."""
+    """``weight`` with its rows repacked eight at a time (:data:`PACKED`), the faster layout of
+    the kernel; ``weight`` itself where it is packed already or its rows are not a multiple of
+    eight."""
     rows = weight.blocks.shape[0]
-    if weight.kind != "q4_1" or rows % _GROUP:
+    if weight.kind not in PACKED or rows % _GROUP:
         return weight
-    # [groups, blocks, row in group, 20 bytes]
-    raw = weight.blocks.reshape(rows // _GROUP, _GROUP, -1, 20).transpose(1, 2)
-    scales, offsets, packed = raw[..., 0:2], raw[..., 2:4], raw[..., 4:]
-    codes = torch.cat([packed & 0x0F, packed >> 4], -1)  # [g, b, row, 32 inputs]
+    # [groups, blocks, row in group, block bytes]
+    raw = weight.blocks.reshape(rows // _GROUP, _GROUP, -1,
+                                cpu.BLOCK_BYTES[weight.kind]).transpose(1, 2)
+    lead = raw.shape[:2]
+    if weight.kind == "q4_1":
+        halves, stored = raw[..., 0:4], raw[..., 4:]
+        codes = torch.cat([stored & 0x0F, stored >> 4], -1)  # [g, b, row, 32 inputs]
+    else:
+        halves, codes = raw[..., 0:2], raw[..., 2:] ^ 0x80  # int8 codes stored plus 128
     # Vector j, byte 4 * row + t: the code of input 4j + t (j < 8).
-    vectors = codes.reshape(*codes.shape[:3], 8, 4).permute(0, 1, 3, 2, 4).reshape(
-        *codes.shape[:2], 8, 32)
-    nibbles = vectors[:, :, :4] | (vectors[:, :, 4:] << 4)
-    out = torch.cat([scales.reshape(*raw.shape[:2], 16), offsets.reshape(*raw.shape[:2], 16),
-                     nibbles.reshape(*raw.shape[:2], 128)], -1)
-    return BlockWeight(PACKED, out.reshape(rows, -1).contiguous())
+    vectors = codes.reshape(*codes.shape[:3], 8, 4).permute(0, 1, 3, 2, 4).reshape(*lead, 8, 32)
+    if weight.kind == "q4_1":
+        vectors = vectors[:, :, :4] | (vectors[:, :, 4:] << 4)
+    # Each row's fp16 scales (then its offsets) side by side, then the vectors.
+    scales = halves.reshape(*lead, _GROUP, -1, 2).transpose(2, 3).reshape(*lead, -1)
+    out = torch.cat([scales, vectors.reshape(*lead, -1)], -1)
+    return BlockWeight(PACKED[weight.kind], out.reshape(rows, -1).contiguous())
 
 
 def unpack_rows(weight: BlockWeight) -> BlockWeight:
-    """The GGUF Q4_1 blocks of a :data:`PACKED` ``weight`` (:func:`pack_rows` undone);
-    ``weight`` itself when it is not packed."""
-    if weight.kind != PACKED:
+    """The GGUF blocks of a packed ``weight`` (:func:`pack_rows` undone); ``weight`` itself when
+    it is not packed."""
+    kind = _UNPACKED.get(weight.kind)
+    if kind is None:
         return weight
     rows = weight.blocks.shape[0]
-    raw = weight.blocks.reshape(rows // _GROUP, -1, 160)  # [groups, blocks, 160 bytes]
-    scales = raw[..., 0:16].reshape(*raw.shape[:2], _GROUP, 2)
-    offsets = raw[..., 16:32].reshape(*raw.shape[:2], _GROUP, 2)
-    nibbles = raw[..., 32:].reshape(*raw.shape[:2], 4, 32)
-    vectors = torch.cat([nibbles & 0x0F, nibbles >> 4], 2)  # [g, b, 8 vectors, 32 bytes]
-    codes = vectors.reshape(*raw.shape[:2], 8, _GROUP, 4).permute(0, 1, 3, 2, 4).reshape(
-        *raw.shape[:2], _GROUP, 32)
-    packed = codes[..., :16] | (codes[..., 16:] << 4)
-    blocks = torch.cat([scales, offsets, packed], -1).transpose(1, 2)  # [g, row, b, 20]
-    return BlockWeight("q4_1", blocks.reshape(rows, -1).contiguous())
+    raw = weight.blocks.reshape(rows // _GROUP, -1, _GROUP * cpu.BLOCK_BYTES[kind])
+    lead = raw.shape[:2]
+    halves = 4 if kind == "q4_1" else 2  # fp16 bytes per row of a block
+    scales = raw[..., :_GROUP * halves].reshape(*lead, halves // 2, _GROUP, 2).transpose(2, 3)
+    vectors = raw[..., _GROUP * halves:].reshape(*lead, -1, 32)
+    if kind == "q4_1":
+        vectors = torch.cat([vectors & 0x0F, vectors >> 4], 2)  # [g, b, 8 vectors, 32 bytes]
+    codes = vectors.reshape(*lead, 8, _GROUP, 4).permute(0, 1, 3, 2, 4).reshape(
+        *lead, _GROUP, 32)
+    stored = codes[..., :16] | (codes[..., 16:] << 4) if kind == "q4_1" else codes ^ 0x80
+    blocks = torch.cat([scales.reshape(*lead, _GROUP, halves), stored], -1).transpose(1, 2)
+    return BlockWeight(kind, blocks.reshape(rows, -1).contiguous())
 
 
 def dequantize(weight: BlockWeight) -> torch.Tensor:

@@ -35,14 +35,14 @@ from typing import Any
 
 import torch
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
-_COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
+CSRC = Path(__file__).resolve().parent / "csrc"
+COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
 # Each source with its floating-point contract. Attention is compiled with fast math (vectorised
 # expf from glibc's libmvec, reassociated sums). The row-wise kernels round every operation as
 # torch does (no fast math, no FMA contraction). The library is linked without fast math:
 # linking with -ffast-math adds crtfastmath.o, which would switch the whole process to
 # flush-to-zero on load and change torch's own numerics.
-_SOURCES = {
+SOURCE_FLAGS = {
     "paged_attention_cpu.c": ["-ffast-math"],
     "elementwise_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
     "block_quant_cpu.c": ["-fno-math-errno"],
@@ -76,11 +76,11 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         # The sources compile at once, on as many cores as there are: a first start waits for
         # the slowest one, not for their sum.
-        objects = {name: Path(tmp) / f"{name}.o" for name in _SOURCES}
-        compiles = [subprocess.Popen([compiler, *_COMMON_FLAGS, *flags, "-c", str(_CSRC / name),
+        objects = {name: Path(tmp) / f"{name}.o" for name in SOURCE_FLAGS}
+        compiles = [subprocess.Popen([compiler, *COMMON_FLAGS, *flags, "-c", str(CSRC / name),
                                       "-o", str(objects[name])],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                    for name, flags in _SOURCES.items()]
+                    for name, flags in SOURCE_FLAGS.items()]
         for compile_ in compiles:
             out, err = compile_.communicate()
             if compile_.returncode != 0:
@@ -126,6 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "matmul_q4_1": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "matmul_q8_0": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "matmul_q4_1x8": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
+        "matmul_q8_0x8": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "silu_mul": [ptr, i64, i64, ptr, ptr, ptr, nt],
     }
     for name, args in untyped.items():
@@ -145,17 +146,22 @@ def _kernel(name: str, dtype: torch.dtype) -> Any:
     return getattr(lib, f"{name}_{DTYPES[dtype]}")
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc`` or ``gcc``."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler_ = compiler()
+    if compiler_ is None:
         return None
-    parts = [compiler, *_COMMON_FLAGS, *_LINK_FLAGS, _cpu_signature()]
-    for name, flags in _SOURCES.items():
-        parts += [name, (_CSRC / name).read_text(encoding="utf-8"), *flags]
-    for header in sorted(_CSRC.glob("*.h")):
+    parts = [compiler_, *COMMON_FLAGS, *_LINK_FLAGS, _cpu_signature()]
+    for name, flags in SOURCE_FLAGS.items():
+        parts += [name, (CSRC / name).read_text(encoding="utf-8"), *flags]
+    for header in sorted(CSRC.glob("*.h")):
         parts += [header.name, header.read_text(encoding="utf-8")]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     name = f"{_LIBRARY_NAME}-{key}.so"
@@ -168,7 +174,7 @@ def _library() -> ctypes.CDLL | None:
             if place != places[0]:
                 _claim_private(place)
             if not target.exists():
-                _build(compiler, target)
+                _build(compiler_, target)
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.CalledProcessError) as exc:
             problem = getattr(exc, "stderr", "") or str(exc)
@@ -398,13 +404,13 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         raise MemoryError("add_lora could not allocate its scratch memory")
 
 
-# Bytes of one block of 32 in each weight format of kernels/csrc/block_quant_cpu.c (q4_1x8:
-# Q4_1 with rows repacked eight at a time, 160 bytes per eight blocks), and of one block of
-# quantized activations (fp32 scale and sum, 32 int8 codes).
-BLOCK_BYTES = {"q4_1": 20, "q8_0": 34, "q4_1x8": 20}
+# Bytes of one block of 32 in each weight format of kernels/csrc/block_quant_cpu.c (q4_1x8,
+# q8_0x8: Q4_1 and Q8_0 with rows repacked eight at a time, the same bytes in all), and of one
+# block of quantized activations (fp32 scale, fp32 and int32 sums, 32 int8 codes).
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34, "q4_1x8": 20, "q8_0x8": 34}
 # Output rows of a weight in each format come in multiples of this.
-ROW_MULTIPLE = {"q4_1": 1, "q8_0": 1, "q4_1x8": 8}
-_Q8_BLOCK_BYTES = 40
+ROW_MULTIPLE = {"q4_1": 1, "q8_0": 1, "q4_1x8": 8, "q8_0x8": 8}
+_Q8_BLOCK_BYTES = 44
 
 
 def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, out_features: int
@@ -478,7 +484,7 @@ class DecodeLayer(ctypes.Structure):
 
 
 # The block formats' codes in DecodeLayer.
-BLOCK_KINDS = {"q4_1": 0, "q8_0": 1, "q4_1x8": 2}
+BLOCK_KINDS = {"q4_1": 0, "q8_0": 1, "q4_1x8": 2, "q8_0x8": 3}
 
 
 @dataclass(frozen=True)

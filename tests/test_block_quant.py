@@ -3,6 +3,10 @@ byte layout, the C kernel against its float64 reference, and batch invariance.""
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -37,34 +41,37 @@ def test_blocks_are_gguf_blocks(kind: str) -> None:
     assert (ours_error.norm() / weight.norm()) < (0.09 if kind == "q4_1" else 0.006)
 
 
-# The kernel's formats: the file's, and Q4_1 with its rows repacked eight at a time.
-KERNEL_FORMATS = [*block_quant.FORMATS, block_quant.PACKED]
+# The kernel's formats: the file's, and each with its rows repacked eight at a time.
+PACKED_FORMATS = list(block_quant.PACKED.values())
+KERNEL_FORMATS = [*block_quant.FORMATS, *PACKED_FORMATS]
+_UNPACKED = {packed: kind for kind, packed in block_quant.PACKED.items()}
 
 
 def _blocks(weight: torch.Tensor, kind: str) -> block_quant.BlockWeight:
-    if kind == block_quant.PACKED:
-        return block_quant.pack_rows(block_quant.quantize(weight, "q4_1"))
+    if kind in _UNPACKED:
+        return block_quant.pack_rows(block_quant.quantize(weight, _UNPACKED[kind]))
     return block_quant.quantize(weight, kind)
 
 
-def test_repacked_rows_are_the_same_blocks() -> None:
-    """Packing Q4_1 rows eight at a time moves bytes only: unpacked, they are the blocks again,
-    and they stand for the same matrix; other formats and row counts stay as they are."""
+@pytest.mark.parametrize("kind", block_quant.FORMATS)
+def test_repacked_rows_are_the_same_blocks(kind: str) -> None:
+    """Packing rows eight at a time moves bytes only: unpacked, they are the blocks again, and
+    they stand for the same matrix; packed weights and other row counts stay as they are."""
     weight = block_quant.quantize(torch.randn(24, 96, generator=torch.Generator().manual_seed(2)),
-                                  "q4_1")
+                                  kind)
     packed = block_quant.pack_rows(weight)
-    assert packed.kind == block_quant.PACKED and packed.shape == weight.shape
+    assert packed.kind == block_quant.PACKED[kind] and packed.shape == weight.shape
+    assert packed.blocks.shape == weight.blocks.shape
     assert not torch.equal(packed.blocks, weight.blocks)
     assert torch.equal(block_quant.unpack_rows(packed).blocks, weight.blocks)
     assert torch.equal(block_quant.dequantize(packed), block_quant.dequantize(weight))
-    odd = block_quant.quantize(torch.randn(12, 64), "q4_1")
-    q8 = block_quant.quantize(torch.randn(16, 64), "q8_0")
-    assert block_quant.pack_rows(odd) is odd and block_quant.pack_rows(q8) is q8
+    odd = block_quant.quantize(torch.randn(12, 64), kind)
+    assert block_quant.pack_rows(odd) is odd and block_quant.pack_rows(packed) is packed
 
 
 @needs_kernels
 @pytest.mark.parametrize("kind", KERNEL_FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 300])  # 300: the packed kernels' chunks of rows
 def test_kernel_matches_reference(kind: str, rows: int) -> None:
     generator = torch.Generator().manual_seed(rows)
     weight = _blocks(torch.randn(40, 224, generator=generator), kind)
@@ -84,12 +91,62 @@ def test_kernel_matches_reference(kind: str, rows: int) -> None:
 def test_a_row_is_computed_alike_in_any_batch(kind: str) -> None:
     generator = torch.Generator().manual_seed(1)
     # 33 rows: the single-row path's groups of four and one left over; packed rows go by 8.
-    out_features = 40 if kind == block_quant.PACKED else 33
+    out_features = 40 if kind in _UNPACKED else 33
     weight = _blocks(torch.randn(out_features, 96, generator=generator), kind)
-    x = torch.randn(11, 96, generator=generator)
+    # 260 rows: the packed kernels take x in chunks of 256 rows.
+    x = torch.randn(260, 96, generator=generator)
     batched = block_quant.block_linear(x, weight)
-    for i in range(11):
+    for i in (0, 1, 5, 10, 255, 256, 259):
         assert torch.equal(block_quant.block_linear(x[i:i + 1], weight), batched[i:i + 1])
+    assert torch.equal(block_quant.block_linear(x[:11], weight), batched[:11])
+
+
+def _block_kernels(tmp_path: Path, name: str, *flags: str) -> ctypes.CDLL:
+    """block_quant_cpu.c alone, built as kernels/cpu.py builds it plus ``flags``."""
+    library = tmp_path / f"{name}.so"
+    subprocess.run([cpu.compiler(), *cpu.COMMON_FLAGS, *cpu.SOURCE_FLAGS["block_quant_cpu.c"],
+                    *flags, "-I", str(cpu.CSRC), str(cpu.CSRC / "block_quant_cpu.c"),
+                    "-shared", "-o", str(library), "-lm"], check=True)
+    lib = ctypes.CDLL(str(library))
+    for fn in (lib.quantize_rows_q8, lib.matmul_q4_1x8, lib.matmul_q8_0x8):
+        fn.restype = None
+    return lib
+
+
+def _packed_product(lib: ctypes.CDLL, x: torch.Tensor, weight: block_quant.BlockWeight
+                    ) -> torch.Tensor:
+    rows, k = x.shape
+    n = weight.shape[0]
+    q8 = torch.empty(rows * (k // 32) * 44, dtype=torch.uint8)
+    lib.quantize_rows_q8(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(k),
+                         ctypes.c_void_p(q8.data_ptr()), ctypes.c_int64(rows), ctypes.c_int64(k),
+                         ctypes.c_int(2))
+    y = torch.empty(rows, n)
+    getattr(lib, f"matmul_{weight.kind}")(
+        ctypes.c_void_p(q8.data_ptr()), ctypes.c_int64(rows), ctypes.c_void_p(
+            weight.blocks.data_ptr()), ctypes.c_int64(n), ctypes.c_int64(k),
+        ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(n), ctypes.c_int(2))
+    return y
+
+
+@needs_kernels
+def test_vnni_and_avx2_give_the_same_products(tmp_path: Path) -> None:
+    """The packed kernels' integer sums are exact whichever instructions make them, so the
+    host's build (VNNI where it has it) and one without VNNI give the same bits; the build
+    without AVX2 (scalar loops, another fp32 order) agrees to rounding. On a host without
+    VNNI the first two builds are the same code."""
+    native = _block_kernels(tmp_path, "native")
+    no_vnni = _block_kernels(tmp_path, "no-vnni", "-mno-avx512vnni", "-mno-avxvnni")
+    scalar = _block_kernels(tmp_path, "scalar", "-mno-avx2")
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 192, generator=generator)
+    for kind in block_quant.FORMATS:
+        weight = block_quant.pack_rows(block_quant.quantize(
+            torch.randn(48, 192, generator=generator), kind))
+        y = _packed_product(native, x, weight)
+        assert torch.equal(y, block_quant.block_linear(x, weight))
+        assert torch.equal(y, _packed_product(no_vnni, x, weight))
+        torch.testing.assert_close(_packed_product(scalar, x, weight), y, rtol=1e-5, atol=1e-4)
 
 
 def test_leading_dimensions_and_dtype_are_kept() -> None:
@@ -110,4 +167,4 @@ def test_bad_shapes_are_refused() -> None:
             cpu.block_matmul(torch.randn(2, 96), weight.blocks, "q8_0", 8)
         twelve = block_quant.quantize(torch.randn(12, 64), "q4_1")
         with pytest.raises(ValueError, match="do not hold"):  # packed rows come by eight
-            cpu.block_matmul(torch.randn(2, 64), twelve.blocks, block_quant.PACKED, 12)
+            cpu.block_matmul(torch.randn(2, 64), twelve.blocks, block_quant.PACKED["q4_1"], 12)

@@ -57,8 +57,9 @@ def test_quantization_makes_the_block_format_of_its_kind(kind: str, out_features
     multiplies is their reference product."""
     w, qw = _quantized(kind, out_features, 192)
     expected = block_quantize(w, "q8_0" if kind == "int8" else "q4_1")
-    packed = kind == "int4" and out_features % 8 == 0
-    assert qw.kind == (PACKED if packed else expected.kind) and qw.shape == (out_features, 192)
+    packed = out_features % 8 == 0
+    assert qw.kind == (PACKED[expected.kind] if packed else expected.kind)
+    assert qw.shape == (out_features, 192)
     assert torch.equal(unpack_rows(qw).blocks, expected.blocks)
     x, bias = torch.randn(5, 192), torch.randn(out_features)
     torch.testing.assert_close(quant_linear(x, qw, bias),
@@ -136,7 +137,7 @@ def test_shards_are_quantized_after_slicing(smollm: LoadedModel) -> None:
     model = build_model(smollm.config, dict(smollm.weights), torch.float32, "cpu",
                         ParallelGroup(1, 3, None), "int4")
     layer = model.layers[0]  # type: ignore[attr-defined]
-    assert isinstance(layer.qkv, BlockWeight) and layer.qkv.kind == PACKED
+    assert isinstance(layer.qkv, BlockWeight) and layer.qkv.kind == PACKED["q4_1"]
     assert layer.qkv.shape == (3 * 64 + 2 * 64, 576)
     assert layer.o_proj.shape == (576, 192) and layer.down.shape == (576, 512)
     assert layer.mlp_in.shape == (2 * 512, 576)  # this rank's gate rows, then its up rows
@@ -199,9 +200,10 @@ def test_smollm_quantized_against_fp32(kind: str, smollm: LoadedModel,
     llm = LLM(loaded=loaded, kv_cache_bytes=64 * 2**20, enable_prefix_caching=False,
               quantization=kind)
     layer = llm.engine.model.layers[0]  # type: ignore[attr-defined]
-    # int8 makes Q8_0 blocks, int4 Q4_1 (repacked); the file holds Q4_1, its tied output
+    # int8 makes Q8_0 blocks, int4 Q4_1 (both repacked); the file holds Q4_1, its tied output
     # projection Q8_0. Gate and up rows are one weight; decode steps take the fused layers.
-    kinds = {"int8": ("q8_0", "q8_0"), "int4": (PACKED, PACKED), "gguf": (PACKED, "q8_0")}[kind]
+    q4, q8 = PACKED["q4_1"], PACKED["q8_0"]
+    kinds = {"int8": (q8, q8), "int4": (q4, q4), "gguf": (q4, q8)}[kind]
     weights = (layer.qkv, layer.o_proj, layer.mlp_in, layer.down, llm.engine.model.lm_head)
     assert [w.kind for w in weights] == [kinds[0]] * 4 + [kinds[1]]
     assert llm.engine.model.fused_decode is not None
@@ -238,7 +240,7 @@ def test_falcon_quantized_scores_follow_fp32(kind: str, smollm: LoadedModel) -> 
     fp32 = _logits_of(LLM(loaded=loaded, kv_cache_bytes=2**22), prompt)
     llm = LLM(loaded=loaded, kv_cache_bytes=2**22, quantization=kind)
     assert llm.engine.model.layers[0].qkv.kind == {  # type: ignore[attr-defined]
-        "int8": "q8_0", "int4": PACKED}[kind]
+        "int8": PACKED["q8_0"], "int4": PACKED["q4_1"]}[kind]
     quantized = _logits_of(llm, prompt)
     relative = (quantized - fp32).norm() / fp32.norm()
     print(f"falcon {kind}: scores' relative error against fp32 {relative:.4f}")
@@ -260,15 +262,15 @@ def _gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_gguf_blocks_are_served_as_they_are(kind: str) -> None:
-    """A projection of Q4_1 or Q8_0 blocks holds the file's bytes (Q4_1 rows repacked eight at
-    a time for the kernel, the same bytes moved); Q4_0 blocks become Q4_1 blocks of the same
+    """A projection of Q4_1 or Q8_0 blocks holds the file's bytes (rows repacked eight at a
+    time for the kernel, the same bytes moved); Q4_0 blocks become Q4_1 blocks of the same
     weights (offset -8 d). Each dequantizes to exactly gguf's own dequantization of the file's
     tensor."""
     raw = _gguf_blocks(kind, 40, 128)
     weights = decode_tensor("p.weight", kind, raw, [40, 128])
     weight = projection(weights, ["p.weight"], "gguf", torch.float32)
     assert isinstance(weight, BlockWeight) and weight.shape == (40, 128)
-    assert weight.kind == ("q8_0" if kind == "Q8_0" else PACKED)
+    assert weight.kind == PACKED["q8_0" if kind == "Q8_0" else "q4_1"]
     if kind != "Q4_0":
         assert torch.equal(unpack_rows(weight).blocks, torch.from_numpy(raw))
     reference = torch.from_numpy(gguf.quants.dequantize(raw, Q[kind]))

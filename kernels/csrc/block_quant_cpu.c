@@ -6,11 +6,12 @@
  *   Q4_1 block of 32 weights: fp16 d, fp16 m, 16 bytes of 4-bit codes q (weight j in the low
  *        nibble of byte j, weight j + 16 in its high nibble): w = d * q + m.
  *   Q8_0 block of 32 weights: fp16 d, 32 int8 codes q: w = d * q.
- *   Q8 activations, a block of 32 values: fp32 d = max|x| / 127, int8 q = round(x / d) and
- *        s = d * sum(q) (the term a Q4_1 weight's offset m multiplies): x ~ d * q.
+ *   Q8 activations, a block of 32 values: fp32 d = max|x| / 127, int8 q = round(x / d), the
+ *        integer sum(q) and s = d * sum(q): x ~ d * q. A Q4_1 weight's offset m multiplies s;
+ *        a packed Q8_0 weight's codes, stored plus 128, need 128 * sum(q) taken off their sums.
  *
  *   quantize_rows_q8   x fp32 [rows, k] (rows x_stride apart) -> Q8 blocks [rows, k / 32].
- *   matmul_q4_1 / matmul_q8_0
+ *   matmul_q4_1 / matmul_q8_0 / matmul_q4_1x8 / matmul_q8_0x8
  *                      y[r, n] = sum over blocks b of row r of x and row n of w:
  *                        Q4_1: d_w d_x sum(q_w q_x) + m_w s_x;  Q8_0: d_w d_x sum(q_w q_x)
  *                      y fp32 [rows, n], rows y_stride apart.
@@ -25,10 +26,22 @@
  *                      conversions, where the plain layout spends most of its instructions.
  *                      Each output: acc = fma(d_w d_x, sum(q_w q_x), acc), off = fma(m_w, s_x,
  *                      off) over the blocks in order, then acc + off.
+ *   matmul_q8_0x8      the Q8_0 product, rows repacked eight at a time the same way: per block,
+ *                      the eight rows' fp16 d, then the codes as eight 32-byte vectors whose
+ *                      byte 4c + t holds row c's code at input 4j + t (j the vector), plus 128
+ *                      (stored unsigned, as the VNNI instruction wants its first operand).
+ *                      Each output: acc = fma(d_w d_x, sum(q_w q_x), acc) over the blocks.
+ *
+ * Where the host has VNNI (AVX-512 VNNI with VL, or AVX-VNNI), one dpbusd sums four products
+ * for each of eight rows straight into 32-bit lanes: the packed kernels' integer sums take one
+ * instruction per 32 products where AVX2 takes two or three. The integer sums are exact either
+ * way, so both give the same results.
  *
  * Each output is one fixed sequence of operations over its two rows, whatever the number of
  * rows in the call, so a sequence's results do not depend on what it is batched with. Output
  * columns are split over OpenMP threads; each weight row is read once for up to TILE rows of x.
+ * The packed kernels take x in chunks of CHUNK rows, every group of weight rows for each chunk,
+ * so that a long prompt's rows stay in cache while the weight streams past them.
  * Without AVX2 the same sums run as scalar loops (integer sums are exact either way; the fp32
  * accumulation order differs).
  */
@@ -43,16 +56,28 @@
 
 #define QK 32
 #define TILE 4
+#define CHUNK 256
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_VNNI 1
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define HAVE_VNNI 1
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
 
 typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;
 typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
-typedef struct { float d, s; int8_t qs[QK]; } block_q8;
+typedef struct { float d, s; int32_t sum; int8_t qs[QK]; } block_q8;
+_Static_assert(sizeof(block_q8) == 44, "kernels/cpu.py and decode_layers_cpu.c size it");
 
 _Static_assert(sizeof(block_q4_1) == 20, "GGUF's Q4_1 block is 20 bytes");
 _Static_assert(sizeof(block_q8_0) == 34, "GGUF's Q8_0 block is 34 bytes");
 
 typedef struct { uint16_t d[8], m[8]; uint8_t qs[128]; } block_q4_1x8;
 _Static_assert(sizeof(block_q4_1x8) == 160, "eight Q4_1 blocks take 160 bytes repacked");
+typedef struct { uint16_t d[8]; uint8_t qs[256]; } block_q8_0x8;
+_Static_assert(sizeof(block_q8_0x8) == 272, "eight Q8_0 blocks take 272 bytes repacked");
 
 static inline float half_to_float(uint16_t h)
 {
@@ -97,7 +122,8 @@ static void quantize_row_q8(const float *x, block_q8 *y, int64_t blocks)
         const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         _mm256_storeu_si256((__m256i *)y[b].qs, _mm256_permutevar8x32_epi32(bytes, order));
         y[b].d = top / 127.f;
-        y[b].s = y[b].d * (float)_mm_cvtsi128_si32(s4);
+        y[b].sum = _mm_cvtsi128_si32(s4);
+        y[b].s = y[b].d * (float)y[b].sum;
     }
 #else
     for (int64_t b = 0; b < blocks; b++) {
@@ -113,6 +139,7 @@ static void quantize_row_q8(const float *x, block_q8 *y, int64_t blocks)
             sum += q;
         }
         y[b].d = d;
+        y[b].sum = sum;
         y[b].s = d * (float)sum;
     }
 #endif
@@ -299,11 +326,37 @@ static inline __m256i broadcast4(const int8_t *p)
     memcpy(&v, p, sizeof v);
     return _mm256_set1_epi32(v);
 }
+
+/* The integer sums of one block of x (`xq`, 32 codes) against eight repacked rows whose codes
+ * for input 4j + t of the block lie, unsigned, in byte 4c + t of q[j] (row c): each lane the
+ * sum for its row, starting from `init`. */
+static inline __m256i row_sums_unsigned(const __m256i q[8], const int8_t *xq, __m256i init)
+{
+#ifdef HAVE_VNNI
+    /* Two chains, so that each dpbusd need not wait for the one before (the sums are exact
+     * integers: their order does not matter). */
+    __m256i other = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j += 2) {
+        init = DPBUSD(init, q[j], broadcast4(xq + 4 * j));
+        other = DPBUSD(other, q[j + 1], broadcast4(xq + 4 * j + 4));
+    }
+    return _mm256_add_epi32(init, other);
+#else
+    /* Each 16-bit lane sums at most 8 pairs of products of q_w <= 15 and |q_x| <= 127:
+     * 30480, inside int16. (Only Q4_1's codes come here without VNNI.) */
+    __m256i pairs = _mm256_maddubs_epi16(q[0], broadcast4(xq));
+    for (int j = 1; j < 8; j++)
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(q[j], broadcast4(xq + 4 * j)));
+    return _mm256_add_epi32(init, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
 #endif
 
-/* The 8 outputs of one group of repacked rows for `count` rows of x (rows `blocks` apart). */
-static void dot_q4_1x8(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks, int count,
-                       float *out, int64_t out_stride)
+/* The 8 outputs of one group of repacked rows for `count` rows of x (rows `blocks` apart).
+ * Inlined for each constant count (dispatch_rows), so that the accumulators live in registers. */
+static inline __attribute__((always_inline)) void
+dot_q4_1x8_rows(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks, const int count,
+                float *out, int64_t out_stride)
 {
 #ifdef __AVX2__
     __m256 acc[TILE], off[TILE];
@@ -323,14 +376,8 @@ static void dot_q4_1x8(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks,
         const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].m));
         for (int r = 0; r < count; r++) {
             const block_q8 *xb = x + r * blocks + b;
-            /* Each 16-bit lane sums at most 8 pairs of products of |q_w| <= 15 and
-             * |q_x| <= 127: 30480, inside int16. */
-            __m256i pairs = _mm256_maddubs_epi16(q[0], broadcast4(xb->qs));
-            for (int j = 1; j < 8; j++)
-                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(q[j],
-                                                                     broadcast4(xb->qs + 4 * j)));
-            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs,
-                                                                     _mm256_set1_epi16(1)));
+            const __m256 sums = _mm256_cvtepi32_ps(row_sums_unsigned(q, xb->qs,
+                                                                     _mm256_setzero_si256()));
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), sums, acc[r]);
             off[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xb->s), off[r]);
         }
@@ -358,15 +405,100 @@ static void dot_q4_1x8(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks,
 #endif
 }
 
-void matmul_q4_1x8(const block_q8 *x, int64_t rows, const block_q4_1x8 *w, int64_t n, int64_t k,
-                   float *y, int64_t y_stride, int num_threads)
+/* The same for a group of repacked Q8_0 rows (codes stored plus 128). */
+static inline __attribute__((always_inline)) void
+dot_q8_0x8_rows(const block_q8_0x8 *w, const block_q8 *x, int64_t blocks, const int count,
+                float *out, int64_t out_stride)
 {
-    const int64_t blocks = k / QK;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t g = 0; g < n / 8; g++)
-        for (int64_t r = 0; r < rows; r += TILE) {
-            const int count = rows - r < TILE ? (int)(rows - r) : TILE;
-            dot_q4_1x8(w + g * blocks, x + r * blocks, blocks, count, y + r * y_stride + 8 * g,
-                       y_stride);
+#ifdef __AVX2__
+    __m256 acc[TILE];
+    for (int r = 0; r < count; r++)
+        acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i q[8];
+#ifndef HAVE_VNNI
+        __m256i magnitude[8];
+#endif
+        for (int j = 0; j < 8; j++) {
+            q[j] = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
+#ifndef HAVE_VNNI
+            /* Without VNNI: the signed codes, and q_w q_x = |q_w| (sign(q_w) q_x), as maddubs
+             * wants its first operand unsigned and its pairs inside int16. */
+            q[j] = _mm256_xor_si256(q[j], _mm256_set1_epi8((char)0x80));
+            magnitude[j] = _mm256_sign_epi8(q[j], q[j]);
+#endif
         }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        for (int r = 0; r < count; r++) {
+            const block_q8 *xb = x + r * blocks + b;
+#ifdef HAVE_VNNI
+            /* sum((q_w + 128) q_x) - 128 sum(q_x) */
+            const __m256i isum = row_sums_unsigned(q, xb->qs, _mm256_set1_epi32(-128 * xb->sum));
+#else
+            __m256i isum = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i pairs = _mm256_maddubs_epi16(
+                    magnitude[j], _mm256_sign_epi8(broadcast4(xb->qs + 4 * j), q[j]));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+            }
+#endif
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)),
+                                     _mm256_cvtepi32_ps(isum), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++)
+        _mm256_storeu_ps(out + r * out_stride, acc[r]);
+#else
+    for (int r = 0; r < count; r++)
+        for (int c = 0; c < 8; c++) {
+            float acc = 0.f;
+            for (int64_t b = 0; b < blocks; b++) {
+                const block_q8 *xb = x + r * blocks + b;
+                int isum = 0;
+                for (int j = 0; j < 8; j++)
+                    for (int t = 0; t < 4; t++)
+                        isum += ((int)w[b].qs[32 * j + 4 * c + t] - 128) * xb->qs[4 * j + t];
+                acc += half_to_float(w[b].d[c]) * xb->d * (float)isum;
+            }
+            out[r * out_stride + c] = acc;
+        }
+#endif
 }
+
+_Static_assert(TILE == 4, "dispatch_rows has a case for each count up to TILE");
+#define DISPATCH_ROWS(NAME, BLOCK)                                                             \
+    static void NAME(const BLOCK *w, const block_q8 *x, int64_t blocks, int count, float *out, \
+                     int64_t out_stride)                                                       \
+    {                                                                                          \
+        switch (count) {                                                                       \
+        case 1: PS_CAT(NAME, _rows)(w, x, blocks, 1, out, out_stride); break;                  \
+        case 2: PS_CAT(NAME, _rows)(w, x, blocks, 2, out, out_stride); break;                  \
+        case 3: PS_CAT(NAME, _rows)(w, x, blocks, 3, out, out_stride); break;                  \
+        default: PS_CAT(NAME, _rows)(w, x, blocks, 4, out, out_stride); break;                 \
+        }                                                                                      \
+    }
+
+DISPATCH_ROWS(dot_q4_1x8, block_q4_1x8)
+DISPATCH_ROWS(dot_q8_0x8, block_q8_0x8)
+
+/* A packed product: chunks of CHUNK rows of x, every group of eight weight rows for each
+ * (the (chunk, group) pairs split over the threads), TILE rows of x at a time. */
+#define DEFINE_PACKED_MATMUL(NAME, BLOCK, DOT)                                                 \
+    void NAME(const block_q8 *x, int64_t rows, const BLOCK *w, int64_t n, int64_t k, float *y,  \
+              int64_t y_stride, int num_threads)                                               \
+    {                                                                                          \
+        const int64_t blocks = k / QK, groups = n / 8, chunks = (rows + CHUNK - 1) / CHUNK;     \
+        _Pragma("omp parallel for collapse(2) num_threads(num_threads) schedule(static)")      \
+        for (int64_t c = 0; c < chunks; c++)                                                   \
+            for (int64_t g = 0; g < groups; g++) {                                             \
+                const int64_t end = rows < (c + 1) * CHUNK ? rows : (c + 1) * CHUNK;           \
+                for (int64_t r = c * CHUNK; r < end; r += TILE) {                              \
+                    const int count = end - r < TILE ? (int)(end - r) : TILE;                  \
+                    DOT(w + g * blocks, x + r * blocks, blocks, count,                         \
+                        y + r * y_stride + 8 * g, y_stride);                                   \
+                }                                                                              \
+            }                                                                                  \
+    }
+
+DEFINE_PACKED_MATMUL(matmul_q4_1x8, block_q4_1x8, dot_q4_1x8)
+DEFINE_PACKED_MATMUL(matmul_q8_0x8, block_q8_0x8, dot_q8_0x8)

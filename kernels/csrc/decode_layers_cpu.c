@@ -28,9 +28,9 @@
 #include <stdlib.h>
 
 #define QK 32
-#define Q8_BLOCK_BYTES 40 /* block_q8 of block_quant_cpu.c: fp32 d and s, 32 int8 codes */
+#define Q8_BLOCK_BYTES 44 /* block_q8 of block_quant_cpu.c: fp32 d and s, int32 sum, 32 int8 codes */
 
-enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1X8 = 2 };
+enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1X8 = 2, KIND_Q8_0X8 = 3 };
 
 /* The kernels of the other sources this one calls (their fp32 versions). */
 void quantize_rows_q8(const float *x, int64_t x_stride, void *y, int64_t rows, int64_t k,
@@ -40,6 +40,8 @@ void matmul_q4_1(const void *x, int64_t rows, const void *w, int64_t n, int64_t 
 void matmul_q8_0(const void *x, int64_t rows, const void *w, int64_t n, int64_t k, float *y,
                  int64_t y_stride, int num_threads);
 void matmul_q4_1x8(const void *x, int64_t rows, const void *w, int64_t n, int64_t k, float *y,
+                   int64_t y_stride, int num_threads);
+void matmul_q8_0x8(const void *x, int64_t rows, const void *w, int64_t n, int64_t k, float *y,
                    int64_t y_stride, int num_threads);
 void add_rms_norm_f32(float *x, int64_t x_stride, const float *residual, int64_t residual_stride,
                       const float *weight, float *out, int64_t out_stride, int64_t rows,
@@ -94,6 +96,8 @@ static void product(const float *x, int64_t rows, int64_t k, const void *w, int6
         matmul_q4_1(q8, rows, w, n, k, y, n, num_threads);
     else if (kind == KIND_Q4_1X8)
         matmul_q4_1x8(q8, rows, w, n, k, y, n, num_threads);
+    else if (kind == KIND_Q8_0X8)
+        matmul_q8_0x8(q8, rows, w, n, k, y, n, num_threads);
     else
         matmul_q8_0(q8, rows, w, n, k, y, n, num_threads);
     if (bias != NULL)
