@@ -284,8 +284,14 @@ class EngineConfig:
 
     @property
     def resolved_dtype(self) -> str:
-        """``dtype``, with ``auto`` replaced by the choice for this device."""
-        return auto_dtype(self.device) if self.dtype == "auto" else self.dtype
+        """``dtype``, with ``auto`` replaced by the choice for this device: fp32 for the block
+        quantizations, whose kernels and fused decode layers take fp32 activations (bf16 ones
+        would leave the fused layers and convert at every product)."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.quantization is not None:  # CPU only (_check_quantization)
+            return "float32"
+        return auto_dtype(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -29,6 +29,7 @@ from pagedserve.kernels.block_quant import (
 from pagedserve.kernels.block_quant import quantize as block_quantize
 from pagedserve.kernels.linear import linear, silu_gated
 from pagedserve.kernels.quant_linear import quant_linear, quantize
+from pagedserve.model.dtypes import AUTO_ENV
 from pagedserve.model.gguf_weights import decode_tensor
 from pagedserve.model.loader import LoadedModel, load_model
 from pagedserve.model.parallel import ParallelGroup
@@ -400,3 +401,13 @@ def test_gguf_quantization_needs_gguf_weights(tiny_llama: TinyFactory,
     blocks = LoadedModel(smollm.path, smollm.config, smollm.tokenizer, {}, "gguf")
     with pytest.raises(ValueError, match="quantization='int4' does not match the weights"):
         LLM(loaded=blocks, quantization="int4")
+
+
+def test_auto_dtype_is_fp32_under_block_quantization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block kernels and fused decode layers take fp32 activations, so ``auto`` resolves to
+    fp32 with a quantization even where bf16 is this CPU's choice; an explicit dtype stands."""
+    monkeypatch.setenv(AUTO_ENV, "bfloat16")  # what auto means on a bf16 CPU
+    assert EngineConfig().resolved_dtype == "bfloat16"
+    for quantization in ("int8", "int4", "gguf"):
+        assert EngineConfig(quantization=quantization).resolved_dtype == "float32"
+    assert EngineConfig(quantization="int4", dtype="bfloat16").resolved_dtype == "bfloat16"

@@ -20,8 +20,8 @@
  * be allocated, 2 when a slot, length or block table lies outside the cache (as the kernels it
  * calls; the residual stream is then partly updated and the step must fail).
  *
- * silu_mul is also what the per-operation path calls, so that both paths compute the activation
- * alike: act[r, i] = silu(g + b_gate[i]) * (u + b_up[i]), g and u the gate and up halves of row r.
+ * silu_mul (activation_cpu.c) is also what the per-operation path calls, so that both paths
+ * compute the activation alike.
  */
 #include <math.h>
 #include <stdint.h>
@@ -43,6 +43,8 @@ void matmul_q4_1x8(const void *x, int64_t rows, const void *w, int64_t n, int64_
                    int64_t y_stride, int num_threads);
 void matmul_q8_0x8(const void *x, int64_t rows, const void *w, int64_t n, int64_t k, float *y,
                    int64_t y_stride, int num_threads);
+void silu_mul(const float *gate_up, int64_t rows, int64_t width, const float *gate_bias,
+              const float *up_bias, float *out, int num_threads);
 void add_rms_norm_f32(float *x, int64_t x_stride, const float *residual, int64_t residual_stride,
                       const float *weight, float *out, int64_t out_stride, int64_t rows,
                       int64_t dim, float eps, int num_threads);
@@ -71,21 +73,6 @@ typedef struct {
     float *k_cache, *v_cache;
     int64_t window; /* 0: attends over the whole context */
 } decode_layer;
-
-void silu_mul(const float *gate_up, int64_t rows, int64_t width, const float *gate_bias,
-              const float *up_bias, float *out, int num_threads)
-{
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *g = gate_up + r * 2 * width, *u = g + width;
-        float *o = out + r * width;
-        for (int64_t i = 0; i < width; ++i) {
-            const float a = gate_bias != NULL ? g[i] + gate_bias[i] : g[i];
-            const float b = up_bias != NULL ? u[i] + up_bias[i] : u[i];
-            o[i] = a / (1.0f + expf(-a)) * b;
-        }
-    }
-}
 
 /* y = x w^T (+ bias) for fp32 rows x [rows, k] (contiguous); q8 is scratch for x's blocks. */
 static void product(const float *x, int64_t rows, int64_t k, const void *w, int64_t kind,
