@@ -10,10 +10,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "parallel.h"
+
 void silu_mul(const float *gate_up, int64_t rows, int64_t width, const float *gate_bias,
               const float *up_bias, float *out, int num_threads)
 {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
+#pragma omp parallel for num_threads(threads_for(rows * width * ELEMENT_WORK, num_threads))   \
+    schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *g = gate_up + r * 2 * width, *u = g + width;
         float *o = out + r * width;

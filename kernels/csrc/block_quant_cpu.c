@@ -53,6 +53,7 @@
 #endif
 
 #include "dtypes.h"
+#include "parallel.h"
 
 #define QK 32
 #define TILE 4
@@ -149,7 +150,8 @@ void quantize_rows_q8(const float *x, int64_t x_stride, block_q8 *y, int64_t row
                       int num_threads)
 {
     const int64_t blocks = k / QK;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
+#pragma omp parallel for num_threads(threads_for(rows * k * ELEMENT_WORK, num_threads))      \
+    schedule(static)
     for (int64_t r = 0; r < rows; r++)
         quantize_row_q8(x + r * x_stride, y + r * blocks, blocks);
 }
@@ -286,7 +288,8 @@ static void dot_q4_1_cols(const block_q4_1 *w, int64_t w_stride, const block_q8 
 #define SINGLE_ROW(DOT)                                                                        \
     if (rows == 1) {                                                                           \
         const int64_t groups = n / COLS;                                                       \
-        _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                  \
+        const int threads = threads_for(n * k, num_threads);                                   \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                      \
         for (int64_t g = 0; g < groups; g++)                                                   \
             PS_CAT(DOT, _cols)(w + g * COLS * blocks, blocks, x, blocks, y + g * COLS);        \
         for (int64_t col = groups * COLS; col < n; col++)                                      \
@@ -304,7 +307,8 @@ static void dot_q4_1_cols(const block_q4_1 *w, int64_t w_stride, const block_q8 
     {                                                                                          \
         const int64_t blocks = k / QK;                                                         \
         ONE_ROW(DOT)                                                                           \
-        _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                  \
+        const int threads = threads_for(rows * n * k, num_threads);                            \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                      \
         for (int64_t col = 0; col < n; col++) {                                                \
             float out[TILE];                                                                   \
             for (int64_t r = 0; r < rows; r += TILE) {                                         \
@@ -488,7 +492,8 @@ DISPATCH_ROWS(dot_q8_0x8, block_q8_0x8)
               int64_t y_stride, int num_threads)                                               \
     {                                                                                          \
         const int64_t blocks = k / QK, groups = n / 8, chunks = (rows + CHUNK - 1) / CHUNK;     \
-        _Pragma("omp parallel for collapse(2) num_threads(num_threads) schedule(static)")      \
+        const int threads = threads_for(rows * n * k, num_threads);                            \
+        _Pragma("omp parallel for collapse(2) num_threads(threads) schedule(static)")          \
         for (int64_t c = 0; c < chunks; c++)                                                   \
             for (int64_t g = 0; g < groups; g++) {                                             \
                 const int64_t end = rows < (c + 1) * CHUNK ? rows : (c + 1) * CHUNK;           \

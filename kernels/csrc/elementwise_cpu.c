@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "dtypes.h"
+#include "parallel.h"
 
 #define T f32
 #include "elementwise_impl.h"

@@ -19,7 +19,8 @@ void FN(add_rms_norm)(ELEM *x, int64_t x_stride, const ELEM *residual, int64_t r
                       const ELEM *weight, ELEM *out, int64_t out_stride, int64_t rows,
                       int64_t dim, float eps, int num_threads)
 {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
+#pragma omp parallel for num_threads(threads_for(rows * dim * ELEMENT_WORK, num_threads))   \
+    schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         ELEM *xr = x + r * x_stride;
         ELEM *o = out + r * out_stride;
@@ -41,7 +42,8 @@ void FN(add_layer_norm)(ELEM *x, int64_t x_stride, const ELEM *residual,
                         ELEM *out, int64_t out_stride, int64_t rows, int64_t dim, float eps,
                         int num_threads)
 {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
+#pragma omp parallel for num_threads(threads_for(rows * dim * ELEMENT_WORK, num_threads))   \
+    schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         ELEM *xr = x + r * x_stride;
         ELEM *o = out + r * out_stride;
@@ -90,7 +92,8 @@ int FN(rotary_write_kv)(ELEM *qkv, int64_t qkv_stride, const ELEM *cos_t, const 
             return 2;
     const int64_t half = head_dim / 2;
     const int64_t kv_size = num_kv_heads * head_dim;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens > 1)
+#pragma omp parallel for num_threads(threads_for(tokens * (num_heads + num_kv_heads) * head_dim * \
+                                              ELEMENT_WORK, num_threads)) schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
         ELEM *row = qkv + t * qkv_stride;
         const ELEM *c = cos_t + t * head_dim;

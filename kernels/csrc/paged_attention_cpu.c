@@ -29,6 +29,7 @@
 #include <stdlib.h>
 
 #include "dtypes.h"
+#include "parallel.h"
 
 #define T f32
 #include "paged_attention_impl.h"

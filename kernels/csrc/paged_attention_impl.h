@@ -127,7 +127,7 @@ int FN(paged_decode_attention)(
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, float scale, int64_t window, const float *alibi, int num_threads)
 {
-    int64_t max_span = 0;
+    int64_t max_span = 0, total_span = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
         const int64_t len = seq_lens[s];
         if (len < 1 || len > table_width * block_size)
@@ -139,6 +139,7 @@ int FN(paged_decode_attention)(
         }
         const int64_t span = window > 0 && len > window ? window : len;
         max_span = span > max_span ? span : max_span;
+        total_span += span;
     }
     if (num_seqs == 0)
         return 0;
@@ -149,7 +150,7 @@ int FN(paged_decode_attention)(
         head_dim == 64 ? FN(attend_64) : head_dim == 128 ? FN(attend_128) : FN(attend_any);
     int failed = 0;
 
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(threads_for(2 * total_span * num_heads * head_dim, num_threads))
     {
         float *scratch = malloc(sizeof(float) * (size_t)(num_heads * (max_span + 2 * head_dim)));
         if (scratch == NULL) {
