@@ -211,11 +211,12 @@ def start_system(system: str, max_num_seqs: int, scratch: Path, args: argparse.N
     if system == "llama-server":
         cmd = [str(llama_server_binary()), "-m", default_model_path(), "--host", "127.0.0.1",
                "--port", str(port), "-np", str(max_num_seqs), "-c",
-               str(max_num_seqs * MAX_MODEL_LEN), "-t", str(threads), "-tb", str(threads),
-               "--no-webui"]
+               str(max_num_seqs * MAX_MODEL_LEN), "-t", str(args.llama_threads or threads),
+               "-tb", str(args.llama_threads or threads), "--no-webui"]
         if args.llama_no_repack:
             cmd.append("--no-repack")
-        return ManagedServer(system, cmd, port), {"cmd": cmd[1:], "threads": threads}
+        return ManagedServer(system, cmd, port), {"cmd": cmd[1:],
+                                                  "threads": args.llama_threads or threads}
     if system == "vllm":
         model_dir = load_model().path
         cmd = [str(venv_python("vllm")), "-m", "vllm.entrypoints.openai.api_server",
@@ -327,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-slot", type=int, default=2,
                         help="requests per unit of concurrency in each cell (at least 8)")
+    parser.add_argument("--llama-threads", type=int, default=0,
+                        help="llama-server's -t and -tb (default: all the host's threads)")
     parser.add_argument("--llama-no-repack", action="store_true",
                         help="run llama-server with --no-repack")
     parser.add_argument("--vllm-dtype", default="float32", choices=("float32", "bfloat16"))
