@@ -37,10 +37,13 @@ setup-dev: $(VENV)/.setup-dev
 generate: setup
 	$(BIN)/python -m pagedserve generate --chat "$(PROMPT)"
 
-# The suite runs in worker processes (one per core, at most 4), each file on one worker, with one
-# torch thread each: its work is many small models and server processes, which gain little
-# from a second thread and much from running side by side (docs/benchmarks.md, "Test suite").
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+# The suite runs in worker processes, each file on one worker, with one torch thread each: its
+# work is many small models and server processes, which gain little from a second thread and
+# much from running side by side. One worker more than the cores (at most 4): the server tests
+# spend part of their time waiting on their servers, which another worker fills
+# (docs/benchmarks.md, "Test suite").
+WORKERS ?= $(shell $(PY) -c "import os; print(min(4, len(os.sched_getaffinity(0)) + 1))")
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 test: lint
 	$(PYTEST) --durations=40
