@@ -106,6 +106,11 @@ class EngineConfig:
     model: str | None = None
     # "auto": the faster dtype on this device, by measurement (pagedserve.model.dtypes).
     dtype: str = "auto"
+    # The KV cache's dtype (vLLM's setting): "auto" is the model's dtype; a model computing in
+    # float32 may keep its keys and values in "float16" or "bfloat16" instead: half the memory
+    # a token takes and half the bytes decode attention reads. Keys and values are rounded to
+    # it when written, and every attention reads them as stored.
+    kv_cache_dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     kv_cache_bytes: int | None = None
@@ -184,7 +189,22 @@ class EngineConfig:
                              f"multiple of nnodes={self.nnodes} (the same ranks on every node)")
         self._check_quantization()
         self._check_device()
+        self._check_kv_cache_dtype()
         self._check_lora()
+
+    def _check_kv_cache_dtype(self) -> None:
+        """``auto``, the model's dtype, or a 16-bit one under a float32 model: the pairs the
+        attention kernels take (fp8, which vLLM also offers, has no kernels here)."""
+        value = self.kv_cache_dtype
+        if value == "auto":
+            return
+        if value not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, "
+                             f"got {value!r}")
+        model = self.resolved_dtype
+        if value != model and model != "float32":
+            raise ValueError(f"kv_cache_dtype={value!r} needs a float32 model (dtype), got "
+                             f"{model!r}: a {model} model keeps its cache in {model}")
 
     def _check_lora(self) -> None:
         if not isinstance(self.enable_lora, bool):
@@ -296,3 +316,9 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.resolved_dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: ``kv_cache_dtype``, or the model's under ``auto``."""
+        return DTYPES[self.resolved_dtype if self.kv_cache_dtype == "auto"
+                      else self.kv_cache_dtype]

@@ -42,7 +42,9 @@ from pagedserve.kernels.block_quant import BlockWeight, dequantize
 from pagedserve.model.loader import LoadedModel, default_model_path, load_model
 from tests.prompts import LONG_PROMPT, PROMPTS
 
-SETTINGS = ("fp32", "int8", "int4", "gguf", "gguf-fp32-head")
+SETTINGS = ("fp32", "int8", "int4", "gguf", "gguf-fp32-head", "gguf-fp16-kv", "fp32-fp16-kv")
+# A setting's suffix -> its KV cache dtype (the others keep the model's, fp32).
+KV_SUFFIX = "-fp16-kv"
 
 
 def logits_of(llm: LLM, token_ids: list[int]) -> torch.Tensor:
@@ -65,9 +67,12 @@ def logits_of(llm: LLM, token_ids: list[int]) -> torch.Tensor:
 
 
 def build(setting: str, plain: LoadedModel, blocks: LoadedModel) -> LLM:
-    kind = setting.removesuffix("-fp32-head")
+    kind = setting.removesuffix("-fp32-head").removesuffix(KV_SUFFIX)
+    # fp32 named: "auto" is bf16 on hosts with bf16 arithmetic.
     llm = LLM(loaded=blocks if kind == "gguf" else plain, kv_cache_bytes=64 << 20,
-              enable_prefix_caching=False, quantization=None if kind == "fp32" else kind)
+              dtype="float32", enable_prefix_caching=False,
+              quantization=None if kind == "fp32" else kind,
+              kv_cache_dtype="float16" if setting.endswith(KV_SUFFIX) else "auto")
     if setting == "gguf-fp32-head":  # tied: the embeddings hold the file's Q8_0 values
         model = llm.engine.model
         model.lm_head = model.embed  # type: ignore[attr-defined]

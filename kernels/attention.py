@@ -3,14 +3,17 @@
 The KV cache of a layer is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``p`` of a sequence lives at slot
 ``block_table[p // block_size] * block_size + p % block_size``.
+The cache may hold a narrower dtype than the model computes in (``kv_cache_dtype``): keys and
+values are rounded to it when written, and attention reads them as stored, fresh ones included.
 Block 0 is the null block: never allocated, kept zero, and used to pad gathers so that padded
 positions read finite values (they are masked out of the softmax anyway).
 
 A step's batch is flattened: the query tokens of all sequences are concatenated, sequences with a
 single query token (decodes) first. This module holds the torch implementation, which runs
 everywhere and is the reference of the kernels behind the same two functions: on CPUs (fp32,
-bf16, fp16), decodes are attended in place by the C kernel of :mod:`pagedserve.kernels.cpu` when it
-is built (torch ops must first gather each context into a copy); on CUDA the whole batch goes to
+bf16, fp16, and an fp32 model over a bf16 or fp16 cache), decodes are attended in place by the
+C kernel of :mod:`pagedserve.kernels.cpu` when it is built (torch ops must first gather each
+context into a copy); on CUDA the whole batch goes to
 the Triton kernels of :mod:`pagedserve.kernels.triton_attention` and
 :mod:`pagedserve.kernels.triton_cache`. :mod:`pagedserve.kernels.dispatch` chooses
 (``AttentionMetadata.backend``).
@@ -146,6 +149,18 @@ def _shared_blocks(tables: torch.Tensor, limit: int) -> int:
     return int(same.int().cumprod(0).sum())
 
 
+def _gather(flat: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``index`` of a flattened cache as ``dtype`` (the query's: a 16-bit cache under
+    fp32 activations is widened once gathered)."""
+    return flat.index_select(0, index).to(dtype)
+
+
+def _as_stored(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Fresh keys or values as the cache holds them: a chunk attends over its own tokens as
+    later chunks and decodes will read them, so that splitting a prompt changes nothing."""
+    return x if x.dtype == cache_dtype else x.to(cache_dtype).to(x.dtype)
+
+
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """Slots of positions ``0..length-1`` for each row of ``block_tables``: ``[rows, length]``."""
     positions = torch.arange(length, device=block_tables.device)
@@ -163,8 +178,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         dispatch.triton_module("triton_cache", k.device).write_kv(k, v, k_cache, v_cache,
                                                                   slot_mapping)
         return
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _partial_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -212,8 +227,9 @@ def _torch_decode(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
     for group in meta.torch_decode_groups():
         n, ctx = group.slots.shape
         index = group.slots.reshape(-1)
-        keys = flat_k.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        values = flat_v.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        keys = _gather(flat_k, index, q.dtype).view(n, ctx, num_kv_heads, head_dim)
+        values = _gather(flat_v, index, q.dtype).view(n, ctx, num_kv_heads, head_dim)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         # The query heads sharing a KV head become that head's query rows: one small attention
         # per KV head instead of repeating keys and values for every query head.
         query = q[group.start: group.end].reshape(n, num_kv_heads, -1, head_dim)
@@ -222,8 +238,8 @@ def _torch_decode(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
                                                  scale=scale)
         else:
             res = _cascade_decode(query, keys, values, group.mask,
-                                  flat_k.index_select(0, group.shared_slots),
-                                  flat_v.index_select(0, group.shared_slots), scale)
+                                  _gather(flat_k, group.shared_slots, q.dtype),
+                                  _gather(flat_v, group.shared_slots, q.dtype), scale)
         out[group.start: group.end] = res.reshape(n, num_heads, head_dim)
 
 
@@ -255,8 +271,9 @@ def _torch_decode_biased(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Te
         slots = _context_slots(meta.block_tables[start:end], max(lens), meta.block_size)
         index = slots.reshape(-1)
         ctx = slots.shape[1]
-        keys = flat_k.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        values = flat_v.index_select(0, index).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        keys = _gather(flat_k, index, q.dtype).view(n, ctx, num_kv_heads, head_dim)
+        values = _gather(flat_v, index, q.dtype).view(n, ctx, num_kv_heads, head_dim)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         query = q[start:end].reshape(n, num_kv_heads, -1, head_dim)
         key_pos = torch.arange(ctx, device=q.device)
         mask = torch.stack([_position_bias(torch.tensor([length - 1], device=q.device), key_pos,
@@ -291,7 +308,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     decodes = meta.num_decodes
-    if decodes and meta._decode_in_place and q.dtype == k_cache.dtype and q.dtype in cpu.DTYPES:
+    if decodes and meta._decode_in_place and cpu.takes_cache(q.dtype, k_cache.dtype):
         assert meta._decode_lens is not None
         cpu.decode_attention(q[:decodes], k_cache, v_cache, meta.block_tables[:decodes],
                              meta._decode_lens, scale, out[:decodes], sliding_window,
@@ -305,8 +322,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         n = meta.query_lens[i]
         query = q[start: start + n].transpose(0, 1).unsqueeze(0)
         if biased:
-            keys, values = ((k[start: start + n], v[start: start + n]) if slots is None else
-                            (flat_k.index_select(0, slots), flat_v.index_select(0, slots)))
+            keys, values = ((_as_stored(k[start: start + n], k_cache.dtype),
+                             _as_stored(v[start: start + n], v_cache.dtype)) if slots is None else
+                            (_gather(flat_k, slots, q.dtype), _gather(flat_v, slots, q.dtype)))
             ctx = keys.shape[0]
             mask = _position_bias(torch.arange(ctx - n, ctx, device=q.device),
                                   torch.arange(ctx, device=q.device), sliding_window,
@@ -315,13 +333,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                 query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
                 attn_mask=mask.unsqueeze(0), scale=scale, enable_gqa=True)
         elif slots is None:
-            keys = k[start: start + n].transpose(0, 1).unsqueeze(0)
-            values = v[start: start + n].transpose(0, 1).unsqueeze(0)
+            keys = _as_stored(k[start: start + n], k_cache.dtype).transpose(0, 1).unsqueeze(0)
+            values = _as_stored(v[start: start + n], v_cache.dtype).transpose(0, 1).unsqueeze(0)
             res = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                  enable_gqa=True)
         else:
-            keys = flat_k.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-            values = flat_v.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            keys = _gather(flat_k, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            values = _gather(flat_v, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             ctx = slots.shape[0]
             # Query j sits at position ctx - n + j and sees every key at or before it.
             mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)

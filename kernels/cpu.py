@@ -56,6 +56,13 @@ _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _LIBRARY_NAME = "pagedserve_cpu"
 # The element types the kernels take, and the suffix of each one's C functions.
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# The KV cache types the cache kernels (rotary write, decode attention) take beside each
+# activation type: the same type, or a 16-bit cache under fp32 activations (half the bytes
+# attention reads).
+CACHE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+                torch.bfloat16: (torch.bfloat16,), torch.float16: (torch.float16,)}
+# The cache types' codes in decode_layers_q (kernels/csrc/decode_layers_cpu.c).
+CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _cpu_signature() -> str:
@@ -107,21 +114,29 @@ def _claim_private(folder: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    signatures = {
+    cache_signatures = {
         "paged_decode_attention": ([ptr, i64, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64,
                                     i64, i64, i64, i64, i64, f32, i64, ptr, nt], ctypes.c_int),
-        "add_rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
-        "add_layer_norm": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, nt], None),
         "rotary_write_kv": ([ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr,
                              ptr, f32, nt], ctypes.c_int),
+    }
+    for name, (args, result) in cache_signatures.items():
+        for dtype, cache_dtypes in CACHE_DTYPES.items():
+            for cache_dtype in cache_dtypes:
+                fn = getattr(lib, f"{name}_{DTYPES[dtype]}_{DTYPES[cache_dtype]}")
+                fn.argtypes = args
+                fn.restype = result
+    signatures = {
+        "add_rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, nt], None),
+        "add_layer_norm": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, nt], None),
         "add_lora": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, nt],
                      ctypes.c_int),
     }
-    for name, (args, result) in signatures.items():
+    for name, (args, typed_result) in signatures.items():
         for suffix in DTYPES.values():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = args
-            fn.restype = result
+            fn.restype = typed_result
     # The block-quantized products take fp32 activations only.
     untyped = {
         "quantize_rows_q8": [ptr, i64, ptr, i64, i64, nt],
@@ -137,7 +152,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = None
     lib.decode_layers_q.argtypes = [ctypes.POINTER(DecodeLayer), i64, ptr, ptr, i64, i64, i64,
                                     i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr,
-                                    f32, f32, nt]
+                                    i64, f32, f32, nt]
     lib.decode_layers_q.restype = ctypes.c_int
 
 
@@ -146,6 +161,27 @@ def _kernel(name: str, dtype: torch.dtype) -> Any:
     lib = _library()
     assert lib is not None, "CPU kernels are not available"
     return getattr(lib, f"{name}_{DTYPES[dtype]}")
+
+
+def _cache_kernel(name: str, dtype: torch.dtype, cache_dtype: torch.dtype) -> Any:
+    """The C function ``name`` for activations of ``dtype`` over a cache of ``cache_dtype``."""
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    return getattr(lib, f"{name}_{DTYPES[dtype]}_{DTYPES[cache_dtype]}")
+
+
+def takes_cache(dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether the cache kernels take activations of ``dtype`` over a cache of
+    ``cache_dtype`` (:data:`CACHE_DTYPES`)."""
+    return cache_dtype in CACHE_DTYPES.get(dtype, ())
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
+            k_cache.dtype != v_cache.dtype or not takes_cache(dtype, k_cache.dtype):
+        allowed = ", ".join(str(t) for t in CACHE_DTYPES[dtype])
+        raise ValueError(f"the K and V caches must be contiguous, of one dtype among {allowed} "
+                         f"beside {dtype} activations; got {k_cache.dtype} and {v_cache.dtype}")
 
 
 def compiler() -> str | None:
@@ -200,12 +236,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Writes into ``out`` the attention of one query token per sequence over its paged context.
 
     ``q``/``out`` ``[num_seqs, num_heads, head_dim]`` (rows may be strided);
-    ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` contiguous, all
-    of one dtype of :data:`DTYPES`; ``block_tables`` ``[num_seqs, width]`` and ``seq_lens``
-    ``[num_seqs]`` int64, every length at least 1. With ``sliding_window`` each query attends
-    over its last ``sliding_window`` tokens only; ``alibi_slopes`` (fp32, one per query head)
-    adds ``slope * (key position - query position)`` to the scaled scores. Only call when
-    :func:`available`.
+    ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` contiguous, of
+    q's dtype (one of :data:`DTYPES`) or another it takes (:data:`CACHE_DTYPES`);
+    ``block_tables`` ``[num_seqs, width]`` and ``seq_lens`` ``[num_seqs]`` int64, every length
+    at least 1. With ``sliding_window`` each query attends over its last ``sliding_window``
+    tokens only; ``alibi_slopes`` (fp32, one per query head) adds ``slope * (key position -
+    query position)`` to the scaled scores. Only call when :func:`available`.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -222,9 +258,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if t.dtype != dtype or t.stride(2) != 1 or t.stride(1) != head_dim or \
                 (num_seqs > 1 and t.stride(0) < num_heads * head_dim):
             raise ValueError(f"q and out must be {dtype} with contiguous heads, rows apart")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
-            k_cache.dtype != dtype or v_cache.dtype != dtype:
-        raise ValueError(f"the KV cache must be contiguous {dtype}, as q")
+    _check_cache(k_cache, v_cache, dtype)
     if block_tables.stride(1) != 1 or not seq_lens.is_contiguous():
         raise ValueError("block_tables rows and seq_lens must be contiguous")
     if block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
@@ -236,7 +270,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if alibi_slopes.dtype != torch.float32 or alibi_slopes.shape != (num_heads,) or \
                 not alibi_slopes.is_contiguous():
             raise ValueError("alibi_slopes must be a contiguous fp32 vector, one per head")
-    status = _kernel("paged_decode_attention", dtype)(
+    status = _cache_kernel("paged_decode_attention", dtype, k_cache.dtype)(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         block_tables.data_ptr(), block_tables.shape[1], block_tables.stride(0),
         seq_lens.data_ptr(),
@@ -333,9 +367,10 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     ``qkv`` ``[tokens, (num_heads + 2 * num_kv_heads) * head_dim]``; ``cos``/``sin``
     ``[tokens, head_dim]`` contiguous; caches ``[num_blocks, block_size, num_kv_heads,
-    head_dim]`` contiguous; ``slot_mapping`` ``[tokens]`` int64; all floating tensors of one
-    dtype. ``q_norm``/``k_norm`` (``[head_dim]``): each q / k head is RMS-normalised with
-    these weights before its rotation.
+    head_dim]`` contiguous; ``slot_mapping`` ``[tokens]`` int64; the other floating tensors of
+    qkv's dtype, the caches of it or another the kernels take (:data:`CACHE_DTYPES`: the keys
+    and values are rounded to it). ``q_norm``/``k_norm`` (``[head_dim]``): each q / k head is
+    RMS-normalised with these weights before its rotation.
     """
     dtype = _supported_dtype(qkv.dtype)
     _check_rows("qkv", qkv, dtype)
@@ -348,9 +383,7 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dtype != dtype or not t.is_contiguous() or t.shape != (tokens, head_dim):
             raise ValueError(f"{name} must be a contiguous {dtype} [tokens, head_dim] table")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
-            k_cache.dtype != dtype or v_cache.dtype != dtype:
-        raise ValueError(f"the KV cache must be contiguous {dtype}, as qkv")
+    _check_cache(k_cache, v_cache, dtype)
     if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous() or \
             slot_mapping.shape != (tokens,):
         raise ValueError("slot_mapping must be a contiguous int64 vector, one slot per token")
@@ -360,7 +393,7 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         if norm is not None:
             _check_vector(name, norm, dtype, head_dim)
             _check_cpu(norm)
-    status = _kernel("rotary_write_kv", dtype)(
+    status = _cache_kernel("rotary_write_kv", dtype, k_cache.dtype)(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), k_cache.shape[0] * k_cache.shape[1], slot_mapping.data_ptr(),
         tokens, num_heads, num_kv_heads, head_dim,
@@ -473,8 +506,9 @@ def silu_mul(gate_up: torch.Tensor, gate_bias: torch.Tensor | None,
 class DecodeLayer(ctypes.Structure):
     """One decoder layer for :func:`decode_layers`: the addresses of its fp32 norms and biases
     (0 where absent), of its projections' blocks and their formats (:data:`BLOCK_KINDS`), of its
-    KV cache, and its sliding window (0: none). The tensors must outlive every call that reads
-    the structure. Mirrors ``decode_layer`` of kernels/csrc/decode_layers_cpu.c."""
+    KV cache (of the call's ``cache_dtype``), and its sliding window (0: none). The tensors must
+    outlive every call that reads the structure. Mirrors ``decode_layer`` of
+    kernels/csrc/decode_layers_cpu.c."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "post_norm", "qkv", "o", "gate_up", "down")] + \
@@ -505,11 +539,13 @@ class DecodeShape:
 def decode_layers(layers: ctypes.Array[DecodeLayer], shape: DecodeShape, h: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                   num_cache_blocks: int, block_size: int, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor) -> torch.Tensor:
+                  seq_lens: torch.Tensor, cache_dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
     """Runs ``layers`` (kernels/csrc/decode_layers_cpu.c) over one decode token per sequence:
     ``h`` fp32 ``[rows, hidden]`` contiguous (the residual stream, updated in place), ``cos``/
     ``sin`` ``[rows, head_dim]``, ``slot_mapping`` ``[rows]``, ``block_tables`` ``[rows, width]``
-    and ``seq_lens`` ``[rows]`` int64, contiguous. Returns the last layer's output, to be added
+    and ``seq_lens`` ``[rows]`` int64, contiguous; ``cache_dtype`` is the layers' KV caches'
+    (:data:`CACHE_TYPES`). Returns the last layer's output, to be added
     to ``h`` by the final norm. The caller vouches for the layers' weights and caches (built
     from the model's own); the batch is checked here. Only call when :func:`available`."""
     rows = h.shape[0]
@@ -534,7 +570,8 @@ def decode_layers(layers: ctypes.Array[DecodeLayer], shape: DecodeShape, h: torc
         shape.intermediate, shape.num_heads, shape.num_kv_heads, shape.head_dim, cos.data_ptr(),
         sin.data_ptr(), slot_mapping.data_ptr(), num_cache_blocks, block_size,
         block_tables.data_ptr(), block_tables.shape[1], block_tables.stride(0),
-        seq_lens.data_ptr(), shape.eps, shape.scale, torch.get_num_threads())
+        seq_lens.data_ptr(), CACHE_TYPES[cache_dtype], shape.eps, shape.scale,
+        torch.get_num_threads())
     if status == 2:
         raise ValueError("a slot, sequence length or block table lies outside the cache")
     if status:

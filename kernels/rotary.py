@@ -43,7 +43,8 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     v = qkv[:, q_size + kv_size:].view(tokens, num_kv_heads, head_dim)
     path = dispatch.resolve(backend, qkv.device)
     if (path == "cpu" and qkv.dtype in cpu.DTYPES and cos.dtype == qkv.dtype
-            and k_cache.dtype == qkv.dtype and qkv.stride(1) == 1 and cpu.available()):
+            and cpu.takes_cache(qkv.dtype, k_cache.dtype) and qkv.stride(1) == 1
+            and cpu.available()):
         # In place: the views above now hold the (normalised and) rotated q and k.
         cpu.rotary_write_kv(qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
                             slot_mapping, num_heads, num_kv_heads, q_norm, k_norm, norm_eps)

@@ -139,10 +139,10 @@ def _paged_attention_kernel(
         v_rows = block * stride_v_b + in_block * stride_v_s + kv_head * stride_v_h
         v = tl.load(v_cache_ptr + v_rows[:, None] + offs_d[None, :],
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        probs = probs.to(v.dtype)
-        if DOT_FP32:
-            probs = probs.to(tl.float32)
+        if DOT_FP32:  # fp32 probabilities, whatever the cache holds
             v = v.to(tl.float32)
+        else:
+            probs = probs.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(probs, v, input_precision="ieee")
         running_max = new_max
 

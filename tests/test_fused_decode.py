@@ -89,10 +89,10 @@ def _run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float
     return result
 
 
-def _assert_bit_for_bit(loaded: LoadedModel, seed: int,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def _assert_bit_for_bit(loaded: LoadedModel, seed: int, monkeypatch: pytest.MonkeyPatch,
+                        kv_cache_dtype: str = "auto") -> None:
     settings = dict(loaded=loaded, quantization="gguf", dtype="float32", kv_cache_bytes=2**22,
-                    enable_prefix_caching=False)
+                    enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
     calls = {"fused": 0}
     fused_layers = cpu.decode_layers
 
@@ -124,6 +124,16 @@ def test_fused_decode_is_the_per_operation_path_bit_for_bit(
     fused decode layers and without, for a batch of prompts of mixed lengths (longer than the
     sliding window), and the fused path ran every decode step."""
     _assert_bit_for_bit(tiny_blocks(family), len(family), monkeypatch)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral-window"])
+def test_fused_decode_over_a_narrow_cache_is_the_per_operation_path(
+        family: str, kv_cache_dtype: str, tiny_blocks: Callable[[str], LoadedModel],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same over a 16-bit KV cache (``kv_cache_dtype``): both paths round keys and values
+    to it alike and read them as stored."""
+    _assert_bit_for_bit(tiny_blocks(family), len(family), monkeypatch, kv_cache_dtype)
 
 
 def test_fused_decode_takes_q4_1_rows_as_stored(tiny_blocks: Callable[[str], LoadedModel],

@@ -103,7 +103,8 @@ class InProcessExecutor:
         adapters = _adapter_residency(config, self.model) if config.enable_lora else None
         num_blocks = num_kv_blocks(self.model, config)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size,
-                                  config.attention_backend, adapters)
+                                  config.attention_backend, adapters,
+                                  config.kv_cache_torch_dtype)
         self.facts = model_facts(self.model, loaded.config, num_blocks)
 
     @property

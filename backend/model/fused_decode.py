@@ -109,9 +109,10 @@ class FusedDecode:
             for s, layer, (k_cache, v_cache) in zip(structs, self.layers, caches):
                 qkv, o, gate_up, down = (_blocks(w) for w in (
                     layer.qkv, layer.o_proj, layer.mlp_in, layer.down))
-                if not (k_cache.dtype == v_cache.dtype == torch.float32
+                if not (k_cache.dtype == v_cache.dtype and k_cache.dtype in cpu.CACHE_TYPES
                         and k_cache.is_contiguous() and v_cache.is_contiguous()):
-                    raise ValueError("the fused decode layers take a contiguous fp32 KV cache")
+                    raise ValueError("the fused decode layers take a contiguous fp32, bf16 or "
+                                     "fp16 KV cache")
                 s.input_norm = _address(layer.input_norm)
                 s.post_norm = _address(layer.post_attention_norm)
                 s.qkv, s.o = qkv.blocks.data_ptr(), o.blocks.data_ptr()
@@ -136,5 +137,6 @@ class FusedDecode:
         k_cache = caches[0][0]
         delta = cpu.decode_layers(
             self._layer_structs(caches), self.shape, h, cos, sin, meta.slot_mapping,
-            k_cache.shape[0], k_cache.shape[1], meta.block_tables, meta.decode_lens)
+            k_cache.shape[0], k_cache.shape[1], meta.block_tables, meta.decode_lens,
+            k_cache.dtype)
         return h, delta

@@ -17,10 +17,12 @@ from pagedserve.model.lora.residency import AdapterResidency
 PROMPT_LOGITS_ROWS = 256
 
 
-def kv_block_bytes(model: CausalLM, block_size: int) -> int:
-    """Bytes one block takes across all layers, keys and values."""
+def kv_block_bytes(model: CausalLM, block_size: int,
+                   cache_dtype: torch.dtype | None = None) -> int:
+    """Bytes one block takes across all layers, keys and values, in ``cache_dtype`` (the
+    model's dtype when None)."""
     per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim
-    return per_token * block_size * torch.empty(0, dtype=model.dtype).element_size()
+    return per_token * block_size * (cache_dtype or model.dtype).itemsize
 
 
 def available_memory_bytes(device: str) -> int:
@@ -85,7 +87,7 @@ def gpu_kv_budget_bytes(model: CausalLM, config: EngineConfig) -> int:
     free, total = torch.cuda.mem_get_info(torch.device(config.device))
     budget = int(total * config.gpu_memory_utilization) - (total - free) \
         - activation_bytes(model, config)
-    if budget < kv_block_bytes(model, config.block_size):
+    if budget < kv_block_bytes(model, config.block_size, config.kv_cache_torch_dtype):
         raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} of "
                          f"{total / 2**30:.1f} GiB leaves no room for a KV cache: "
                          f"{(total - free) / 2**30:.1f} GiB are in use (weights included)")
@@ -102,15 +104,17 @@ def num_kv_blocks(model: CausalLM, config: EngineConfig) -> int:
         budget = gpu_kv_budget_bytes(model, config)
     else:  # a fraction of what is free cannot exceed it
         budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)
-    return budget // kv_block_bytes(model, config.block_size)
+    return budget // kv_block_bytes(model, config.block_size, config.kv_cache_torch_dtype)
 
 
 class ModelRunner:
-    """Owns the model and its paged KV cache; executes one scheduled batch per call."""
+    """Owns the model and its paged KV cache (of ``cache_dtype``, the model's dtype when None);
+    executes one scheduled batch per call."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  attention_backend: str = "auto",
-                 adapters: AdapterResidency | None = None) -> None:
+                 adapters: AdapterResidency | None = None,
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.adapters = adapters  # LoRA: the adapters' slots (None: enable_lora is off)
         self.block_size = block_size
@@ -119,8 +123,8 @@ class ModelRunner:
         # torch.empty leaves pages untouched until used; only the null block must read as zero.
         self.caches: list[KVCache] = []
         for _ in range(model.num_layers):
-            k = torch.empty(shape, dtype=model.dtype, device=model.device)
-            v = torch.empty(shape, dtype=model.dtype, device=model.device)
+            k = torch.empty(shape, dtype=cache_dtype or model.dtype, device=model.device)
+            v = torch.empty(shape, dtype=cache_dtype or model.dtype, device=model.device)
             k[NULL_BLOCK].zero_()
             v[NULL_BLOCK].zero_()
             self.caches.append((k, v))

@@ -158,7 +158,7 @@ def _start(rdv: Rendezvous, rank: int, config: EngineConfig | None,
     blocks = torch.tensor([num_kv_blocks(model, config)], dtype=torch.long)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
     runner = ModelRunner(model, int(blocks.item()), config.block_size,
-                         config.attention_backend)
+                         config.attention_backend, cache_dtype=config.kv_cache_torch_dtype)
     return runner, model_facts(model, hf_config, int(blocks.item())), group, control
 
 

@@ -1,5 +1,5 @@
 /* A decode step's decoder layers in one call, for Llama-family models whose projections are
- * block-quantized (block_quant_cpu.c), in fp32.
+ * block-quantized (block_quant_cpu.c), in fp32, over a KV cache of fp32, bf16 or fp16.
  *
  * At one or a few tokens a step, the work of a layer is small and the host's share of it large:
  * from Python each layer is a dozen calls (two norms, four or five products, each quantizing its
@@ -48,19 +48,64 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t width, const float *ga
 void add_rms_norm_f32(float *x, int64_t x_stride, const float *residual, int64_t residual_stride,
                       const float *weight, float *out, int64_t out_stride, int64_t rows,
                       int64_t dim, float eps, int num_threads);
-int rotary_write_kv_f32(float *qkv, int64_t qkv_stride, const float *cos_t, const float *sin_t,
-                        float *k_cache, float *v_cache, int64_t num_slots, const int64_t *slots,
-                        int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, const float *q_norm, const float *k_norm,
-                        float norm_eps, int num_threads);
-int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_cache,
-                               const float *v_cache, int64_t num_blocks,
-                               const int64_t *block_tables, int64_t table_width,
-                               int64_t table_stride, const int64_t *seq_lens, float *out,
-                               int64_t out_stride, int64_t num_seqs, int64_t num_heads,
-                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                               float scale, int64_t window, const float *alibi,
-                               int num_threads);
+/* The rotary write and the attention for each cache element type (cache_type below): the cache
+ * travels as void * so that one call site serves all three. */
+#define DECLARE_CACHE_KERNELS(C, CELEM)                                                       \
+    int rotary_write_kv_f32_##C(float *qkv, int64_t qkv_stride, const float *cos_t,          \
+                                const float *sin_t, CELEM *k_cache, CELEM *v_cache,          \
+                                int64_t num_slots, const int64_t *slots, int64_t tokens,     \
+                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,   \
+                                const float *q_norm, const float *k_norm, float norm_eps,    \
+                                int num_threads);                                            \
+    int paged_decode_attention_f32_##C(                                                      \
+        const float *q, int64_t q_stride, const CELEM *k_cache, const CELEM *v_cache,        \
+        int64_t num_blocks, const int64_t *block_tables, int64_t table_width,                \
+        int64_t table_stride, const int64_t *seq_lens, float *out, int64_t out_stride,       \
+        int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,         \
+        int64_t block_size, float scale, int64_t window, const float *alibi,                 \
+        int num_threads);                                                                    \
+    static int rotary_##C(float *qkv, int64_t qkv_stride, const float *cos_t,                \
+                          const float *sin_t, void *k_cache, void *v_cache,                  \
+                          int64_t num_slots, const int64_t *slots, int64_t tokens,           \
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,         \
+                          const float *q_norm, const float *k_norm, float norm_eps,          \
+                          int num_threads)                                                   \
+    {                                                                                        \
+        return rotary_write_kv_f32_##C(qkv, qkv_stride, cos_t, sin_t, k_cache, v_cache,      \
+                                       num_slots, slots, tokens, num_heads, num_kv_heads,    \
+                                       head_dim, q_norm, k_norm, norm_eps, num_threads);     \
+    }                                                                                        \
+    static int attention_##C(const float *q, int64_t q_stride, const void *k_cache,          \
+                             const void *v_cache, int64_t num_blocks,                        \
+                             const int64_t *block_tables, int64_t table_width,               \
+                             int64_t table_stride, const int64_t *seq_lens, float *out,      \
+                             int64_t out_stride, int64_t num_seqs, int64_t num_heads,        \
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size,     \
+                             float scale, int64_t window, const float *alibi,                \
+                             int num_threads)                                                \
+    {                                                                                        \
+        return paged_decode_attention_f32_##C(q, q_stride, k_cache, v_cache, num_blocks,     \
+                                              block_tables, table_width, table_stride,       \
+                                              seq_lens, out, out_stride, num_seqs,           \
+                                              num_heads, num_kv_heads, head_dim, block_size, \
+                                              scale, window, alibi, num_threads);            \
+    }
+
+DECLARE_CACHE_KERNELS(f32, float)
+DECLARE_CACHE_KERNELS(bf16, uint16_t)
+DECLARE_CACHE_KERNELS(f16, _Float16)
+#undef DECLARE_CACHE_KERNELS
+
+typedef int (*rotary_fn)(float *, int64_t, const float *, const float *, void *, void *, int64_t,
+                         const int64_t *, int64_t, int64_t, int64_t, int64_t, const float *,
+                         const float *, float, int);
+typedef int (*attention_fn)(const float *, int64_t, const void *, const void *, int64_t,
+                            const int64_t *, int64_t, int64_t, const int64_t *, float *, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t,
+                            const float *, int);
+
+/* The cache element types' codes (kernels/cpu.py's CACHE_TYPES). */
+enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_F16 = 2 };
 
 /* One layer's weights and cache. Blocks are [out, in / 32 * block bytes] of their kind; a NULL
  * bias or norm is absent. Mirrored by kernels/cpu.py's DecodeLayer. */
@@ -70,7 +115,7 @@ typedef struct {
     int64_t qkv_kind, o_kind, gate_up_kind, down_kind;
     const float *qkv_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
     const float *q_norm, *k_norm;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache; /* of the call's cache_type */
     int64_t window; /* 0: attends over the whole context */
 } decode_layer;
 
@@ -98,9 +143,15 @@ int decode_layers_q(const decode_layer *layers, int64_t num_layers, float *h, fl
                     int64_t num_kv_heads, int64_t head_dim, const float *cos_t,
                     const float *sin_t, const int64_t *slots, int64_t num_cache_blocks,
                     int64_t block_size, const int64_t *block_tables, int64_t table_width,
-                    int64_t table_stride, const int64_t *seq_lens, float eps, float scale,
-                    int num_threads)
+                    int64_t table_stride, const int64_t *seq_lens, int64_t cache_type,
+                    float eps, float scale, int num_threads)
 {
+    const rotary_fn rotary = cache_type == CACHE_BF16  ? rotary_bf16
+                             : cache_type == CACHE_F16 ? rotary_f16
+                                                       : rotary_f32;
+    const attention_fn attention = cache_type == CACHE_BF16  ? attention_bf16
+                                   : cache_type == CACHE_F16 ? attention_f16
+                                                             : attention_f32;
     const int64_t q_width = num_heads * head_dim;
     const int64_t qkv_width = (num_heads + 2 * num_kv_heads) * head_dim;
     int64_t widest = hidden > intermediate ? hidden : intermediate;
@@ -124,17 +175,15 @@ int decode_layers_q(const decode_layer *layers, int64_t num_layers, float *h, fl
                          rows, hidden, eps, num_threads);
         product(x, rows, hidden, L->qkv, L->qkv_kind, qkv_width, L->qkv_bias, qkv, q8,
                 num_threads);
-        status = rotary_write_kv_f32(qkv, qkv_width, cos_t, sin_t, L->k_cache, L->v_cache,
-                                     num_cache_blocks * block_size, slots, rows, num_heads,
-                                     num_kv_heads, head_dim, L->q_norm, L->k_norm, eps,
-                                     num_threads);
+        status = rotary(qkv, qkv_width, cos_t, sin_t, L->k_cache, L->v_cache,
+                        num_cache_blocks * block_size, slots, rows, num_heads, num_kv_heads,
+                        head_dim, L->q_norm, L->k_norm, eps, num_threads);
         if (status != 0)
             break;
-        status = paged_decode_attention_f32(qkv, qkv_width, L->k_cache, L->v_cache,
-                                            num_cache_blocks, block_tables, table_width,
-                                            table_stride, seq_lens, attn, q_width, rows,
-                                            num_heads, num_kv_heads, head_dim, block_size, scale,
-                                            L->window, NULL, num_threads);
+        status = attention(qkv, qkv_width, L->k_cache, L->v_cache, num_cache_blocks,
+                           block_tables, table_width, table_stride, seq_lens, attn, q_width,
+                           rows, num_heads, num_kv_heads, head_dim, block_size, scale,
+                           L->window, NULL, num_threads);
         if (status != 0)
             break;
         product(attn, rows, q_width, L->o, L->o_kind, hidden, L->o_bias, out, q8, num_threads);

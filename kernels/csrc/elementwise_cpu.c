@@ -6,9 +6,9 @@
  *                    out = weight * (x * 1 / sqrt(mean(x^2) + eps)).
  *   add_layer_norm_T the same with LayerNorm: out = (x - mean) / sqrt(var + eps) * weight + bias
  *                    (bias may be NULL).
- *   rotary_write_kv_T rotary embedding of the query and key heads of each token's fused q|k|v
+ *   rotary_write_kv_T_C rotary embedding of the query and key heads of each token's fused q|k|v
  *                    row, in place, then the token's key and value heads stored at its cache
- *                    slot; with q_norm / k_norm, each q / k head is first RMS-normalised with
+ *                    slot, in the cache's element type C; with q_norm / k_norm, each q / k head is first RMS-normalised with
  *                    those weights (Qwen3). Returns 0, or 2 without touching anything when a
  *                    slot lies outside the cache.
  *       qkv     [tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows qkv_stride apart
@@ -21,11 +21,11 @@
  * element type wherever torch's reference holds a result in it (kernels/norm.py,
  * kernels/rotary.py): the results are the same up to the order of the reductions (the sums of
  * the norms). Rows are split over OpenMP threads (the same libgomp torch runs on). The bodies are
- * elementwise_impl.h, compiled once per element type.
+ * elementwise_impl.h, compiled once per element type, and rotary_kv_impl.h, once per pair of
+ * activation and cache types.
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "dtypes.h"
 #include "parallel.h"
@@ -38,4 +38,27 @@
 #undef T
 #define T f16
 #include "elementwise_impl.h"
+#undef T
+
+/* The cache holds the activations' type, or (an fp32 model with a 16-bit cache) half its bytes. */
+#define T f32
+#define C f32
+#include "rotary_kv_impl.h"
+#undef C
+#define C bf16
+#include "rotary_kv_impl.h"
+#undef C
+#define C f16
+#include "rotary_kv_impl.h"
+#undef C
+#undef T
+#define T bf16
+#define C bf16
+#include "rotary_kv_impl.h"
+#undef C
+#undef T
+#define T f16
+#define C f16
+#include "rotary_kv_impl.h"
+#undef C
 #undef T

@@ -2,6 +2,9 @@
  * attends over its sequence's keys and values where they lie in the paged cache, without
  * gathering them into a contiguous copy first.
  *
+ * The cache's element type may differ from the query's: an fp32 model may keep its keys and
+ * values in bf16 or fp16 (half the bytes to read), loaded to fp32 as they are read.
+ *
  * Decode attention on a CPU is bound by memory traffic: a step reads every running sequence's
  * whole context in every layer. Gathering the context (what torch ops must do) reads it, writes a
  * copy and reads the copy again; this kernel reads it once, block by block.
@@ -21,7 +24,7 @@
  * Work is split by sequence over OpenMP threads (the same libgomp torch runs on).
  * Softmax: scores for the whole context, their maximum, exp and sum, then the weighted values;
  * each thread keeps its scores (num_heads x longest span) in its own scratch buffer. The body is
- * paged_attention_impl.h, compiled once per element type.
+ * paged_attention_impl.h, compiled once per pair of query and cache types.
  */
 #include <float.h>
 #include <math.h>
@@ -31,12 +34,172 @@
 #include "dtypes.h"
 #include "parallel.h"
 
+/* The arithmetic of attention over fp32 rows, shared by every pair of types. The query rows of
+ * a KV head's group are taken a few at a time, so that each key or value loaded serves all of
+ * them; rows whose width is a multiple of 16 go through 16-lane vectors (GCC's vector
+ * extensions: AVX-512 registers, or pairs of AVX2 ones) with the accumulators in registers, and
+ * the scores of four keys are summed across lanes together. Profiles of plain loops showed the
+ * loads, a row's accumulator kept in memory and a horizontal sum per key and row. */
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16u __attribute__((vector_size(64), aligned(4))); /* unaligned loads, stores */
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+#define MAX_VECS 16 /* head_dim up to 256 on the vector path */
+#define MAX_ROWS 3  /* query rows per tile */
+#define KEY_TILE 4
+
+static inline __attribute__((always_inline)) vec16 load16(const float *p)
+{
+    return *(const vec16u *)p;
+}
+
+/* Lane j of the result is the sum of lanes 2j and 2j+1 of a then b (pairs of a in lanes 0-7). */
+static inline __attribute__((always_inline)) vec16 pair_sums(vec16 a, vec16 b)
+{
+    const ivec16 even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const ivec16 odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+
+/* Query rows a tile takes: fewer as rows widen, so that the tile's queries and sums stay in
+ * registers. */
+static inline __attribute__((always_inline)) int64_t rows_per_tile(int64_t head_dim)
+{
+    return head_dim <= 64 ? MAX_ROWS : head_dim <= 128 ? 2 : 1;
+}
+
+/* s[r * s_stride + j] = q_r . k_j for m query rows q_r (head_dim apart) and n key rows k_j
+ * (kstride apart), each head_dim wide. */
+static inline __attribute__((always_inline)) void dot_tile(
+    const float *restrict q, const int m, const float *restrict k, int64_t n, int64_t kstride,
+    const int64_t head_dim, float *restrict s, int64_t s_stride)
+{
+    int64_t j = 0;
+    if (head_dim % 16 == 0 && head_dim <= 16 * MAX_VECS) {
+        const int nv = (int)(head_dim / 16);
+        vec16 qv[MAX_ROWS][MAX_VECS];
+        for (int r = 0; r < m; ++r)
+            for (int i = 0; i < nv; ++i)
+                qv[r][i] = load16(q + r * head_dim + 16 * i);
+        for (; j + KEY_TILE <= n; j += KEY_TILE) {
+            vec16 a[MAX_ROWS][KEY_TILE];
+            for (int r = 0; r < m; ++r)
+                for (int c = 0; c < KEY_TILE; ++c)
+                    a[r][c] = (vec16){0};
+            for (int i = 0; i < nv; ++i)
+                for (int c = 0; c < KEY_TILE; ++c) {
+                    const vec16 kv = load16(k + (j + c) * kstride + 16 * i);
+                    for (int r = 0; r < m; ++r)
+                        a[r][c] += qv[r][i] * kv;
+                }
+            for (int r = 0; r < m; ++r) {
+                /* Four horizontal sums at once: halve the lanes per key four times. */
+                const vec16 quads = pair_sums(pair_sums(a[r][0], a[r][1]),
+                                              pair_sums(a[r][2], a[r][3]));
+                const vec16 halves = pair_sums(quads, quads);
+                const vec16 sums = pair_sums(halves, halves);
+                for (int c = 0; c < KEY_TILE; ++c)
+                    s[r * s_stride + j + c] = sums[c];
+            }
+        }
+    }
+    for (; j < n; ++j)
+        for (int r = 0; r < m; ++r) {
+            const float *qr = q + r * head_dim, *kr = k + j * kstride;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < head_dim; ++d)
+                acc += qr[d] * kr[d];
+            s[r * s_stride + j] = acc;
+        }
+}
+
+/* o_r += sum over j of p[r * p_stride + j] * v_j for m output rows o_r (head_dim apart) and n
+ * value rows v_j (vstride apart), each head_dim wide. */
+static inline __attribute__((always_inline)) void accumulate_tile(
+    float *restrict o, const int m, const float *restrict p, int64_t p_stride,
+    const float *restrict v, int64_t n, int64_t vstride, const int64_t head_dim)
+{
+    if (head_dim % 16 == 0 && head_dim <= 16 * MAX_VECS) {
+        const int nv = (int)(head_dim / 16);
+        vec16 a[MAX_ROWS][MAX_VECS];
+        for (int r = 0; r < m; ++r)
+            for (int i = 0; i < nv; ++i)
+                a[r][i] = load16(o + r * head_dim + 16 * i);
+        for (int64_t j = 0; j < n; ++j)
+            for (int i = 0; i < nv; ++i) {
+                const vec16 vv = load16(v + j * vstride + 16 * i);
+                for (int r = 0; r < m; ++r)
+                    a[r][i] += p[r * p_stride + j] * vv;
+            }
+        for (int r = 0; r < m; ++r)
+            for (int i = 0; i < nv; ++i)
+                *(vec16u *)(o + r * head_dim + 16 * i) = a[r][i];
+        return;
+    }
+    for (int r = 0; r < m; ++r)
+        for (int64_t j = 0; j < n; ++j) {
+            const float pj = p[r * p_stride + j];
+            const float *vr = v + j * vstride;
+            float *or = o + r * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d)
+                or[d] += pj * vr[d];
+        }
+}
+
+/* dot_tile and accumulate_tile for a group of rows, a tile at a time, each tile's row count a
+ * constant of its own copy (the switch), so that its vectors are registers. */
+static inline __attribute__((always_inline)) void dot_rows(
+    const float *q, int64_t rows, const float *k, int64_t n, int64_t kstride,
+    const int64_t head_dim, float *s, int64_t s_stride)
+{
+    const int64_t tile = rows_per_tile(head_dim);
+    for (int64_t r = 0; r < rows; r += tile) {
+        const float *qr = q + r * head_dim;
+        float *sr = s + r * s_stride;
+        switch (rows - r < tile ? rows - r : tile) {
+        case 1: dot_tile(qr, 1, k, n, kstride, head_dim, sr, s_stride); break;
+        case 2: dot_tile(qr, 2, k, n, kstride, head_dim, sr, s_stride); break;
+        default: dot_tile(qr, MAX_ROWS, k, n, kstride, head_dim, sr, s_stride); break;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void accumulate_rows(
+    float *o, int64_t rows, const float *p, int64_t p_stride, const float *v, int64_t n,
+    int64_t vstride, const int64_t head_dim)
+{
+    const int64_t tile = rows_per_tile(head_dim);
+    for (int64_t r = 0; r < rows; r += tile) {
+        float *orow = o + r * head_dim;
+        const float *pr = p + r * p_stride;
+        switch (rows - r < tile ? rows - r : tile) {
+        case 1: accumulate_tile(orow, 1, pr, p_stride, v, n, vstride, head_dim); break;
+        case 2: accumulate_tile(orow, 2, pr, p_stride, v, n, vstride, head_dim); break;
+        default: accumulate_tile(orow, MAX_ROWS, pr, p_stride, v, n, vstride, head_dim); break;
+        }
+    }
+}
+
+/* The cache holds the query's type, or (an fp32 model with a 16-bit cache) half its bytes. */
 #define T f32
+#define C f32
 #include "paged_attention_impl.h"
+#undef C
+#define C bf16
+#include "paged_attention_impl.h"
+#undef C
+#define C f16
+#include "paged_attention_impl.h"
+#undef C
 #undef T
 #define T bf16
+#define C bf16
 #include "paged_attention_impl.h"
+#undef C
 #undef T
 #define T f16
+#define C f16
 #include "paged_attention_impl.h"
+#undef C
 #undef T

@@ -1,20 +1,39 @@
-/* The decode attention kernel for one element type T (f32, bf16, f16): included once per type by
- * paged_attention_cpu.c, which documents the layouts. Scores, softmax and the weighted sum of
- * values are computed in fp32 whatever T is; the output row is rounded to T once. */
+/* The decode attention kernel for one query element type T and one cache element type C (f32,
+ * bf16, f16): included once per pair by paged_attention_cpu.c, which documents the layouts.
+ * Scores, softmax and the weighted sum of values are computed in fp32 whatever T and C are; the
+ * output row is rounded to T once. */
 #define ELEM PS_CAT(T, _t)
+#define CELEM PS_CAT(C, _t)
 #define LOAD PS_CAT(load_, T)
+#define ROW_C PS_CAT(row_, C)
 #define STORE PS_CAT(store_, T)
-#define FN(name) PS_CAT(name, PS_CAT(_, T))
+#define FN(name) PS_CAT(name, PS_CAT(_, PS_CAT(T, PS_CAT(_, C))))
+
+/* The n token rows of a block (all heads, `token_stride` elements each) as fp32 rows
+ * `*stride_out` apart: in place for an fp32 cache, else converted into buf in one sequential
+ * pass (which the hardware prefetchers follow), once for every query row that reads them. */
+static inline __attribute__((always_inline)) const float *FN(block_rows)(
+    const CELEM *src, int64_t n, int64_t token_stride, float *buf)
+{
+#if PS_CAT(ROW_IN_PLACE_, C)
+    (void)n;
+    (void)token_stride;
+    (void)buf;
+    return (const float *)src;
+#else
+    return ROW_C(src, buf, n * token_stride);
+#endif
+}
 
 /* One sequence: its num_kv_heads * group query rows attend over its tokens first..len-1 (all of
  * them, or the last `window` under a sliding window). Keys and values are swept once, block by
- * block, all heads of a token together, so the context streams through the cache once per pass
+ * block, all heads of a block together, so the context streams through the cache once per pass
  * (a sweep per head would re-read long contexts from L3). head_dim is a compile-time constant in
  * the specialised copies (64, 128), which lets the compiler keep a row's accumulator in
  * registers. With ALiBi, alibi[row] * (t - (len - 1)) is added to the scaled score of token t. */
 static inline __attribute__((always_inline)) void FN(attend_seq)(
     const ELEM *restrict q_s, ELEM *restrict out_s,
-    const ELEM *restrict k_cache, const ELEM *restrict v_cache,
+    const CELEM *restrict k_cache, const CELEM *restrict v_cache,
     const int64_t *restrict table, int64_t len, int64_t first, int64_t block_size,
     int64_t num_kv_heads, int64_t group, const int64_t head_dim, float scale,
     const float *restrict alibi, float *restrict scratch)
@@ -24,30 +43,30 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
     const int64_t span = len - first;
     float *restrict qf = scratch;
     float *restrict accum = qf + rows * head_dim;
-    float *restrict scores = accum + rows * head_dim;
+    float *restrict rowbuf = accum + rows * head_dim; /* a block's rows, converted from C */
+    float *restrict scores = rowbuf + block_size * token_stride;
 
     for (int64_t i = 0; i < rows * head_dim; ++i) {
         qf[i] = LOAD(q_s[i]);
         accum[i] = 0.0f;
     }
     for (int64_t b = first / block_size; b * block_size < len; ++b) {
-        const ELEM *kb = k_cache + table[b] * block_size * token_stride;
+        const CELEM *kb = k_cache + table[b] * block_size * token_stride;
         const int64_t lo = b * block_size > first ? b * block_size : first;
         const int64_t hi = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-        for (int64_t t = lo; t < hi; ++t) {
-            for (int64_t h = 0; h < num_kv_heads; ++h) {
-                const ELEM *k = kb + (t - b * block_size) * token_stride + h * head_dim;
-                for (int64_t g = 0; g < group; ++g) {
-                    const int64_t row = h * group + g;
-                    const float *qr = qf + row * head_dim;
-                    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t d = 0; d < head_dim; ++d)
-                        acc += qr[d] * LOAD(k[d]);
-                    float score = acc * scale;
+        const float *krows = FN(block_rows)(kb + (lo - b * block_size) * token_stride, hi - lo,
+                                            token_stride, rowbuf);
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            dot_rows(qf + h * group * head_dim, group, krows + h * head_dim, hi - lo,
+                     token_stride, head_dim, scores + h * group * span + lo - first, span);
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t row = h * group + g;
+                float *sr = scores + row * span + lo - first;
+                for (int64_t t = lo; t < hi; ++t) {
+                    float score = sr[t - lo] * scale;
                     if (alibi != NULL)
                         score += alibi[row] * (float)(t - (len - 1));
-                    scores[row * span + t - first] = score;
+                    sr[t - lo] = score;
                 }
             }
         }
@@ -71,36 +90,23 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
     }
 
     for (int64_t b = first / block_size; b * block_size < len; ++b) {
-        const ELEM *vb = v_cache + table[b] * block_size * token_stride;
+        const CELEM *vb = v_cache + table[b] * block_size * token_stride;
         const int64_t lo = b * block_size > first ? b * block_size : first;
         const int64_t hi = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-        for (int64_t h = 0; h < num_kv_heads; ++h) {
-            for (int64_t g = 0; g < group; ++g) {
-                const int64_t row = h * group + g;
-                const float *sr = scores + row * span - first;
-                float *o = accum + row * head_dim;
-                float acc[head_dim];
-                for (int64_t d = 0; d < head_dim; ++d)
-                    acc[d] = o[d];
-                for (int64_t t = lo; t < hi; ++t) {
-                    const float p = sr[t];
-                    const ELEM *v = vb + (t - b * block_size) * token_stride + h * head_dim;
-#pragma omp simd
-                    for (int64_t d = 0; d < head_dim; ++d)
-                        acc[d] += p * LOAD(v[d]);
-                }
-                for (int64_t d = 0; d < head_dim; ++d)
-                    o[d] = acc[d];
-            }
-        }
+        const float *vrows = FN(block_rows)(vb + (lo - b * block_size) * token_stride, hi - lo,
+                                            token_stride, rowbuf);
+        for (int64_t h = 0; h < num_kv_heads; ++h)
+            accumulate_rows(accum + h * group * head_dim, group,
+                            scores + h * group * span + lo - first, span, vrows + h * head_dim,
+                            hi - lo, token_stride, head_dim);
     }
     for (int64_t i = 0; i < rows * head_dim; ++i)
         out_s[i] = STORE(accum[i]);
 }
 
 #define DEFINE_ATTEND(NAME, HEAD_DIM)                                                         \
-    static void FN(NAME)(const ELEM *q_s, ELEM *out_s, const ELEM *k_cache,                 \
-                         const ELEM *v_cache, const int64_t *table, int64_t len,            \
+    static void FN(NAME)(const ELEM *q_s, ELEM *out_s, const CELEM *k_cache,                \
+                         const CELEM *v_cache, const int64_t *table, int64_t len,           \
                          int64_t first, int64_t block_size, int64_t num_kv_heads,           \
                          int64_t group, int64_t head_dim, float scale, const float *alibi,  \
                          float *scratch)                                                     \
@@ -120,7 +126,7 @@ DEFINE_ATTEND(attend_any, head_dim)
  * read then). window 0: no sliding window; alibi NULL: no ALiBi (else one slope per head). */
 int FN(paged_decode_attention)(
     const ELEM *q, int64_t q_stride,
-    const ELEM *k_cache, const ELEM *v_cache, int64_t num_blocks,
+    const CELEM *k_cache, const CELEM *v_cache, int64_t num_blocks,
     const int64_t *block_tables, int64_t table_width, int64_t table_stride,
     const int64_t *seq_lens,
     ELEM *out, int64_t out_stride,
@@ -144,7 +150,7 @@ int FN(paged_decode_attention)(
     if (num_seqs == 0)
         return 0;
     const int64_t group = num_heads / num_kv_heads;
-    void (*attend)(const ELEM *, ELEM *, const ELEM *, const ELEM *, const int64_t *, int64_t,
+    void (*attend)(const ELEM *, ELEM *, const CELEM *, const CELEM *, const int64_t *, int64_t,
                    int64_t, int64_t, int64_t, int64_t, int64_t, float, const float *,
                    float *) =
         head_dim == 64 ? FN(attend_64) : head_dim == 128 ? FN(attend_128) : FN(attend_any);
@@ -152,7 +158,8 @@ int FN(paged_decode_attention)(
 
 #pragma omp parallel num_threads(threads_for(2 * total_span * num_heads * head_dim, num_threads))
     {
-        float *scratch = malloc(sizeof(float) * (size_t)(num_heads * (max_span + 2 * head_dim)));
+        float *scratch = malloc(sizeof(float) * (size_t)(num_heads * (max_span + 2 * head_dim) +
+                                                         block_size * num_kv_heads * head_dim));
         if (scratch == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -173,6 +180,8 @@ int FN(paged_decode_attention)(
 }
 
 #undef ELEM
+#undef CELEM
 #undef LOAD
+#undef ROW_C
 #undef STORE
 #undef FN
