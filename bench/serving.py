@@ -82,7 +82,8 @@ OUR_SETTINGS: dict[str, dict[str, Any]] = {
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
     "int4": {"dtype": "float32", "quantization": "int4"},
-    "gguf": {"dtype": "float32", "quantization": "gguf"},
+    "gguf": {"dtype": "float32", "quantization": "gguf", "kv_cache_dtype": "auto"},
+    "gguf-fp16-kv": {"dtype": "float32", "quantization": "gguf", "kv_cache_dtype": "float16"},
 }
 MAX_MODEL_LEN = 2048
 # Our KV cache in the benchmark's repositories: the largest concurrency's long prompts and

@@ -155,10 +155,11 @@ def _gather(flat: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torc
     return flat.index_select(0, index).to(dtype)
 
 
-def _as_stored(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """Fresh keys or values as the cache holds them: a chunk attends over its own tokens as
-    later chunks and decodes will read them, so that splitting a prompt changes nothing."""
-    return x if x.dtype == cache_dtype else x.to(cache_dtype).to(x.dtype)
+def _as_stored(x: torch.Tensor, cache_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """Fresh keys or values as the cache holds them, in the query's ``dtype``: a chunk attends
+    over its own tokens as later chunks and decodes will read them, so that splitting a prompt
+    changes nothing."""
+    return x.to(cache_dtype).to(dtype)
 
 
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -322,9 +323,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         n = meta.query_lens[i]
         query = q[start: start + n].transpose(0, 1).unsqueeze(0)
         if biased:
-            keys, values = ((_as_stored(k[start: start + n], k_cache.dtype),
-                             _as_stored(v[start: start + n], v_cache.dtype)) if slots is None else
-                            (_gather(flat_k, slots, q.dtype), _gather(flat_v, slots, q.dtype)))
+            if slots is None:
+                keys = _as_stored(k[start: start + n], k_cache.dtype, q.dtype)
+                values = _as_stored(v[start: start + n], v_cache.dtype, q.dtype)
+            else:
+                keys, values = _gather(flat_k, slots, q.dtype), _gather(flat_v, slots, q.dtype)
             ctx = keys.shape[0]
             mask = _position_bias(torch.arange(ctx - n, ctx, device=q.device),
                                   torch.arange(ctx, device=q.device), sliding_window,
@@ -333,8 +336,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                 query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
                 attn_mask=mask.unsqueeze(0), scale=scale, enable_gqa=True)
         elif slots is None:
-            keys = _as_stored(k[start: start + n], k_cache.dtype).transpose(0, 1).unsqueeze(0)
-            values = _as_stored(v[start: start + n], v_cache.dtype).transpose(0, 1).unsqueeze(0)
+            keys = _as_stored(k[start: start + n], k_cache.dtype, q.dtype)
+            values = _as_stored(v[start: start + n], v_cache.dtype, q.dtype)
+            keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
             res = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                  enable_gqa=True)
         else:

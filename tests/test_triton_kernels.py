@@ -173,6 +173,17 @@ def test_half_precision_caches(dtype: torch.dtype, num_segments: int) -> None:
                                dtype=dtype, seed=4))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_queries_over_a_narrow_cache(cache_dtype: torch.dtype) -> None:
+    """``kv_cache_dtype``: fp32 queries over a 16-bit cache attend over its values as stored,
+    to fp32's tolerance (the probabilities are not rounded to the cache's type)."""
+    batch = make_batch(MIXED, heads=6, kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, seed=11)
+    batch.k_cache, batch.v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
+    check_attention(batch)
+    check_attention(batch, num_segments=2)
+
+
 @pytest.mark.parametrize("head_dim", [80, 96, 128, 256])
 def test_head_sizes(head_dim: int) -> None:
     """Head sizes that are not powers of two are padded to one and masked."""

@@ -1,6 +1,7 @@
 """The checkout's ``model_repository/`` as ``serve`` serves it by default: the reference
-``smollm2`` (fp32) and the fast ``smollm2-gguf`` (the embedded file's Q4_1 blocks as stored),
-both ready, each answering as the offline engine does with its setting."""
+``smollm2`` (fp32) and the fast ``smollm2-gguf`` (the embedded file's Q4_1 blocks as stored,
+over an fp16 KV cache), both ready, each answering as the offline engine does with its
+setting."""
 
 from __future__ import annotations
 
@@ -65,11 +66,12 @@ def test_both_models_are_ready(checkout_server: ServerHandle) -> None:
     assert sorted((m["name"], m["state"]) for m in index) == [
         (MODEL, "READY"), (FAST_MODEL, "READY")]
     settings = json.loads((CHECKOUT_REPOSITORY / FAST_MODEL / "1" / "model.json").read_text())
-    assert settings["quantization"] == "gguf"
+    assert (settings["quantization"], settings["kv_cache_dtype"]) == ("gguf", "float16")
 
 
 @pytest.mark.parametrize(("model", "engine_args"), [
-    (MODEL, {}), (FAST_MODEL, {"quantization": "gguf"})])
+    (MODEL, {}),
+    (FAST_MODEL, {"quantization": "gguf", "dtype": "float32", "kv_cache_dtype": "float16"})])
 def test_each_model_answers_as_its_offline_engine(checkout_server: ServerHandle,
                                                   smollm: LoadedModel, model: str,
                                                   engine_args: dict[str, str]) -> None:
