@@ -49,6 +49,8 @@ SOURCE_FLAGS = {
     "decode_layers_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
     # The quantized paths' activation: vectorised expf (libmvec), as attention's.
     "activation_cpu.c": ["-ffast-math"],
+    # The sampler's argmax and log-normalizer: vectorised expf too.
+    "sampling_cpu.c": ["-ffast-math"],
     # The LoRA products sum in another order than torch's matmuls anyway: FMAs allowed.
     "lora_cpu.c": ["-fno-math-errno", "-ffp-contract=fast"],
 }
@@ -137,7 +139,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = args
             fn.restype = typed_result
-    # The block-quantized products take fp32 activations only.
+    # fp32 only: the block-quantized products, their activation, the sampler's reductions.
     untyped = {
         "quantize_rows_q8": [ptr, i64, ptr, i64, i64, nt],
         "matmul_q4_1": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
@@ -145,6 +147,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "matmul_q4_1x8": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "matmul_q8_0x8": [ptr, i64, ptr, i64, i64, ptr, i64, nt],
         "silu_mul": [ptr, i64, i64, ptr, ptr, ptr, nt],
+        "argmax_logsumexp": [ptr, i64, i64, i64, ptr, ptr, nt],
     }
     for name, args in untyped.items():
         fn = getattr(lib, name)
@@ -501,6 +504,23 @@ def silu_mul(gate_up: torch.Tensor, gate_bias: torch.Tensor | None,
                  None if up_bias is None else up_bias.data_ptr(), out.data_ptr(),
                  torch.get_num_threads())
     return out
+
+
+def argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``argmax`` (the first among equals) and ``logsumexp`` for fp32 rows ``x``
+    ``[rows, vocab]`` with contiguous elements (kernels/csrc/sampling_cpu.c): int64 and fp32
+    ``[rows]``. Only call when :func:`available`."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] < 1:
+        raise ValueError("x must be fp32 rows [rows, vocab] with contiguous elements")
+    _check_cpu(x)
+    rows = x.shape[0]
+    tokens = torch.empty(rows, dtype=torch.int64)
+    lse = torch.empty(rows, dtype=torch.float32)
+    lib = _library()
+    assert lib is not None, "CPU kernels are not available"
+    lib.argmax_logsumexp(x.data_ptr(), x.stride(0), rows, x.shape[1], tokens.data_ptr(),
+                         lse.data_ptr(), torch.get_num_threads())
+    return tokens, lse
 
 
 class DecodeLayer(ctypes.Structure):

@@ -180,3 +180,20 @@ def test_row_kernels_refuse_what_they_cannot_read() -> None:
             cpu.rotary_write_kv(torch.randn(2, 32), torch.randn(2, 8), torch.randn(2, 8), cache,
                                 cache.clone(), torch.tensor([1, slot]), 2, 1)
     assert not cache.any()  # nothing was written
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 49152), (5, 1000), (64, 33), (3, 1)])
+def test_argmax_logsumexp_matches_torch(rows: int, vocab: int) -> None:
+    """The sampler's reductions: the first index of each row's maximum (ties placed on
+    purpose, -inf masks included, as min_tokens and grammars leave them) and the row's
+    log-normalizer, from rows apart in a wider buffer."""
+    torch.manual_seed(rows + vocab)
+    x = (torch.randn(rows, vocab + 7) * 4)[:, :vocab]
+    if vocab > 3:
+        x[0, vocab // 3] = x[0, vocab // 2] = x[0].max() + 1  # a tie: the first one wins
+        x[-1, : vocab // 2] = float("-inf")
+    tokens, lse = cpu.argmax_logsumexp(x)
+    assert tokens.tolist() == x.argmax(dim=-1).tolist()
+    torch.testing.assert_close(lse, torch.logsumexp(x, dim=-1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fp32 rows"):
+        cpu.argmax_logsumexp(x.double())

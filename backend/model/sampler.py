@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.kernels.dispatch import to_device
+from pagedserve.kernels.sampling import argmax_logsumexp
 from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
@@ -113,7 +114,8 @@ class Sampler:
         raw = logits
         # Each row's log-normalizer: the sampled tokens' logprobs need only it, and the full
         # log_softmax (a second [rows, vocab] tensor) only rows that ask for top logprobs.
-        log_norm = torch.logsumexp(raw, dim=-1)
+        # The greedy picks come from the same pass while no penalty or mask changes the scores.
+        raw_tokens, log_norm = argmax_logsumexp(raw)
         device = logits.device
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
                or r.params.frequency_penalty for r in rows):
@@ -121,7 +123,7 @@ class Sampler:
         logits = self._mask_early_stops(logits, rows)
 
         greedy = [r.params.is_greedy for r in rows]
-        tokens = logits.argmax(dim=-1)
+        tokens = raw_tokens if logits is raw else logits.argmax(dim=-1)
         if not all(greedy):
             temperature = to_device([1.0 if g else r.params.temperature
                                      for g, r in zip(greedy, rows)], torch.float32, device)
