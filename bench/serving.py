@@ -22,7 +22,8 @@ Systems, each in its best setting on this host, the same file or weights:
 
 * ``ours-<setting>``: ``python -m pagedserve serve`` on a copy of ``model_repository/`` with the
   setting in ``model.json`` (``fp32``, ``bf16``, ``int8``, ``int4``, ``gguf``: the embedded file's
-  own Q4_1 blocks); ``max_num_seqs`` the largest concurrency;
+  own Q4_1 blocks over an fp32 KV cache, ``gguf-fp16-kv``: over an fp16 one, as
+  ``smollm2-gguf``); ``max_num_seqs`` the largest concurrency;
 * ``llama-server``: the embedded GGUF file as stored, as many slots (``-np``) as our
   ``max_num_seqs``, all the host's threads, ``--no-repack`` where ``--llama-no-repack`` says
   (its weight repacking crashes on some hosts); built by ``bench/peer_venvs.py``;
@@ -35,7 +36,7 @@ the CPU other processes took are printed beside the figures.
 
 Usage (from the repository root)::
 
-    python -m pagedserve.bench.serving [--quick] [--systems ours-gguf,llama-server,vllm]
+    python -m pagedserve.bench.serving [--quick] [--systems ours-gguf-fp16-kv,llama-server,vllm]
         [--concurrency 1,4,8,16,32] [--workloads short,long,shared] [--max-tokens 128]
         [--out FILE]
 """
@@ -321,9 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true",
                         help="ours alone (fp32), short prompts, concurrency 1 and 4, 8 tokens")
-    parser.add_argument("--systems", default="ours-gguf,ours-fp32,llama-server,vllm",
-                        help="comma-separated: ours-<fp32|bf16|int8|int4|gguf>, llama-server, "
-                             "vllm")
+    parser.add_argument("--systems", default="ours-gguf-fp16-kv,ours-fp32,llama-server,vllm",
+                        help="comma-separated: ours-<fp32|bf16|int8|int4|gguf|gguf-fp16-kv>, "
+                             "llama-server, vllm")
     parser.add_argument("--concurrency", default="1,4,8,16,32")
     parser.add_argument("--workloads", default="short,long,shared")
     parser.add_argument("--max-tokens", type=int, default=128)

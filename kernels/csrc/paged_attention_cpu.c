@@ -33,6 +33,48 @@
 
 #include "dtypes.h"
 #include "parallel.h"
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* n cache elements as fp32, converted once for every query row of a group that reads them:
+ * fp32 rows are read in place, 16-bit rows converted into buf. GCC does not vectorise _Float16
+ * conversions in loops, so fp16 rows go through the F16C / AVX-512 conversions where the CPU has
+ * them. ROW_IN_PLACE_T says whether row_T reads in place. */
+#define ROW_IN_PLACE_f32 1
+#define ROW_IN_PLACE_bf16 0
+#define ROW_IN_PLACE_f16 0
+
+static inline const float *row_f32(const f32_t *src, float *buf, int64_t n)
+{
+    (void)buf;
+    (void)n;
+    return src;
+}
+
+static inline const float *row_bf16(const bf16_t *src, float *buf, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        buf[i] = load_bf16(src[i]);
+    return buf;
+}
+
+static inline const float *row_f16(const f16_t *src, float *buf, int64_t n)
+{
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#endif
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; ++i)
+        buf[i] = load_f16(src[i]);
+    return buf;
+}
 
 /* The arithmetic of attention over fp32 rows, shared by every pair of types. The query rows of
  * a KV head's group are taken a few at a time, so that each key or value loaded serves all of
@@ -179,6 +221,54 @@ static inline __attribute__((always_inline)) void accumulate_rows(
         default: accumulate_tile(orow, MAX_ROWS, pr, p_stride, v, n, vstride, head_dim); break;
         }
     }
+}
+
+/* The row helpers, compiled once per head width (64, 128, any) and shared by every pair of
+ * types: inlined into each pair's copy of the kernel they took most of its compile time. The
+ * copies pick theirs by head_dim, a constant there, so the choice folds away. */
+#define DEFINE_ROW_HELPERS(SUFFIX, HEAD_DIM)                                                   \
+    static __attribute__((noinline)) void dot_rows_##SUFFIX(                                \
+        const float *q, int64_t rows, const float *k, int64_t n, int64_t kstride,           \
+        int64_t head_dim, float *s, int64_t s_stride)                                        \
+    {                                                                                        \
+        (void)head_dim;                                                                      \
+        dot_rows(q, rows, k, n, kstride, HEAD_DIM, s, s_stride);                             \
+    }                                                                                        \
+    static __attribute__((noinline)) void accumulate_rows_##SUFFIX(                         \
+        float *o, int64_t rows, const float *p, int64_t p_stride, const float *v, int64_t n, \
+        int64_t vstride, int64_t head_dim)                                                   \
+    {                                                                                        \
+        (void)head_dim;                                                                      \
+        accumulate_rows(o, rows, p, p_stride, v, n, vstride, HEAD_DIM);                      \
+    }
+
+DEFINE_ROW_HELPERS(64, 64)
+DEFINE_ROW_HELPERS(128, 128)
+DEFINE_ROW_HELPERS(any, head_dim)
+#undef DEFINE_ROW_HELPERS
+
+static inline __attribute__((always_inline)) void dot_rows_of(
+    const float *q, int64_t rows, const float *k, int64_t n, int64_t kstride,
+    const int64_t head_dim, float *s, int64_t s_stride)
+{
+    if (head_dim == 64)
+        dot_rows_64(q, rows, k, n, kstride, head_dim, s, s_stride);
+    else if (head_dim == 128)
+        dot_rows_128(q, rows, k, n, kstride, head_dim, s, s_stride);
+    else
+        dot_rows_any(q, rows, k, n, kstride, head_dim, s, s_stride);
+}
+
+static inline __attribute__((always_inline)) void accumulate_rows_of(
+    float *o, int64_t rows, const float *p, int64_t p_stride, const float *v, int64_t n,
+    int64_t vstride, const int64_t head_dim)
+{
+    if (head_dim == 64)
+        accumulate_rows_64(o, rows, p, p_stride, v, n, vstride, head_dim);
+    else if (head_dim == 128)
+        accumulate_rows_128(o, rows, p, p_stride, v, n, vstride, head_dim);
+    else
+        accumulate_rows_any(o, rows, p, p_stride, v, n, vstride, head_dim);
 }
 
 /* The cache holds the query's type, or (an fp32 model with a 16-bit cache) half its bytes. */

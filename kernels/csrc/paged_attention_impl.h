@@ -57,8 +57,8 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
         const float *krows = FN(block_rows)(kb + (lo - b * block_size) * token_stride, hi - lo,
                                             token_stride, rowbuf);
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-            dot_rows(qf + h * group * head_dim, group, krows + h * head_dim, hi - lo,
-                     token_stride, head_dim, scores + h * group * span + lo - first, span);
+            dot_rows_of(qf + h * group * head_dim, group, krows + h * head_dim, hi - lo,
+                        token_stride, head_dim, scores + h * group * span + lo - first, span);
             for (int64_t g = 0; g < group; ++g) {
                 const int64_t row = h * group + g;
                 float *sr = scores + row * span + lo - first;
@@ -96,9 +96,9 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
         const float *vrows = FN(block_rows)(vb + (lo - b * block_size) * token_stride, hi - lo,
                                             token_stride, rowbuf);
         for (int64_t h = 0; h < num_kv_heads; ++h)
-            accumulate_rows(accum + h * group * head_dim, group,
-                            scores + h * group * span + lo - first, span, vrows + h * head_dim,
-                            hi - lo, token_stride, head_dim);
+            accumulate_rows_of(accum + h * group * head_dim, group,
+                               scores + h * group * span + lo - first, span,
+                               vrows + h * head_dim, hi - lo, token_stride, head_dim);
     }
     for (int64_t i = 0; i < rows * head_dim; ++i)
         out_s[i] = STORE(accum[i]);
