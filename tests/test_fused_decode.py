@@ -34,6 +34,10 @@ FAMILIES: dict[str, tuple[Any, dict[str, Any]]] = {
     "qwen3-head-norms": (Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2,
                                            head_dim=32)),
 }
+# Wide enough that a decode step's layers run in a team of threads: the C layers give each
+# thread at least 2^20 multiply-adds a layer, and a layer here is 2.4 million a row.
+WIDE = (LlamaConfig, dict(num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                          hidden_size=512, intermediate_size=1024))
 
 
 def _kinds(name: str) -> str:
@@ -52,13 +56,13 @@ def tiny_blocks(tmp_path_factory: pytest.TempPathFactory,
 
     def make(name: str) -> LoadedModel:
         if name not in made:
-            config_class, shape = FAMILIES[name]
+            config_class, shape = WIDE if name == "llama-wide" else FAMILIES[name]
             torch.manual_seed(0)
-            config = config_class(
-                vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, max_position_embeddings=512, initializer_range=0.15,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.eos_token_id, **shape)
+            config = config_class(**{
+                "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "max_position_embeddings": 512,
+                "initializer_range": 0.15, "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id, **shape})
             path = tmp_path_factory.mktemp(name)
             model = AutoModelForCausalLM.from_config(config)
             with torch.no_grad():  # biases start at zero, norms at one: made to matter
@@ -144,6 +148,25 @@ def test_fused_decode_takes_q4_1_rows_as_stored(tiny_blocks: Callable[[str], Loa
     llm = LLM(loaded=loaded, quantization="gguf", dtype="float32", kv_cache_bytes=2**22)
     assert llm.engine.model.layers[0].qkv.kind == "q4_1"  # type: ignore[attr-defined]
     _assert_bit_for_bit(loaded, 3, monkeypatch)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_decode_in_a_team_of_threads_is_the_per_operation_path(
+        threads: int, packed: bool, tiny_blocks: Callable[[str], LoadedModel],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's layers in a team of threads (a model wide enough for one), which splits each
+    product's columns and every other stage's rows, give the per-operation path's results bit
+    for bit, over weight rows repacked or as stored, with more threads than the machine may
+    have cores (the team's barrier then yields its core)."""
+    if not packed:
+        monkeypatch.setattr(projections, "pack_rows", lambda weight: weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _assert_bit_for_bit(tiny_blocks("llama-wide"), threads, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], LoadedModel],

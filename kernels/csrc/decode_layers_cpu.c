@@ -20,12 +20,26 @@
  * be allocated, 2 when a slot, length or block table lies outside the cache (as the kernels it
  * calls; the residual stream is then partly updated and the step must fail).
  *
+ * The step runs in one parallel region (layers_in_team): at a few rows each kernel's work is a
+ * few microseconds, too little to pay for a region's fork and join of its own, and a step of
+ * hundreds of such regions ran on one thread, which streams the weights at less than the
+ * memory's rate.
+ *
  * silu_mul (activation_cpu.c) is also what the per-operation path calls, so that both paths
  * compute the activation alike.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
+#include "parallel.h"
 
 #define QK 32
 #define Q8_BLOCK_BYTES 44 /* block_q8 of block_quant_cpu.c: fp32 d and s, int32 sum, 32 int8 codes */
@@ -119,23 +133,176 @@ typedef struct {
     int64_t window; /* 0: attends over the whole context */
 } decode_layer;
 
-/* y = x w^T (+ bias) for fp32 rows x [rows, k] (contiguous); q8 is scratch for x's blocks. */
-static void product(const float *x, int64_t rows, int64_t k, const void *w, int64_t kind,
-                    int64_t n, const float *bias, float *y, void *q8, int num_threads)
+/* Bytes of a weight row per QK inputs: the packed kinds keep eight rows' blocks together in
+ * the same bytes per row, so rows from a multiple of eight on start at the same offset. */
+static int64_t row_block_bytes(int64_t kind)
 {
-    quantize_rows_q8(x, k, q8, rows, k, num_threads);
+    return kind == KIND_Q4_1 || kind == KIND_Q4_1X8 ? 20 : 34;
+}
+
+/* y[:, begin:end] = x w[begin:end]^T (+ bias) for x already quantized (q8); begin is a multiple
+ * of eight, y rows are n apart. */
+static void columns(const void *q8, int64_t rows, int64_t k, const void *w, int64_t kind,
+                    int64_t n, int64_t begin, int64_t end, const float *bias, float *y,
+                    int num_threads)
+{
+    const void *part = (const char *)w + begin * (k / QK) * row_block_bytes(kind);
+    const int64_t width = end - begin;
+    if (width <= 0)
+        return;
     if (kind == KIND_Q4_1)
-        matmul_q4_1(q8, rows, w, n, k, y, n, num_threads);
+        matmul_q4_1(q8, rows, part, width, k, y + begin, n, num_threads);
     else if (kind == KIND_Q4_1X8)
-        matmul_q4_1x8(q8, rows, w, n, k, y, n, num_threads);
+        matmul_q4_1x8(q8, rows, part, width, k, y + begin, n, num_threads);
     else if (kind == KIND_Q8_0X8)
-        matmul_q8_0x8(q8, rows, w, n, k, y, n, num_threads);
+        matmul_q8_0x8(q8, rows, part, width, k, y + begin, n, num_threads);
     else
-        matmul_q8_0(q8, rows, w, n, k, y, n, num_threads);
+        matmul_q8_0(q8, rows, part, width, k, y + begin, n, num_threads);
     if (bias != NULL)
         for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < n; ++i)
+            for (int64_t i = begin; i < end; ++i)
                 y[r * n + i] += bias[i];
+}
+
+/* Thread `part` of `parts`' share of n output columns: whole groups of eight. */
+static void share(int64_t n, int part, int parts, int64_t *begin, int64_t *end)
+{
+    const int64_t groups = n / 8;
+    *begin = groups * part / parts * 8;
+    *end = part == parts - 1 ? n : groups * (part + 1) / parts * 8;
+}
+
+/* What every layer of a step shares: the batch, the sizes, the scratch. */
+typedef struct {
+    float *h, *delta;
+    int64_t rows, hidden, intermediate, num_heads, num_kv_heads, head_dim;
+    int64_t q_width, qkv_width;
+    const float *cos_t, *sin_t;
+    const int64_t *slots, *block_tables, *seq_lens;
+    int64_t num_cache_blocks, block_size, table_width, table_stride;
+    rotary_fn rotary;
+    attention_fn attention;
+    float eps, scale;
+    float *x, *qkv, *attn, *out, *gate_up, *act; /* scratch, [rows, width] each */
+    void *q8;
+} decode_step;
+
+/* Rows [first, last) of the step's rotary write and attention for layer L. */
+static int attend(const decode_step *S, const decode_layer *L, int64_t first, int64_t last)
+{
+    if (last <= first)
+        return 0;
+    const int status = S->rotary(S->qkv + first * S->qkv_width, S->qkv_width, S->cos_t + first *
+                                 S->head_dim, S->sin_t + first * S->head_dim, L->k_cache,
+                                 L->v_cache, S->num_cache_blocks * S->block_size,
+                                 S->slots + first, last - first, S->num_heads, S->num_kv_heads,
+                                 S->head_dim, L->q_norm, L->k_norm, S->eps, 1);
+    if (status != 0)
+        return status;
+    return S->attention(S->qkv + first * S->qkv_width, S->qkv_width, L->k_cache, L->v_cache,
+                        S->num_cache_blocks, S->block_tables + first * S->table_stride,
+                        S->table_width, S->table_stride, S->seq_lens + first,
+                        S->attn + first * S->q_width, S->q_width, last - first, S->num_heads,
+                        S->num_kv_heads, S->head_dim, S->block_size, S->scale, L->window, NULL,
+                        1);
+}
+
+/* A barrier for the team of layers_in_team, which meets at one between every two stages of a
+ * layer: a few hundred times a step. It spins, since each wait is a few microseconds of the
+ * other thread's work, and yields its core after SPINS pauses, since the thread it waits for
+ * may be the one that needs the core (the server's event loop shares the machine). */
+#define SPINS 4096
+typedef struct {
+    _Atomic int arrived, generation;
+    int parts;
+} team_barrier;
+
+static void team_wait(team_barrier *b)
+{
+    const int generation = atomic_load_explicit(&b->generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == b->parts - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->generation, generation + 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->generation, memory_order_acquire) == generation;
+         ++spins) {
+        if (spins < SPINS) {
+#ifdef __x86_64__
+            _mm_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* The layers in one parallel region of `team` threads. The team splits each product's output
+ * columns (each output's operations do not depend on the split: block_quant_cpu.c) and every
+ * other stage's rows, and meets at a barrier between stages. A rotary write
+ * or attention that fails (a slot or block outside the cache) leaves its rows unwritten; the
+ * team finishes the step and reports it. */
+static int layers_in_team(const decode_step *S, const decode_layer *layers, int64_t num_layers,
+                          int team)
+{
+    const int64_t rows = S->rows, hidden = S->hidden, inter = S->intermediate;
+    const int64_t q_width = S->q_width, qkv_width = S->qkv_width;
+    _Atomic int status = 0;
+    team_barrier barrier = {0};
+#pragma omp parallel num_threads(team)
+    {
+        const int me = omp_get_thread_num(), parts = omp_get_num_threads();
+#pragma omp single
+        barrier.parts = parts;
+        /* This thread's rows [first, first + count) and its output columns [begin, end) of each
+         * product. */
+        const int64_t first = rows * me / parts, count = rows * (me + 1) / parts - first;
+        float *const x = S->x + first * hidden, *const h = S->h + first * hidden;
+        const float *const delta = S->delta + first * hidden;
+        void *const q8 = (char *)S->q8 + first * (hidden / QK) * Q8_BLOCK_BYTES;
+        int64_t begin, end;
+        for (int64_t l = 0; l < num_layers; ++l) {
+            const decode_layer *L = &layers[l];
+            add_rms_norm_f32(h, hidden, l == 0 ? NULL : delta, hidden, L->input_norm, x, hidden,
+                             count, hidden, S->eps, 1);
+            quantize_rows_q8(x, hidden, q8, count, hidden, 1);
+            team_wait(&barrier);
+            share(qkv_width, me, parts, &begin, &end);
+            columns(S->q8, rows, hidden, L->qkv, L->qkv_kind, qkv_width, begin, end,
+                    L->qkv_bias, S->qkv, 1);
+            team_wait(&barrier);
+            const int failed = attend(S, L, first, first + count);
+            if (failed != 0)
+                atomic_store(&status, failed);
+            quantize_rows_q8(S->attn + first * q_width, q_width,
+                             (char *)S->q8 + first * (q_width / QK) * Q8_BLOCK_BYTES, count,
+                             q_width, 1);
+            team_wait(&barrier);
+            share(hidden, me, parts, &begin, &end);
+            columns(S->q8, rows, q_width, L->o, L->o_kind, hidden, begin, end, L->o_bias,
+                    S->out, 1);
+            team_wait(&barrier);
+            add_rms_norm_f32(h, hidden, S->out + first * hidden, hidden, L->post_norm, x, hidden,
+                             count, hidden, S->eps, 1);
+            quantize_rows_q8(x, hidden, q8, count, hidden, 1);
+            team_wait(&barrier);
+            share(2 * inter, me, parts, &begin, &end);
+            columns(S->q8, rows, hidden, L->gate_up, L->gate_up_kind, 2 * inter, begin, end,
+                    NULL, S->gate_up, 1);
+            team_wait(&barrier);
+            silu_mul(S->gate_up + first * 2 * inter, count, inter, L->gate_bias, L->up_bias,
+                     S->act + first * inter, 1);
+            quantize_rows_q8(S->act + first * inter, inter,
+                             (char *)S->q8 + first * (inter / QK) * Q8_BLOCK_BYTES, count, inter,
+                             1);
+            team_wait(&barrier);
+            share(hidden, me, parts, &begin, &end);
+            columns(S->q8, rows, inter, L->down, L->down_kind, hidden, begin, end, L->down_bias,
+                    S->delta, 1);
+            team_wait(&barrier);
+        }
+    }
+    return atomic_load(&status);
 }
 
 int decode_layers_q(const decode_layer *layers, int64_t num_layers, float *h, float *delta,
@@ -146,56 +313,42 @@ int decode_layers_q(const decode_layer *layers, int64_t num_layers, float *h, fl
                     int64_t table_stride, const int64_t *seq_lens, int64_t cache_type,
                     float eps, float scale, int num_threads)
 {
-    const rotary_fn rotary = cache_type == CACHE_BF16  ? rotary_bf16
-                             : cache_type == CACHE_F16 ? rotary_f16
-                                                       : rotary_f32;
-    const attention_fn attention = cache_type == CACHE_BF16  ? attention_bf16
-                                   : cache_type == CACHE_F16 ? attention_f16
-                                                             : attention_f32;
-    const int64_t q_width = num_heads * head_dim;
-    const int64_t qkv_width = (num_heads + 2 * num_kv_heads) * head_dim;
+    decode_step S = {
+        .h = h, .delta = delta, .rows = rows, .hidden = hidden, .intermediate = intermediate,
+        .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
+        .q_width = num_heads * head_dim, .qkv_width = (num_heads + 2 * num_kv_heads) * head_dim,
+        .cos_t = cos_t, .sin_t = sin_t, .slots = slots, .block_tables = block_tables,
+        .seq_lens = seq_lens, .num_cache_blocks = num_cache_blocks, .block_size = block_size,
+        .table_width = table_width, .table_stride = table_stride, .eps = eps, .scale = scale,
+        .rotary = cache_type == CACHE_BF16  ? rotary_bf16
+                  : cache_type == CACHE_F16 ? rotary_f16
+                                            : rotary_f32,
+        .attention = cache_type == CACHE_BF16  ? attention_bf16
+                     : cache_type == CACHE_F16 ? attention_f16
+                                               : attention_f32,
+    };
     int64_t widest = hidden > intermediate ? hidden : intermediate;
-    widest = widest > q_width ? widest : q_width;
-    const size_t floats = (size_t)rows * (size_t)(hidden + qkv_width + q_width + hidden +
+    widest = widest > S.q_width ? widest : S.q_width;
+    const size_t floats = (size_t)rows * (size_t)(hidden + S.qkv_width + S.q_width + hidden +
                                                   2 * intermediate + intermediate);
     float *scratch = malloc(sizeof(float) * floats);
-    void *q8 = malloc((size_t)rows * (size_t)(widest / QK) * Q8_BLOCK_BYTES);
-    if (scratch == NULL || q8 == NULL) {
+    S.q8 = malloc((size_t)rows * (size_t)(widest / QK) * Q8_BLOCK_BYTES);
+    if (scratch == NULL || S.q8 == NULL) {
         free(scratch);
-        free(q8);
+        free(S.q8);
         return 1;
     }
-    float *x = scratch, *qkv = x + rows * hidden, *attn = qkv + rows * qkv_width;
-    float *out = attn + rows * q_width, *gate_up = out + rows * hidden;
-    float *act = gate_up + rows * 2 * intermediate;
-    int status = 0;
-    for (int64_t l = 0; l < num_layers && status == 0; ++l) {
-        const decode_layer *L = &layers[l];
-        add_rms_norm_f32(h, hidden, l == 0 ? NULL : delta, hidden, L->input_norm, x, hidden,
-                         rows, hidden, eps, num_threads);
-        product(x, rows, hidden, L->qkv, L->qkv_kind, qkv_width, L->qkv_bias, qkv, q8,
-                num_threads);
-        status = rotary(qkv, qkv_width, cos_t, sin_t, L->k_cache, L->v_cache,
-                        num_cache_blocks * block_size, slots, rows, num_heads, num_kv_heads,
-                        head_dim, L->q_norm, L->k_norm, eps, num_threads);
-        if (status != 0)
-            break;
-        status = attention(qkv, qkv_width, L->k_cache, L->v_cache, num_cache_blocks,
-                           block_tables, table_width, table_stride, seq_lens, attn, q_width,
-                           rows, num_heads, num_kv_heads, head_dim, block_size, scale,
-                           L->window, NULL, num_threads);
-        if (status != 0)
-            break;
-        product(attn, rows, q_width, L->o, L->o_kind, hidden, L->o_bias, out, q8, num_threads);
-        add_rms_norm_f32(h, hidden, out, hidden, L->post_norm, x, hidden, rows, hidden, eps,
-                         num_threads);
-        product(x, rows, hidden, L->gate_up, L->gate_up_kind, 2 * intermediate, NULL, gate_up,
-                q8, num_threads);
-        silu_mul(gate_up, rows, intermediate, L->gate_bias, L->up_bias, act, num_threads);
-        product(act, rows, intermediate, L->down, L->down_kind, hidden, L->down_bias, delta, q8,
-                num_threads);
-    }
+    S.x = scratch;
+    S.qkv = S.x + rows * hidden;
+    S.attn = S.qkv + rows * S.qkv_width;
+    S.out = S.attn + rows * S.q_width;
+    S.gate_up = S.out + rows * hidden;
+    S.act = S.gate_up + rows * 2 * intermediate;
+    const int64_t layer_work = hidden * S.qkv_width + S.q_width * hidden +
+                               hidden * 2 * intermediate + intermediate * hidden;
+    const int status = layers_in_team(&S, layers, num_layers,
+                                      threads_for(rows * layer_work, num_threads));
     free(scratch);
-    free(q8);
+    free(S.q8);
     return status;
 }

@@ -3,7 +3,8 @@
  * server's own threads (a small VM): a decode step at one or a few rows runs hundreds of regions
  * of a few microseconds' work each, and there a second thread made the step slower, not faster
  * (docs/benchmarks.md). So each thread of a region gets at least MIN_WORK_PER_THREAD, and a
- * region with less runs on the calling thread alone.
+ * region with less runs on the calling thread alone. (The fused decode layers sidestep the
+ * question: a step is one region whose team meets at spinning barriers, decode_layers_cpu.c.)
  *
  * Work is counted in multiply-adds; elementwise kernels count ELEMENT_WORK per element, about
  * what one element costs them next to a multiply-add of the products. */
