@@ -207,6 +207,21 @@ static int attend(const decode_step *S, const decode_layer *L, int64_t first, in
                         1);
 }
 
+/* The first row of thread `part` of `parts`' share of the attention: the rows whose contexts
+ * together make about its share of the step's, since the attention reads every row's context
+ * and the rows' lengths differ. */
+static int64_t context_share_start(const int64_t *seq_lens, int64_t rows, int part, int parts)
+{
+    if (part == parts)
+        return rows;
+    int64_t total = 0, before = 0, r = 0;
+    for (int64_t i = 0; i < rows; ++i)
+        total += seq_lens[i];
+    while (r < rows && before * parts < total * part)
+        before += seq_lens[r++];
+    return r;
+}
+
 /* A barrier for the team of layers_in_team, which meets at one between every two stages of a
  * layer: a few hundred times a step. It spins, since each wait is a few microseconds of the
  * other thread's work, and yields its core after SPINS pauses, since the thread it waits for
@@ -254,9 +269,11 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
         const int me = omp_get_thread_num(), parts = omp_get_num_threads();
 #pragma omp single
         barrier.parts = parts;
-        /* This thread's rows [first, first + count) and its output columns [begin, end) of each
-         * product. */
+        /* This thread's rows [first, first + count), its rows of the attention [attend_first,
+         * attend_last) and its output columns [begin, end) of each product. */
         const int64_t first = rows * me / parts, count = rows * (me + 1) / parts - first;
+        const int64_t attend_first = context_share_start(S->seq_lens, rows, me, parts);
+        const int64_t attend_last = context_share_start(S->seq_lens, rows, me + 1, parts);
         float *const x = S->x + first * hidden, *const h = S->h + first * hidden;
         const float *const delta = S->delta + first * hidden;
         void *const q8 = (char *)S->q8 + first * (hidden / QK) * Q8_BLOCK_BYTES;
@@ -271,12 +288,12 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             columns(S->q8, rows, hidden, L->qkv, L->qkv_kind, qkv_width, begin, end,
                     L->qkv_bias, S->qkv, 1);
             team_wait(&barrier);
-            const int failed = attend(S, L, first, first + count);
+            const int failed = attend(S, L, attend_first, attend_last);
             if (failed != 0)
                 atomic_store(&status, failed);
-            quantize_rows_q8(S->attn + first * q_width, q_width,
-                             (char *)S->q8 + first * (q_width / QK) * Q8_BLOCK_BYTES, count,
-                             q_width, 1);
+            quantize_rows_q8(S->attn + attend_first * q_width, q_width,
+                             (char *)S->q8 + attend_first * (q_width / QK) * Q8_BLOCK_BYTES,
+                             attend_last - attend_first, q_width, 1);
             team_wait(&barrier);
             share(hidden, me, parts, &begin, &end);
             columns(S->q8, rows, q_width, L->o, L->o_kind, hidden, begin, end, L->o_bias,
