@@ -37,6 +37,17 @@
 #include <immintrin.h>
 #endif
 
+/* Asks for the bytes at p (the context's next block, while this one is read) to be brought
+ * into L2. A sequence's blocks lie anywhere in the cache and are a few KiB each: the hardware
+ * prefetchers start afresh at each, and a 16-bit cache's blocks, converted in one quick pass,
+ * waited on memory (pagedserve.bench.kv_cache, docs/benchmarks.md; into L1 instead, or two
+ * blocks ahead, gained less or nothing). */
+static inline void prefetch_bytes(const void *p, int64_t bytes)
+{
+    for (int64_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch((const char *)p + i, 0, 1);
+}
+
 /* n cache elements as fp32, converted once for every query row of a group that reads them:
  * fp32 rows are read in place, 16-bit rows converted into buf. GCC does not vectorise _Float16
  * conversions in loops, so fp16 rows go through the F16C / AVX-512 conversions where the CPU has

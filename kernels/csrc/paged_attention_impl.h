@@ -50,8 +50,11 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
         qf[i] = LOAD(q_s[i]);
         accum[i] = 0.0f;
     }
+    const int64_t block_bytes = block_size * token_stride * (int64_t)sizeof(CELEM);
     for (int64_t b = first / block_size; b * block_size < len; ++b) {
         const CELEM *kb = k_cache + table[b] * block_size * token_stride;
+        if ((b + 1) * block_size < len)
+            prefetch_bytes(k_cache + table[b + 1] * block_size * token_stride, block_bytes);
         const int64_t lo = b * block_size > first ? b * block_size : first;
         const int64_t hi = (b + 1) * block_size < len ? (b + 1) * block_size : len;
         const float *krows = FN(block_rows)(kb + (lo - b * block_size) * token_stride, hi - lo,
@@ -91,6 +94,8 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
 
     for (int64_t b = first / block_size; b * block_size < len; ++b) {
         const CELEM *vb = v_cache + table[b] * block_size * token_stride;
+        if ((b + 1) * block_size < len)
+            prefetch_bytes(v_cache + table[b + 1] * block_size * token_stride, block_bytes);
         const int64_t lo = b * block_size > first ? b * block_size : first;
         const int64_t hi = (b + 1) * block_size < len ? (b + 1) * block_size : len;
         const float *vrows = FN(block_rows)(vb + (lo - b * block_size) * token_stride, hi - lo,
