@@ -140,24 +140,23 @@ static int64_t row_block_bytes(int64_t kind)
     return kind == KIND_Q4_1 || kind == KIND_Q4_1X8 ? 20 : 34;
 }
 
-/* y[:, begin:end] = x w[begin:end]^T (+ bias) for x already quantized (q8); begin is a multiple
- * of eight, y rows are n apart. */
+/* y[:, begin:end] = x w[begin:end]^T (+ bias) for x already quantized (q8), on the calling
+ * thread; begin is a multiple of eight, y rows are n apart. */
 static void columns(const void *q8, int64_t rows, int64_t k, const void *w, int64_t kind,
-                    int64_t n, int64_t begin, int64_t end, const float *bias, float *y,
-                    int num_threads)
+                    int64_t n, int64_t begin, int64_t end, const float *bias, float *y)
 {
     const void *part = (const char *)w + begin * (k / QK) * row_block_bytes(kind);
     const int64_t width = end - begin;
     if (width <= 0)
         return;
     if (kind == KIND_Q4_1)
-        matmul_q4_1(q8, rows, part, width, k, y + begin, n, num_threads);
+        matmul_q4_1(q8, rows, part, width, k, y + begin, n, 1);
     else if (kind == KIND_Q4_1X8)
-        matmul_q4_1x8(q8, rows, part, width, k, y + begin, n, num_threads);
+        matmul_q4_1x8(q8, rows, part, width, k, y + begin, n, 1);
     else if (kind == KIND_Q8_0X8)
-        matmul_q8_0x8(q8, rows, part, width, k, y + begin, n, num_threads);
+        matmul_q8_0x8(q8, rows, part, width, k, y + begin, n, 1);
     else
-        matmul_q8_0(q8, rows, part, width, k, y + begin, n, num_threads);
+        matmul_q8_0(q8, rows, part, width, k, y + begin, n, 1);
     if (bias != NULL)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t i = begin; i < end; ++i)
@@ -286,7 +285,7 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             team_wait(&barrier);
             share(qkv_width, me, parts, &begin, &end);
             columns(S->q8, rows, hidden, L->qkv, L->qkv_kind, qkv_width, begin, end,
-                    L->qkv_bias, S->qkv, 1);
+                    L->qkv_bias, S->qkv);
             team_wait(&barrier);
             const int failed = attend(S, L, attend_first, attend_last);
             if (failed != 0)
@@ -297,7 +296,7 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             team_wait(&barrier);
             share(hidden, me, parts, &begin, &end);
             columns(S->q8, rows, q_width, L->o, L->o_kind, hidden, begin, end, L->o_bias,
-                    S->out, 1);
+                    S->out);
             team_wait(&barrier);
             add_rms_norm_f32(h, hidden, S->out + first * hidden, hidden, L->post_norm, x, hidden,
                              count, hidden, S->eps, 1);
@@ -305,7 +304,7 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             team_wait(&barrier);
             share(2 * inter, me, parts, &begin, &end);
             columns(S->q8, rows, hidden, L->gate_up, L->gate_up_kind, 2 * inter, begin, end,
-                    NULL, S->gate_up, 1);
+                    NULL, S->gate_up);
             team_wait(&barrier);
             silu_mul(S->gate_up + first * 2 * inter, count, inter, L->gate_bias, L->up_bias,
                      S->act + first * inter, 1);
@@ -315,7 +314,7 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             team_wait(&barrier);
             share(hidden, me, parts, &begin, &end);
             columns(S->q8, rows, inter, L->down, L->down_kind, hidden, begin, end, L->down_bias,
-                    S->delta, 1);
+                    S->delta);
             team_wait(&barrier);
         }
     }
