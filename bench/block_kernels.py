@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
+from pagedserve.bench.host import host_isa
 from pagedserve.kernels import block_quant, cpu
-from pagedserve.model.dtypes import cpu_flags
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 # SmolLM2-135M's products: name, output rows, inputs, format.
 SHAPES = (("qkv", 960, 576, "q4_1"), ("o", 576, 576, "q4_1"), ("gate_up", 3072, 576, "q4_1"),
           ("down", 576, 1536, "q4_1"), ("output", 49152, 576, "q8_0"))
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu.available():
         print("the C kernels are not built on this machine: nothing to time")
         return 1
-    isa = [f for f in ISA_FLAGS if f in cpu_flags()]
+    isa = host_isa()
     shapes = (SHAPES[0], SHAPES[-1]) if args.quick else SHAPES
     rows_list = ROWS[:2] if args.quick else ROWS
     reps = 2 if args.quick else 7

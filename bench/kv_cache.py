@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.bench.block_kernels import ISA_FLAGS
+from pagedserve.bench.host import host_isa
 from pagedserve.kernels import cpu
-from pagedserve.model.dtypes import cpu_flags
 
 SEQS, BLOCK, KV_HEADS, HEADS, HEAD_DIM, LAYERS = 32, 16, 3, 9, 64, 30
 CONTEXTS = (128, 512, 1024)
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu.available():
         print("the C kernels are not built on this machine: nothing to time")
         return 1
-    isa = [f for f in ISA_FLAGS if f in cpu_flags()]
+    isa = host_isa()
     contexts = CONTEXTS[:1] if args.quick else CONTEXTS
     layers, reps = (2, 2) if args.quick else (LAYERS, 5)
     print(f"host: {torch.get_num_threads()} threads; ISA: {', '.join(isa) or 'none of note'}")

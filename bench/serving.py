@@ -63,6 +63,7 @@ from typing import Any
 import aiohttp
 
 from pagedserve.bench.cpu_steal import ContentionMonitor
+from pagedserve.bench.host import ISA_FLAGS, host_isa
 from pagedserve.bench.peer_venvs import (
     llama_server_binary,
     llama_server_problem,
@@ -70,14 +71,12 @@ from pagedserve.bench.peer_venvs import (
     venv_python,
 )
 from pagedserve.bench.throughput import git_state
-from pagedserve.model.dtypes import cpu_flags
 from pagedserve.model.loader import default_model_path, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "serving.json"
 REPOSITORY = ROOT / "model_repository"
 MODEL = "smollm2"
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 OUR_SETTINGS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
@@ -412,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (system in ("llama-server", "vllm")
                 or system.removeprefix("ours-") in OUR_SETTINGS):
             raise SystemExit(f"unknown system {system!r}")
-    flags = sorted(f for f in ISA_FLAGS if f in cpu_flags())
+    flags = host_isa()
     print(f"host: {os.cpu_count()} CPUs; ISA: {', '.join(flags) or 'none of ' + str(ISA_FLAGS)}",
           flush=True)
     tokenizer = load_model().tokenizer
