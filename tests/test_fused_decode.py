@@ -198,19 +198,30 @@ def test_fused_decode_applies_to_blocks_only(tiny_blocks: Callable[[str], Loaded
     assert FusedDecode.of(layers, 64) is None
 
 
-def test_a_slot_outside_the_cache_is_refused(tiny_blocks: Callable[[str], LoadedModel]) -> None:
+@pytest.mark.parametrize("family, threads", [("llama-gqa", 1), ("llama-wide", 2)])
+def test_a_slot_outside_the_cache_is_refused(family: str, threads: int,
+                                             tiny_blocks: Callable[[str], LoadedModel]) -> None:
     """The C layers check the step's slots, lengths and block tables before writing: a slot
-    outside the cache is a ValueError, not a write out of bounds."""
-    llm = LLM(loaded=tiny_blocks("llama-gqa"), quantization="gguf", dtype="float32",
+    outside the cache is a ValueError, not a write out of bounds, also when it is the second
+    thread of a team (the wide model, two rows) whose rows fail while the first's succeed."""
+    llm = LLM(loaded=tiny_blocks(family), quantization="gguf", dtype="float32",
               kv_cache_bytes=2**22)
     model = llm.engine.model
     fused = model.fused_decode  # type: ignore[attr-defined]
     caches = llm.engine.executor.runner.caches  # type: ignore[attr-defined]
     k_cache = caches[0][0]
-    h = torch.zeros(1, 64)
-    cos = sin = torch.zeros(1, fused.shape.head_dim)
-    slots = torch.tensor([k_cache.shape[0] * k_cache.shape[1]])
-    tables = torch.tensor([[1]])
-    with pytest.raises(ValueError, match="outside the cache"):
-        cpu.decode_layers(fused._layer_structs(caches), fused.shape, h, cos, sin, slots,
-                          k_cache.shape[0], k_cache.shape[1], tables, torch.tensor([1]))
+    rows = threads
+    h = torch.zeros(rows, fused.shape.hidden)
+    cos = sin = torch.zeros(rows, fused.shape.head_dim)
+    slots = torch.arange(rows)
+    slots[-1] = k_cache.shape[0] * k_cache.shape[1]
+    tables = torch.ones(rows, 1, dtype=torch.long)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(ValueError, match="outside the cache"):
+            cpu.decode_layers(fused._layer_structs(caches), fused.shape, h, cos, sin, slots,
+                              k_cache.shape[0], k_cache.shape[1], tables,
+                              torch.ones(rows, dtype=torch.long))
+    finally:
+        torch.set_num_threads(previous)
