@@ -38,6 +38,11 @@ FAMILIES: dict[str, tuple[Any, dict[str, Any]]] = {
 # thread at least 2^20 multiply-adds a layer, and a layer here is 2.4 million a row.
 WIDE = (LlamaConfig, dict(num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                           hidden_size=512, intermediate_size=1024))
+# The same with a query head per KV head of 48, not a multiple of a Q8 block (32): the team
+# splits the attention by whole rows.
+WIDE_48 = (LlamaConfig, dict(num_attention_heads=8, num_key_value_heads=8, head_dim=48,
+                             hidden_size=512, intermediate_size=1024))
+WIDE_MODELS = {"llama-wide": WIDE, "llama-wide-48": WIDE_48}
 
 
 def _kinds(name: str) -> str:
@@ -56,7 +61,7 @@ def tiny_blocks(tmp_path_factory: pytest.TempPathFactory,
 
     def make(name: str) -> LoadedModel:
         if name not in made:
-            config_class, shape = WIDE if name == "llama-wide" else FAMILIES[name]
+            config_class, shape = WIDE_MODELS.get(name) or FAMILIES[name]
             torch.manual_seed(0)
             config = config_class(**{
                 "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
@@ -94,7 +99,7 @@ def _run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float
 
 
 def _assert_bit_for_bit(loaded: LoadedModel, seed: int, monkeypatch: pytest.MonkeyPatch,
-                        kv_cache_dtype: str = "auto") -> None:
+                        kv_cache_dtype: str = "auto", count: int = 5) -> None:
     settings = dict(loaded=loaded, quantization="gguf", dtype="float32", kv_cache_bytes=2**22,
                     enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
     calls = {"fused": 0}
@@ -105,7 +110,7 @@ def _assert_bit_for_bit(loaded: LoadedModel, seed: int, monkeypatch: pytest.Monk
         return fused_layers(*args, **kwargs)
 
     monkeypatch.setattr(cpu, "decode_layers", counted)
-    prompts = random_prompts(seed=seed, count=5, longest=40)
+    prompts = random_prompts(seed=seed, count=count, longest=40)
     fused = LLM(**settings)
     assert fused.engine.model.fused_decode is not None  # type: ignore[attr-defined]
     with_fusion = _run(fused, prompts)
@@ -156,15 +161,32 @@ def test_fused_decode_in_a_team_of_threads_is_the_per_operation_path(
         threads: int, packed: bool, tiny_blocks: Callable[[str], LoadedModel],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A step's layers in a team of threads (a model wide enough for one), which splits each
-    product's columns and every other stage's rows, give the per-operation path's results bit
-    for bit, over weight rows repacked or as stored, with more threads than the machine may
-    have cores (the team's barrier then yields its core)."""
+    product's columns, the attention's KV heads and every other stage's rows, give the
+    per-operation path's results bit for bit, over weight rows repacked or as stored, with more
+    threads than the machine may have cores (the team's barrier then yields its core)."""
     if not packed:
         monkeypatch.setattr(projections, "pack_rows", lambda weight: weight)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _assert_bit_for_bit(tiny_blocks("llama-wide"), threads, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("model, count", [("llama-wide", 1), ("llama-wide-48", 2)])
+def test_fewer_sequences_than_threads_split_their_heads(
+        threads: int, model: str, count: int, tiny_blocks: Callable[[str], LoadedModel],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fewer sequences than the team has threads, the team splits the attention's KV
+    heads, a sequence's among threads (heads of 64), or whole sequences (KV heads of 48, whose
+    outputs do not end on a Q8 block), over a 16-bit cache: the per-operation path's results,
+    bit for bit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _assert_bit_for_bit(tiny_blocks(model), threads, monkeypatch, "float16", count)
     finally:
         torch.set_num_threads(previous)
 

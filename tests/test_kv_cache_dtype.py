@@ -205,5 +205,8 @@ def test_the_embedded_file_over_an_fp16_cache_scores_as_over_fp32(smollm: Loaded
         runs[kv] = (list(completion.token_ids),
                     [step[t] for step, t in zip(completion.logprobs, completion.token_ids)])
     assert runs["float16"][0][:4] == runs["auto"][0][:4]
+    # Not tighter: the activations' Q8 codes make these differences jump. Summing the attention
+    # in another order (fp16 read in registers, not through a converted copy: 2e-7 apart) moved
+    # one from 0.05 to 0.10, where the fp16 rounding itself is about 1e-3 of each key and value.
     for wide, narrow in zip(runs["auto"][1][:4], runs["float16"][1][:4]):
-        assert abs(wide - narrow) < 0.1
+        assert abs(wide - narrow) < 0.15

@@ -71,13 +71,13 @@ void add_rms_norm_f32(float *x, int64_t x_stride, const float *residual, int64_t
                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,   \
                                 const float *q_norm, const float *k_norm, float norm_eps,    \
                                 int num_threads);                                            \
-    int paged_decode_attention_f32_##C(                                                      \
+    int paged_decode_attention_heads_f32_##C(                                                \
         const float *q, int64_t q_stride, const CELEM *k_cache, const CELEM *v_cache,        \
         int64_t num_blocks, const int64_t *block_tables, int64_t table_width,                \
         int64_t table_stride, const int64_t *seq_lens, float *out, int64_t out_stride,       \
-        int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,         \
-        int64_t block_size, float scale, int64_t window, const float *alibi,                 \
-        int num_threads);                                                                    \
+        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,       \
+        float scale, int64_t window, const float *alibi, int64_t head_first,                 \
+        int64_t head_last);                                                                  \
     static int rotary_##C(float *qkv, int64_t qkv_stride, const float *cos_t,                \
                           const float *sin_t, void *k_cache, void *v_cache,                  \
                           int64_t num_slots, const int64_t *slots, int64_t tokens,           \
@@ -93,16 +93,17 @@ void add_rms_norm_f32(float *x, int64_t x_stride, const float *residual, int64_t
                              const void *v_cache, int64_t num_blocks,                        \
                              const int64_t *block_tables, int64_t table_width,               \
                              int64_t table_stride, const int64_t *seq_lens, float *out,      \
-                             int64_t out_stride, int64_t num_seqs, int64_t num_heads,        \
-                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size,     \
-                             float scale, int64_t window, const float *alibi,                \
-                             int num_threads)                                                \
+                             int64_t out_stride, int64_t num_heads, int64_t num_kv_heads,    \
+                             int64_t head_dim, int64_t block_size, float scale,              \
+                             int64_t window, const float *alibi, int64_t head_first,         \
+                             int64_t head_last)                                              \
     {                                                                                        \
-        return paged_decode_attention_f32_##C(q, q_stride, k_cache, v_cache, num_blocks,     \
-                                              block_tables, table_width, table_stride,       \
-                                              seq_lens, out, out_stride, num_seqs,           \
-                                              num_heads, num_kv_heads, head_dim, block_size, \
-                                              scale, window, alibi, num_threads);            \
+        return paged_decode_attention_heads_f32_##C(q, q_stride, k_cache, v_cache,           \
+                                                    num_blocks, block_tables, table_width,   \
+                                                    table_stride, seq_lens, out, out_stride, \
+                                                    num_heads, num_kv_heads, head_dim,       \
+                                                    block_size, scale, window, alibi,        \
+                                                    head_first, head_last);                  \
     }
 
 DECLARE_CACHE_KERNELS(f32, float)
@@ -115,8 +116,8 @@ typedef int (*rotary_fn)(float *, int64_t, const float *, const float *, void *,
                          const float *, float, int);
 typedef int (*attention_fn)(const float *, int64_t, const void *, const void *, int64_t,
                             const int64_t *, int64_t, int64_t, const int64_t *, float *, int64_t,
-                            int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t,
-                            const float *, int);
+                            int64_t, int64_t, int64_t, int64_t, float, int64_t, const float *,
+                            int64_t, int64_t);
 
 /* The cache element types' codes (kernels/cpu.py's CACHE_TYPES). */
 enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_F16 = 2 };
@@ -186,39 +187,68 @@ typedef struct {
     void *q8;
 } decode_step;
 
-/* Rows [first, last) of the step's rotary write and attention for layer L. */
-static int attend(const decode_step *S, const decode_layer *L, int64_t first, int64_t last)
+/* Rows [first, first + count) of the step's rotary write for layer L. */
+static int rotate(const decode_step *S, const decode_layer *L, int64_t first, int64_t count)
 {
-    if (last <= first)
+    if (count <= 0)
         return 0;
-    const int status = S->rotary(S->qkv + first * S->qkv_width, S->qkv_width, S->cos_t + first *
-                                 S->head_dim, S->sin_t + first * S->head_dim, L->k_cache,
-                                 L->v_cache, S->num_cache_blocks * S->block_size,
-                                 S->slots + first, last - first, S->num_heads, S->num_kv_heads,
-                                 S->head_dim, L->q_norm, L->k_norm, S->eps, 1);
-    if (status != 0)
-        return status;
-    return S->attention(S->qkv + first * S->qkv_width, S->qkv_width, L->k_cache, L->v_cache,
-                        S->num_cache_blocks, S->block_tables + first * S->table_stride,
-                        S->table_width, S->table_stride, S->seq_lens + first,
-                        S->attn + first * S->q_width, S->q_width, last - first, S->num_heads,
-                        S->num_kv_heads, S->head_dim, S->block_size, S->scale, L->window, NULL,
-                        1);
+    return S->rotary(S->qkv + first * S->qkv_width, S->qkv_width, S->cos_t + first * S->head_dim,
+                     S->sin_t + first * S->head_dim, L->k_cache, L->v_cache,
+                     S->num_cache_blocks * S->block_size, S->slots + first, count,
+                     S->num_heads, S->num_kv_heads, S->head_dim, L->q_norm, L->k_norm, S->eps,
+                     1);
 }
 
-/* The first row of thread `part` of `parts`' share of the attention: the rows whose contexts
- * together make about its share of the step's, since the attention reads every row's context
- * and the rows' lengths differ. */
-static int64_t context_share_start(const int64_t *seq_lens, int64_t rows, int part, int parts)
+/* Query heads [head_first, head_last) of the step's rows * num_heads (counted row by row) of
+ * layer L's attention, their outputs quantized for the output product. */
+static int attend(const decode_step *S, const decode_layer *L, int64_t head_first,
+                  int64_t head_last)
 {
+    const int status = S->attention(S->qkv, S->qkv_width, L->k_cache, L->v_cache,
+                                    S->num_cache_blocks, S->block_tables, S->table_width,
+                                    S->table_stride, S->seq_lens, S->attn, S->q_width,
+                                    S->num_heads, S->num_kv_heads, S->head_dim, S->block_size,
+                                    S->scale, L->window, NULL, head_first, head_last);
+    if (status != 0)
+        return status;
+    const int64_t hd = S->head_dim, blocks = S->q_width / QK;
+    for (int64_t u = head_first; u < head_last;) {
+        /* The row's heads in the range, quantized on their own: Q8 blocks are independent, and
+         * a range starts and ends on a block (heads_share_start). */
+        const int64_t row = u / S->num_heads, r0 = u - row * S->num_heads;
+        const int64_t r1 = head_last < (row + 1) * S->num_heads ? head_last - row * S->num_heads
+                                                                : S->num_heads;
+        quantize_rows_q8(S->attn + row * S->q_width + r0 * hd, S->q_width,
+                         (char *)S->q8 + (row * blocks + r0 * hd / QK) * Q8_BLOCK_BYTES, 1,
+                         (r1 - r0) * hd, 1);
+        u = row * S->num_heads + r1;
+    }
+    return 0;
+}
+
+/* The first query head of thread `part` of `parts`' share of the attention, among the step's
+ * rows * num_heads counted row by row: the heads whose contexts together make about its share of
+ * the step's, since each head reads its row's context and the rows' lengths differ. A share may
+ * end inside a row, so that fewer rows than threads (one long stream) still use every thread.
+ * It ends between KV heads, so that no two threads read the same keys and values (measured
+ * faster than splitting a KV head's group of query heads), and on a Q8 block of the output
+ * (else on a row). */
+static int64_t heads_share_start(const int64_t *seq_lens, int64_t rows, int64_t num_heads,
+                                 int64_t num_kv_heads, int64_t head_dim, int part, int parts)
+{
+    const int64_t units = rows * num_heads;
     if (part == parts)
-        return rows;
-    int64_t total = 0, before = 0, r = 0;
+        return units;
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t step = group * head_dim % QK == 0 ? group : num_heads;
+    int64_t total = 0, before = 0, u = 0;
     for (int64_t i = 0; i < rows; ++i)
-        total += seq_lens[i];
-    while (r < rows && before * parts < total * part)
-        before += seq_lens[r++];
-    return r;
+        total += seq_lens[i] * num_heads;
+    while (u < units && before * parts < total * part) {
+        before += seq_lens[u / num_heads] * step;
+        u += step;
+    }
+    return u;
 }
 
 /* A barrier for the team of layers_in_team, which meets at one between every two stages of a
@@ -252,10 +282,11 @@ static void team_wait(team_barrier *b)
 }
 
 /* The layers in one parallel region of `team` threads. The team splits each product's output
- * columns (each output's operations do not depend on the split: block_quant_cpu.c) and every
- * other stage's rows, and meets at a barrier between stages. A rotary write
- * or attention that fails (a slot or block outside the cache) leaves its rows unwritten; the
- * team finishes the step and reports it. */
+ * columns (each output's operations do not depend on the split: block_quant_cpu.c), the
+ * attention's query heads (nor do a head's: paged_attention_impl.h) and every other stage's
+ * rows, and meets at a barrier between stages. A rotary write or attention that fails (a slot or
+ * block outside the cache) leaves its rows unwritten; the team finishes the step and reports
+ * it. */
 static int layers_in_team(const decode_step *S, const decode_layer *layers, int64_t num_layers,
                           int team)
 {
@@ -268,11 +299,13 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
         const int me = omp_get_thread_num(), parts = omp_get_num_threads();
 #pragma omp single
         barrier.parts = parts;
-        /* This thread's rows [first, first + count), its rows of the attention [attend_first,
-         * attend_last) and its output columns [begin, end) of each product. */
+        /* This thread's rows [first, first + count), its query heads of the attention
+         * [head_first, head_last) and its output columns [begin, end) of each product. */
         const int64_t first = rows * me / parts, count = rows * (me + 1) / parts - first;
-        const int64_t attend_first = context_share_start(S->seq_lens, rows, me, parts);
-        const int64_t attend_last = context_share_start(S->seq_lens, rows, me + 1, parts);
+        const int64_t head_first = heads_share_start(S->seq_lens, rows, S->num_heads,
+                                                     S->num_kv_heads, S->head_dim, me, parts);
+        const int64_t head_last = heads_share_start(S->seq_lens, rows, S->num_heads,
+                                                    S->num_kv_heads, S->head_dim, me + 1, parts);
         float *const x = S->x + first * hidden, *const h = S->h + first * hidden;
         const float *const delta = S->delta + first * hidden;
         void *const q8 = (char *)S->q8 + first * (hidden / QK) * Q8_BLOCK_BYTES;
@@ -287,12 +320,12 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             columns(S->q8, rows, hidden, L->qkv, L->qkv_kind, qkv_width, begin, end,
                     L->qkv_bias, S->qkv);
             team_wait(&barrier);
-            const int failed = attend(S, L, attend_first, attend_last);
+            int failed = rotate(S, L, first, count);
+            team_wait(&barrier);
+            if (failed == 0)
+                failed = attend(S, L, head_first, head_last);
             if (failed != 0)
                 atomic_store(&status, failed);
-            quantize_rows_q8(S->attn + attend_first * q_width, q_width,
-                             (char *)S->q8 + attend_first * (q_width / QK) * Q8_BLOCK_BYTES,
-                             attend_last - attend_first, q_width, 1);
             team_wait(&barrier);
             share(hidden, me, parts, &begin, &end);
             columns(S->q8, rows, q_width, L->o, L->o_kind, hidden, begin, end, L->o_bias,
