@@ -214,7 +214,7 @@ static int attend(const decode_step *S, const decode_layer *L, int64_t head_firs
     const int64_t hd = S->head_dim, blocks = S->q_width / QK;
     for (int64_t u = head_first; u < head_last;) {
         /* The row's heads in the range, quantized on their own: Q8 blocks are independent, and
-         * a range starts and ends on a block (heads_share_start). */
+         * a range starts and ends on a block (share_step). */
         const int64_t row = u / S->num_heads, r0 = u - row * S->num_heads;
         const int64_t r1 = head_last < (row + 1) * S->num_heads ? head_last - row * S->num_heads
                                                                 : S->num_heads;
@@ -227,20 +227,15 @@ static int attend(const decode_step *S, const decode_layer *L, int64_t head_firs
 }
 
 /* The first query head of thread `part` of `parts`' share of the attention, among the step's
- * rows * num_heads counted row by row: the heads whose contexts together make about its share of
- * the step's, since each head reads its row's context and the rows' lengths differ. A share may
- * end inside a row, so that fewer rows than threads (one long stream) still use every thread.
- * It ends between KV heads, so that no two threads read the same keys and values (measured
- * faster than splitting a KV head's group of query heads), and on a Q8 block of the output
- * (else on a row). */
+ * rows * num_heads counted row by row, in steps of `step` heads: the heads whose contexts
+ * together make about its share of the step's, since each head reads its row's context and the
+ * rows' lengths differ. */
 static int64_t heads_share_start(const int64_t *seq_lens, int64_t rows, int64_t num_heads,
-                                 int64_t num_kv_heads, int64_t head_dim, int part, int parts)
+                                 int64_t step, int part, int parts)
 {
     const int64_t units = rows * num_heads;
     if (part == parts)
         return units;
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t step = group * head_dim % QK == 0 ? group : num_heads;
     int64_t total = 0, before = 0, u = 0;
     for (int64_t i = 0; i < rows; ++i)
         total += seq_lens[i] * num_heads;
@@ -249,6 +244,17 @@ static int64_t heads_share_start(const int64_t *seq_lens, int64_t rows, int64_t 
         u += step;
     }
     return u;
+}
+
+/* The heads the attention's shares are counted in. Whole rows where the team has a row for each
+ * thread: each thread then rotates the rows it attends, with no barrier between. Else whole KV
+ * heads, so that fewer rows than threads (one long stream) still use every thread: a share may
+ * end inside a row, between KV heads (no two threads read the same keys and values; measured
+ * faster than splitting a KV head's query heads), where the outputs end on a Q8 block. */
+static int64_t share_step(const decode_step *S, int parts)
+{
+    const int64_t group = S->num_heads / S->num_kv_heads;
+    return S->rows >= parts || group * S->head_dim % QK != 0 ? S->num_heads : group;
 }
 
 /* A barrier for the team of layers_in_team, which meets at one between every two stages of a
@@ -302,10 +308,11 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
         /* This thread's rows [first, first + count), its query heads of the attention
          * [head_first, head_last) and its output columns [begin, end) of each product. */
         const int64_t first = rows * me / parts, count = rows * (me + 1) / parts - first;
-        const int64_t head_first = heads_share_start(S->seq_lens, rows, S->num_heads,
-                                                     S->num_kv_heads, S->head_dim, me, parts);
-        const int64_t head_last = heads_share_start(S->seq_lens, rows, S->num_heads,
-                                                    S->num_kv_heads, S->head_dim, me + 1, parts);
+        const int64_t step = share_step(S, parts), num_heads = S->num_heads;
+        const int64_t head_first = heads_share_start(S->seq_lens, rows, num_heads, step, me,
+                                                     parts);
+        const int64_t head_last = heads_share_start(S->seq_lens, rows, num_heads, step, me + 1,
+                                                    parts);
         float *const x = S->x + first * hidden, *const h = S->h + first * hidden;
         const float *const delta = S->delta + first * hidden;
         void *const q8 = (char *)S->q8 + first * (hidden / QK) * Q8_BLOCK_BYTES;
@@ -320,8 +327,14 @@ static int layers_in_team(const decode_step *S, const decode_layer *layers, int6
             columns(S->q8, rows, hidden, L->qkv, L->qkv_kind, qkv_width, begin, end,
                     L->qkv_bias, S->qkv);
             team_wait(&barrier);
-            int failed = rotate(S, L, first, count);
-            team_wait(&barrier);
+            int failed;
+            if (step == num_heads) {
+                failed = rotate(S, L, head_first / num_heads,
+                                (head_last - head_first) / num_heads);
+            } else {
+                failed = rotate(S, L, first, count);
+                team_wait(&barrier); /* the rows this thread attends may be another's */
+            }
             if (failed == 0)
                 failed = attend(S, L, head_first, head_last);
             if (failed != 0)
