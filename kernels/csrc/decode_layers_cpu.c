@@ -211,17 +211,17 @@ static int attend(const decode_step *S, const decode_layer *L, int64_t head_firs
                                     S->scale, L->window, NULL, head_first, head_last);
     if (status != 0)
         return status;
-    const int64_t hd = S->head_dim, blocks = S->q_width / QK;
+    const int64_t hd = S->head_dim, nh = S->num_heads, blocks = S->q_width / QK;
     for (int64_t u = head_first; u < head_last;) {
-        /* The row's heads in the range, quantized on their own: Q8 blocks are independent, and
-         * a range starts and ends on a block (share_step). */
-        const int64_t row = u / S->num_heads, r0 = u - row * S->num_heads;
-        const int64_t r1 = head_last < (row + 1) * S->num_heads ? head_last - row * S->num_heads
-                                                                : S->num_heads;
+        /* Whole rows in one call; a row's heads in the range on their own (Q8 blocks are
+         * independent, and a range starts and ends on a block: share_step). */
+        const int64_t row = u / nh, r0 = u - row * nh;
+        const int64_t whole = r0 == 0 ? (head_last - u) / nh : 0;
+        const int64_t r1 = whole > 0 ? nh : head_last < (row + 1) * nh ? head_last - row * nh : nh;
         quantize_rows_q8(S->attn + row * S->q_width + r0 * hd, S->q_width,
-                         (char *)S->q8 + (row * blocks + r0 * hd / QK) * Q8_BLOCK_BYTES, 1,
-                         (r1 - r0) * hd, 1);
-        u = row * S->num_heads + r1;
+                         (char *)S->q8 + (row * blocks + r0 * hd / QK) * Q8_BLOCK_BYTES,
+                         whole > 0 ? whole : 1, (r1 - r0) * hd, 1);
+        u = whole > 0 ? u + whole * nh : row * nh + r1;
     }
     return 0;
 }

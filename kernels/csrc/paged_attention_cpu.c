@@ -23,7 +23,8 @@
  *
  * Work is split by sequence over OpenMP threads (the same libgomp torch runs on);
  * paged_decode_attention_heads takes a range of the batch's query heads on the calling thread,
- * for a caller that splits fewer sequences than it has threads (decode_layers_cpu.c).
+ * for a caller that splits the work itself (decode_layers_cpu.c, which can then split one
+ * sequence's heads).
  * Softmax: scores for the whole context, their maximum, exp and sum, then the weighted values;
  * each thread keeps its scores (num_heads x longest span) in its own scratch buffer. The body is
  * paged_attention_impl.h, compiled once per pair of query and cache types.

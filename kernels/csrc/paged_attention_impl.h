@@ -63,7 +63,7 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
             const int64_t r0 = row_first > h * group ? row_first : h * group;
             const int64_t r1 = row_last < (h + 1) * group ? row_last : (h + 1) * group;
             CN(dot_rows_of)(qf + r0 * head_dim, r1 - r0, krows + h * head_dim, hi - lo,
-                        token_stride, head_dim, scores + r0 * span + lo - first, span);
+                            token_stride, head_dim, scores + r0 * span + lo - first, span);
             for (int64_t row = r0; row < r1; ++row) {
                 float *sr = scores + row * span + lo - first;
                 for (int64_t t = lo; t < hi; ++t) {
@@ -104,8 +104,9 @@ static inline __attribute__((always_inline)) void FN(attend_seq)(
         for (int64_t h = head_first; h < head_last; ++h) {
             const int64_t r0 = row_first > h * group ? row_first : h * group;
             const int64_t r1 = row_last < (h + 1) * group ? row_last : (h + 1) * group;
-            CN(accumulate_rows_of)(accum + r0 * head_dim, r1 - r0, scores + r0 * span + lo - first,
-                               span, vrows + h * head_dim, hi - lo, token_stride, head_dim);
+            CN(accumulate_rows_of)(accum + r0 * head_dim, r1 - r0,
+                                   scores + r0 * span + lo - first, span, vrows + h * head_dim,
+                                   hi - lo, token_stride, head_dim);
         }
     }
     for (int64_t i = row_first * head_dim; i < row_last * head_dim; ++i)
@@ -216,9 +217,9 @@ int FN(paged_decode_attention)(
 }
 
 /* The query heads [head_first, head_last) of the batch's num_seqs * num_heads, counted sequence
- * by sequence, on the calling thread: a team of threads splits a step's heads with it where the
- * sequences are fewer than the threads. The results are those of paged_decode_attention, which
- * it returns as, for the sequences it reads. */
+ * by sequence, on the calling thread: a team of threads splits a step's attention with it (by
+ * whole sequences, or inside one where the sequences are fewer than the threads). Results and
+ * returns are paged_decode_attention's, for the sequences it reads. */
 int FN(paged_decode_attention_heads)(
     const ELEM *q, int64_t q_stride,
     const CELEM *k_cache, const CELEM *v_cache, int64_t num_blocks,
