@@ -37,13 +37,16 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
-# Each source with its floating-point contract. Attention is compiled with fast math (vectorised
-# expf from glibc's libmvec, reassociated sums). The row-wise kernels round every operation as
+# Each source with its floating-point contract. Attention is compiled with fast math for its
+# vectorised expf (glibc's libmvec), but without reassociation or FMA contraction: its sums are
+# taken in the order written, so each cache type's copy of the tiles rounds as the fp32 one does
+# and a 16-bit cache reads exactly as its fp32 widening (GCC had contracted and reassociated copy
+# by copy). The row-wise kernels round every operation as
 # torch does (no fast math, no FMA contraction). The library is linked without fast math:
 # linking with -ffast-math adds crtfastmath.o, which would switch the whole process to
 # flush-to-zero on load and change torch's own numerics.
 SOURCE_FLAGS = {
-    "paged_attention_cpu.c": ["-ffast-math"],
+    "paged_attention_cpu.c": ["-ffast-math", "-fno-associative-math", "-ffp-contract=off"],
     "elementwise_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],
     "block_quant_cpu.c": ["-fno-math-errno"],
     "decode_layers_cpu.c": ["-fno-math-errno", "-ffp-contract=off"],

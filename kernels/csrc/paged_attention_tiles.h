@@ -8,48 +8,70 @@
 #define LOAD16 PS_CAT(load16_, C)
 #define TN(name) PS_CAT(name, PS_CAT(_, C))
 
+/* a[r][c] += q_r . k_c for the first `keys` of a tile's keys (kstride apart), q_r held as nv
+ * vectors: with keys a constant (a whole tile), the sums stay in registers. */
+static inline __attribute__((always_inline)) void TN(dot_keys)(
+    vec16 (*restrict a)[KEY_TILE], const vec16 (*restrict qv)[MAX_VECS], const int m,
+    const int nv, const CELEM *restrict k, const int keys, int64_t kstride)
+{
+    for (int i = 0; i < nv; ++i)
+        for (int c = 0; c < keys; ++c) {
+            const vec16 kv = LOAD16(k + c * kstride + 16 * i);
+            for (int r = 0; r < m; ++r)
+                a[r][c] += qv[r][i] * kv;
+        }
+}
+
 /* s[r * s_stride + j] = q_r . k_j for m query rows q_r (head_dim apart) and n key rows k_j
- * (kstride apart), each head_dim wide. */
+ * (kstride apart), each head_dim wide. A tile's last keys are summed as a whole tile's are, and
+ * every key's sum is taken in the same order whatever the cache type. */
 static inline __attribute__((always_inline)) void TN(dot_tile)(
     const float *restrict q, const int m, const CELEM *restrict k, int64_t n, int64_t kstride,
     const int64_t head_dim, float *restrict s, int64_t s_stride)
 {
-    int64_t j = 0;
     if (head_dim % 16 == 0 && head_dim <= 16 * MAX_VECS) {
         const int nv = (int)(head_dim / 16);
         vec16 qv[MAX_ROWS][MAX_VECS];
         for (int r = 0; r < m; ++r)
             for (int i = 0; i < nv; ++i)
                 qv[r][i] = load16(q + r * head_dim + 16 * i);
-        for (; j + KEY_TILE <= n; j += KEY_TILE) {
+        for (int64_t j = 0; j < n; j += KEY_TILE) {
+            const int keys = n - j < KEY_TILE ? (int)(n - j) : KEY_TILE;
             vec16 a[MAX_ROWS][KEY_TILE];
             for (int r = 0; r < m; ++r)
                 for (int c = 0; c < KEY_TILE; ++c)
                     a[r][c] = (vec16){0};
-            for (int i = 0; i < nv; ++i)
-                for (int c = 0; c < KEY_TILE; ++c) {
-                    const vec16 kv = LOAD16(k + (j + c) * kstride + 16 * i);
-                    for (int r = 0; r < m; ++r)
-                        a[r][c] += qv[r][i] * kv;
-                }
+            if (keys == KEY_TILE)
+                TN(dot_keys)(a, (const vec16(*)[MAX_VECS])qv, m, nv, k + j * kstride, KEY_TILE,
+                             kstride);
+            else
+                TN(dot_keys)(a, (const vec16(*)[MAX_VECS])qv, m, nv, k + j * kstride, keys,
+                             kstride);
             for (int r = 0; r < m; ++r) {
                 /* Four horizontal sums at once: halve the lanes per key four times. */
                 const vec16 quads = pair_sums(pair_sums(a[r][0], a[r][1]),
                                               pair_sums(a[r][2], a[r][3]));
                 const vec16 halves = pair_sums(quads, quads);
                 const vec16 sums = pair_sums(halves, halves);
-                for (int c = 0; c < KEY_TILE; ++c)
+                for (int c = 0; c < keys; ++c)
                     s[r * s_stride + j + c] = sums[c];
             }
         }
+        return;
     }
-    for (; j < n; ++j)
+    for (int64_t j = 0; j < n; ++j)
         for (int r = 0; r < m; ++r) {
             const float *qr = q + r * head_dim;
             const CELEM *kr = k + j * kstride;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < head_dim; ++d)
+            /* Eight running sums, added pairwise: an order the compiler keeps. */
+            float part[8] = {0};
+            int64_t d = 0;
+            for (; d + 8 <= head_dim; d += 8)
+                for (int l = 0; l < 8; ++l)
+                    part[l] += qr[d + l] * LOAD1(kr[d + l]);
+            float acc = ((part[0] + part[1]) + (part[2] + part[3])) +
+                        ((part[4] + part[5]) + (part[6] + part[7]));
+            for (; d < head_dim; ++d)
                 acc += qr[d] * LOAD1(kr[d]);
             s[r * s_stride + j] = acc;
         }
