@@ -56,70 +56,92 @@ static inline void prefetch_bytes(const void *p, int64_t bytes)
 
 /* The arithmetic of attention (paged_attention_tiles.h, once per cache type), in fp32. The query
  * rows of a KV head's group are taken a few at a time, so that each key or value loaded serves
- * all of them; rows whose width is a multiple of 16 go through 16-lane vectors (GCC's vector
- * extensions: AVX-512 registers, or pairs of AVX2 ones) with the accumulators in registers, and
- * the scores of four keys are summed across lanes together. Profiles of plain loops showed the
- * loads, a row's accumulator kept in memory and a horizontal sum per key and row. */
-typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec16u __attribute__((vector_size(64), aligned(4))); /* unaligned loads, stores */
-typedef int32_t ivec16 __attribute__((vector_size(64)));
-#define MAX_VECS 16 /* head_dim up to 256 on the vector path */
-#define MAX_ROWS 3  /* query rows per tile */
+ * all of them; rows whose width is a multiple of a vector's VL lanes go through vectors of the
+ * machine's width (GCC's vector extensions: 16 lanes in an AVX-512 register, else 8 in an AVX2
+ * one) with the accumulators in registers, and the scores of four keys are summed across lanes
+ * together. Profiles of plain loops showed the loads, a row's accumulator kept in memory and a
+ * horizontal sum per key and row; 16-lane vectors on AVX2 were kept on the stack, moved in
+ * halves. */
+#if defined(__AVX512F__)
+#define VL 16
+#define MAX_ROWS 3 /* query rows per tile, in 32 registers */
+#else
+#define VL 8
+#define MAX_ROWS 2 /* in 16 registers */
+#endif
+typedef float vecf __attribute__((vector_size(4 * VL)));
+typedef float vecfu __attribute__((vector_size(4 * VL), aligned(4))); /* unaligned loads */
+typedef int32_t veci __attribute__((vector_size(4 * VL)));
+#define MAX_VECS (256 / VL) /* head_dim up to 256 on the vector path */
 #define KEY_TILE 4
 
-static inline __attribute__((always_inline)) vec16 load16(const float *p)
+static inline __attribute__((always_inline)) vecf loadv(const float *p)
 {
-    return *(const vec16u *)p;
+    return *(const vecfu *)p;
 }
 
-/* 16 cache elements as fp32, converted in registers. GCC does not vectorise _Float16
+/* VL cache elements as fp32, converted in registers. GCC does not vectorise _Float16
  * conversions, so fp16 goes through the F16C / AVX-512 conversions where the CPU has them. */
-static inline __attribute__((always_inline)) vec16 load16_f32(const f32_t *p)
+static inline __attribute__((always_inline)) vecf loadv_f32(const f32_t *p)
 {
-    return load16(p);
+    return loadv(p);
 }
 
-static inline __attribute__((always_inline)) vec16 load16_bf16(const bf16_t *p)
+static inline __attribute__((always_inline)) vecf loadv_bf16(const bf16_t *p)
 {
-    typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-    typedef uint32_t u32x16 __attribute__((vector_size(64)));
-    const u32x16 bits = __builtin_convertvector(*(const u16x16 *)p, u32x16) << 16;
-    vec16 out;
+    typedef uint16_t u16v __attribute__((vector_size(2 * VL), aligned(2)));
+    typedef uint32_t u32v __attribute__((vector_size(4 * VL)));
+    const u32v bits = __builtin_convertvector(*(const u16v *)p, u32v) << 16;
+    vecf out;
     memcpy(&out, &bits, sizeof out);
     return out;
 }
 
-static inline __attribute__((always_inline)) vec16 load16_f16(const f16_t *p)
+static inline __attribute__((always_inline)) vecf loadv_f16(const f16_t *p)
 {
-    vec16 out;
+    vecf out;
 #if defined(__AVX512F__)
     const __m512 all = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
     memcpy(&out, &all, sizeof out);
 #elif defined(__F16C__)
-    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
-    memcpy(&out, &low, sizeof low);
-    memcpy((char *)&out + sizeof low, &high, sizeof high);
+    const __m256 all = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    memcpy(&out, &all, sizeof out);
 #else
-    for (int i = 0; i < 16; ++i)
+    for (int i = 0; i < VL; ++i)
         out[i] = load_f16(p[i]);
 #endif
     return out;
 }
 
-/* Lane j of the result is the sum of lanes 2j and 2j+1 of a then b (pairs of a in lanes 0-7). */
-static inline __attribute__((always_inline)) vec16 pair_sums(vec16 a, vec16 b)
+/* Lane j of the result is the sum of lanes 2j and 2j+1 of a then b (a's pairs in the low
+ * half). */
+static inline __attribute__((always_inline)) vecf pair_sums(vecf a, vecf b)
 {
-    const ivec16 even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    const ivec16 odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#if VL == 16
+    const veci even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const veci odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#else
+    const veci even = {0, 2, 4, 6, 8, 10, 12, 14};
+    const veci odd = {1, 3, 5, 7, 9, 11, 13, 15};
+#endif
     return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+
+/* Lanes 0-3 of the result hold the sums of a0's, a1's, a2's and a3's lanes: pairs summed until
+ * one lane is left for each. */
+static inline __attribute__((always_inline)) vecf key_sums(vecf a0, vecf a1, vecf a2, vecf a3)
+{
+    vecf sums = pair_sums(pair_sums(a0, a1), pair_sums(a2, a3));
+    for (int lanes = VL / 4; lanes > 1; lanes /= 2)
+        sums = pair_sums(sums, sums);
+    return sums;
 }
 
 /* Query rows a tile takes: fewer as rows widen, so that the tile's queries and sums stay in
  * registers. */
 static inline __attribute__((always_inline)) int64_t rows_per_tile(int64_t head_dim)
 {
-    return head_dim <= 64 ? MAX_ROWS : head_dim <= 128 ? 2 : 1;
+    return head_dim <= 4 * VL ? MAX_ROWS : head_dim <= 8 * VL ? 2 : 1;
 }
 
 #define C f32

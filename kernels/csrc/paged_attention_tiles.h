@@ -5,18 +5,18 @@
  * stored and reloaded every element (the query rows of a tile share each loaded key). */
 #define CELEM PS_CAT(C, _t)
 #define LOAD1 PS_CAT(load_, C)
-#define LOAD16 PS_CAT(load16_, C)
+#define LOADV PS_CAT(loadv_, C)
 #define TN(name) PS_CAT(name, PS_CAT(_, C))
 
 /* a[r][c] += q_r . k_c for the first `keys` of a tile's keys (kstride apart), q_r held as nv
  * vectors: with keys a constant (a whole tile), the sums stay in registers. */
 static inline __attribute__((always_inline)) void TN(dot_keys)(
-    vec16 (*restrict a)[KEY_TILE], const vec16 (*restrict qv)[MAX_VECS], const int m,
+    vecf (*restrict a)[KEY_TILE], const vecf (*restrict qv)[MAX_VECS], const int m,
     const int nv, const CELEM *restrict k, const int keys, int64_t kstride)
 {
     for (int i = 0; i < nv; ++i)
         for (int c = 0; c < keys; ++c) {
-            const vec16 kv = LOAD16(k + c * kstride + 16 * i);
+            const vecf kv = LOADV(k + c * kstride + VL * i);
             for (int r = 0; r < m; ++r)
                 a[r][c] += qv[r][i] * kv;
         }
@@ -29,30 +29,26 @@ static inline __attribute__((always_inline)) void TN(dot_tile)(
     const float *restrict q, const int m, const CELEM *restrict k, int64_t n, int64_t kstride,
     const int64_t head_dim, float *restrict s, int64_t s_stride)
 {
-    if (head_dim % 16 == 0 && head_dim <= 16 * MAX_VECS) {
-        const int nv = (int)(head_dim / 16);
-        vec16 qv[MAX_ROWS][MAX_VECS];
+    if (head_dim % VL == 0 && head_dim <= VL * MAX_VECS) {
+        const int nv = (int)(head_dim / VL);
+        vecf qv[MAX_ROWS][MAX_VECS];
         for (int r = 0; r < m; ++r)
             for (int i = 0; i < nv; ++i)
-                qv[r][i] = load16(q + r * head_dim + 16 * i);
+                qv[r][i] = loadv(q + r * head_dim + VL * i);
         for (int64_t j = 0; j < n; j += KEY_TILE) {
             const int keys = n - j < KEY_TILE ? (int)(n - j) : KEY_TILE;
-            vec16 a[MAX_ROWS][KEY_TILE];
+            vecf a[MAX_ROWS][KEY_TILE];
             for (int r = 0; r < m; ++r)
                 for (int c = 0; c < KEY_TILE; ++c)
-                    a[r][c] = (vec16){0};
+                    a[r][c] = (vecf){0};
             if (keys == KEY_TILE)
-                TN(dot_keys)(a, (const vec16(*)[MAX_VECS])qv, m, nv, k + j * kstride, KEY_TILE,
+                TN(dot_keys)(a, (const vecf(*)[MAX_VECS])qv, m, nv, k + j * kstride, KEY_TILE,
                              kstride);
             else
-                TN(dot_keys)(a, (const vec16(*)[MAX_VECS])qv, m, nv, k + j * kstride, keys,
+                TN(dot_keys)(a, (const vecf(*)[MAX_VECS])qv, m, nv, k + j * kstride, keys,
                              kstride);
             for (int r = 0; r < m; ++r) {
-                /* Four horizontal sums at once: halve the lanes per key four times. */
-                const vec16 quads = pair_sums(pair_sums(a[r][0], a[r][1]),
-                                              pair_sums(a[r][2], a[r][3]));
-                const vec16 halves = pair_sums(quads, quads);
-                const vec16 sums = pair_sums(halves, halves);
+                const vecf sums = key_sums(a[r][0], a[r][1], a[r][2], a[r][3]);
                 for (int c = 0; c < keys; ++c)
                     s[r * s_stride + j + c] = sums[c];
             }
@@ -83,21 +79,21 @@ static inline __attribute__((always_inline)) void TN(accumulate_tile)(
     float *restrict o, const int m, const float *restrict p, int64_t p_stride,
     const CELEM *restrict v, int64_t n, int64_t vstride, const int64_t head_dim)
 {
-    if (head_dim % 16 == 0 && head_dim <= 16 * MAX_VECS) {
-        const int nv = (int)(head_dim / 16);
-        vec16 a[MAX_ROWS][MAX_VECS];
+    if (head_dim % VL == 0 && head_dim <= VL * MAX_VECS) {
+        const int nv = (int)(head_dim / VL);
+        vecf a[MAX_ROWS][MAX_VECS];
         for (int r = 0; r < m; ++r)
             for (int i = 0; i < nv; ++i)
-                a[r][i] = load16(o + r * head_dim + 16 * i);
+                a[r][i] = loadv(o + r * head_dim + VL * i);
         for (int64_t j = 0; j < n; ++j)
             for (int i = 0; i < nv; ++i) {
-                const vec16 vv = LOAD16(v + j * vstride + 16 * i);
+                const vecf vv = LOADV(v + j * vstride + VL * i);
                 for (int r = 0; r < m; ++r)
                     a[r][i] += p[r * p_stride + j] * vv;
             }
         for (int r = 0; r < m; ++r)
             for (int i = 0; i < nv; ++i)
-                *(vec16u *)(o + r * head_dim + 16 * i) = a[r][i];
+                *(vecfu *)(o + r * head_dim + VL * i) = a[r][i];
         return;
     }
     for (int r = 0; r < m; ++r)
@@ -198,5 +194,5 @@ static inline __attribute__((always_inline)) void TN(accumulate_rows_of)(
 
 #undef CELEM
 #undef LOAD1
-#undef LOAD16
+#undef LOADV
 #undef TN
