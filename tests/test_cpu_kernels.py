@@ -36,7 +36,8 @@ def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 @pytest.mark.parametrize(("head_dim", "kv_heads", "heads", "block_size"),
-                         [(64, 3, 9, 16), (128, 2, 8, 16), (64, 4, 4, 8), (24, 1, 3, 5)])
+                         [(64, 3, 9, 16), (128, 2, 8, 16), (64, 4, 4, 8), (24, 1, 3, 5),
+                          (20, 2, 4, 16)])
 def test_decode_attention_matches_reference(head_dim: int, kv_heads: int, heads: int,
                                             block_size: int) -> None:
     torch.manual_seed(head_dim + kv_heads + block_size)

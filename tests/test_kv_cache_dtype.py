@@ -45,7 +45,7 @@ def _paged(head_dim: int, kv_heads: int, cache_dtype: torch.dtype, lens: list[in
 @needs_kernels
 @pytest.mark.parametrize("cache_dtype", NARROW)
 @pytest.mark.parametrize(("head_dim", "kv_heads", "heads"),
-                         [(64, 3, 9), (128, 2, 8), (64, 2, 2), (24, 1, 3)])
+                         [(64, 3, 9), (128, 2, 8), (64, 2, 2), (24, 1, 3), (20, 1, 3)])
 @pytest.mark.parametrize("variant", ["plain", "window", "alibi"])
 def test_decode_kernel_reads_a_narrow_cache_as_its_fp32_copy(
         cache_dtype: torch.dtype, head_dim: int, kv_heads: int, heads: int,
