@@ -15,8 +15,8 @@
  * to SHRINK_ROWS rows of its slot and dots it with all of them (contiguous over `in`, vectorised
  * by the compiler). The expand works on tiles of EXPAND_COLS output columns of one part: the
  * tile of b[s] is transposed once into fp32 [rank][EXPAND_COLS] (with vector permutations for
- * ranks 8, 16, 32 and 64), then serves up to EXPAND_ROWS rows, four at a time, each a sum over
- * rank of EXPAND_COLS-wide vectors. Both phases share (row block x a-row chunk) and (row block
+ * ranks 8, 16, 32 and 64), then serves up to EXPAND_ROWS rows, a group at a time (four rows
+ * with AVX-512, two with AVX), each a sum over rank of EXPAND_COLS-wide vectors. Both phases share (row block x a-row chunk) and (row block
  * x column tile) items among the OpenMP threads of one parallel region (the same libgomp torch
  * runs on); small calls run on the calling thread. Each element of tmp and y is one thread's sum
  * in a fixed order: the results do not depend on the number of threads.
@@ -24,8 +24,9 @@
  * All arithmetic is fp32, the shrunk vector included (as the reference holds it); an element of
  * y is rounded to its type once, after its delta is added (round to nearest even, as torch). The
  * sums run in another order than torch's matmuls (and may contract into FMAs): results agree up
- * to that reassociation. fp16 elements are converted on their bits (half_bits_to_float,
- * float_to_half_bits: the same values as _Float16 casts, but vectorised).
+ * to that reassociation. fp16 elements are converted by F16C's instructions where the host
+ * has them, else on their bits (half_bits_to_float, float_to_half_bits: the same values as
+ * _Float16 casts, but vectorised).
  *
  * The typed part below is compiled once per element type: this file includes itself with LORA_T
  * set to f32, bf16 and f16.
@@ -38,6 +39,9 @@
 #include <string.h>
 
 #include <omp.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #include "dtypes.h"
 
@@ -175,71 +179,76 @@ static inline uint16_t float_to_half_bits(float f)
     return (uint16_t)((w & 0x80000000u) >> 16 | (twice > 0xff000000u ? 0x7e00u : nonsign));
 }
 
-/* 16 fp32 lanes, in GCC's generic vectors (one AVX-512 register, or two AVX ones). */
-typedef float vec16 __attribute__((vector_size(64)));
+/* The expand's vectors are of the machine's width: GCC keeps generic vectors wider than its
+ * registers in memory, moving them in halves. A group of GROUP_ROWS rows keeps its
+ * GROUP_ROWS * VECS accumulators (eight) in registers beside a row of bt. */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+#define VECS (EXPAND_COLS / LANES)
+#define GROUP_ROWS (LANES / 4)
+typedef float vecf __attribute__((vector_size(LANES * sizeof(float))));
 
-static inline vec16 load_vec16(const float *p)
+static inline vecf load_vecf(const float *p)
 {
-    vec16 v;
+    vecf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-/* The expand's inner products over a transposed tile bt of b ([rank][EXPAND_COLS], 32 columns:
- * two vectors per row of bt): deltas[r][c] = sum over k of v[r][k] * bt[k][c]. Four rows at a
- * time, each row of bt loaded once for them all, their eight accumulators in registers keep the
- * FMA units busy; a single row splits its sum over even and odd k for the same reason. */
-static void expand_4_rows(const float *const *v, const float *bt, int64_t rank,
-                          float deltas[][EXPAND_COLS])
+/* The expand's inner products over a transposed tile bt of b ([rank][EXPAND_COLS]):
+ * deltas[r][c] = sum over k of v[r][k] * bt[k][c], in order of k. GROUP_ROWS rows at a time,
+ * each row of bt loaded once for them all, their independent accumulators keep the FMA units
+ * busy; a single row splits its sum over even and odd k for the same reason. */
+static void expand_group(const float *const *v, const float *bt, int64_t rank,
+                         float deltas[][EXPAND_COLS])
 {
-    vec16 a0 = {0.0f}, a1 = {0.0f}, b0 = {0.0f}, b1 = {0.0f}, c0 = {0.0f}, c1 = {0.0f},
-          d0 = {0.0f}, d1 = {0.0f};
+    vecf acc[GROUP_ROWS][VECS];
+    for (int r = 0; r < GROUP_ROWS; ++r)
+        for (int j = 0; j < VECS; ++j)
+            acc[r][j] = (vecf){0.0f};
     for (int64_t k = 0; k < rank; ++k) {
-        const vec16 lo = load_vec16(bt + k * EXPAND_COLS);
-        const vec16 hi = load_vec16(bt + k * EXPAND_COLS + 16);
-        a0 += v[0][k] * lo;
-        a1 += v[0][k] * hi;
-        b0 += v[1][k] * lo;
-        b1 += v[1][k] * hi;
-        c0 += v[2][k] * lo;
-        c1 += v[2][k] * hi;
-        d0 += v[3][k] * lo;
-        d1 += v[3][k] * hi;
+        vecf row[VECS];
+        for (int j = 0; j < VECS; ++j)
+            row[j] = load_vecf(bt + k * EXPAND_COLS + j * LANES);
+        for (int r = 0; r < GROUP_ROWS; ++r)
+            for (int j = 0; j < VECS; ++j)
+                acc[r][j] += v[r][k] * row[j];
     }
-    memcpy(deltas[0], &a0, sizeof a0);
-    memcpy(deltas[0] + 16, &a1, sizeof a1);
-    memcpy(deltas[1], &b0, sizeof b0);
-    memcpy(deltas[1] + 16, &b1, sizeof b1);
-    memcpy(deltas[2], &c0, sizeof c0);
-    memcpy(deltas[2] + 16, &c1, sizeof c1);
-    memcpy(deltas[3], &d0, sizeof d0);
-    memcpy(deltas[3] + 16, &d1, sizeof d1);
+    for (int r = 0; r < GROUP_ROWS; ++r)
+        memcpy(deltas[r], acc[r], sizeof acc[r]);
 }
 
 static void expand_1_row(const float *v, const float *bt, int64_t rank, float *delta)
 {
-    vec16 a0 = {0.0f}, a1 = {0.0f}, b0 = {0.0f}, b1 = {0.0f};
+    vecf even[VECS], odd[VECS];
+    for (int j = 0; j < VECS; ++j)
+        even[j] = odd[j] = (vecf){0.0f};
     int64_t k = 0;
-    for (; k + 2 <= rank; k += 2) {
-        a0 += v[k] * load_vec16(bt + k * EXPAND_COLS);
-        a1 += v[k] * load_vec16(bt + k * EXPAND_COLS + 16);
-        b0 += v[k + 1] * load_vec16(bt + (k + 1) * EXPAND_COLS);
-        b1 += v[k + 1] * load_vec16(bt + (k + 1) * EXPAND_COLS + 16);
-    }
-    if (k < rank) {
-        a0 += v[k] * load_vec16(bt + k * EXPAND_COLS);
-        a1 += v[k] * load_vec16(bt + k * EXPAND_COLS + 16);
-    }
-    a0 += b0;
-    a1 += b1;
-    memcpy(delta, &a0, sizeof a0);
-    memcpy(delta + 16, &a1, sizeof a1);
+    for (; k + 2 <= rank; k += 2)
+        for (int j = 0; j < VECS; ++j) {
+            even[j] += v[k] * load_vecf(bt + k * EXPAND_COLS + j * LANES);
+            odd[j] += v[k + 1] * load_vecf(bt + (k + 1) * EXPAND_COLS + j * LANES);
+        }
+    if (k < rank)
+        for (int j = 0; j < VECS; ++j)
+            even[j] += v[k] * load_vecf(bt + k * EXPAND_COLS + j * LANES);
+    for (int j = 0; j < VECS; ++j)
+        even[j] += odd[j];
+    memcpy(delta, even, sizeof even);
 }
 
 /* LOAD_AT(p, i): element i of p as fp32; STORE_AT(p, i, v): v rounded into it. TILE_VIA_F32:
- * the expand converts its tiles of b before transposing them. */
+ * the expand converts its tiles of b before transposing them. F16C_SPANS: runs of fp16
+ * elements are converted eight at a time by F16C's instructions (the same values: the widening
+ * is exact, the narrowing rounds to nearest even). */
 #define LORA_T f32
 #define TILE_VIA_F32 0
+#define F16C_SPANS 0
 #define LOAD_AT(p, i) load_f32((p)[i])
 #define STORE_AT(p, i, v) ((p)[i] = store_f32(v))
 #include "lora_cpu.c"
@@ -247,8 +256,10 @@ static void expand_1_row(const float *v, const float *bt, int64_t rank, float *d
 #undef LOAD_AT
 #undef STORE_AT
 #undef TILE_VIA_F32
+#undef F16C_SPANS
 #define LORA_T bf16
 #define TILE_VIA_F32 0
+#define F16C_SPANS 0
 #define LOAD_AT(p, i) load_bf16((p)[i])
 #define STORE_AT(p, i, v) ((p)[i] = store_bf16(v))
 #include "lora_cpu.c"
@@ -256,8 +267,14 @@ static void expand_1_row(const float *v, const float *bt, int64_t rank, float *d
 #undef LOAD_AT
 #undef STORE_AT
 #undef TILE_VIA_F32
+#undef F16C_SPANS
 #define LORA_T f16
 #define TILE_VIA_F32 1
+#ifdef __F16C__
+#define F16C_SPANS 1
+#else
+#define F16C_SPANS 0
+#endif
 #define LOAD_AT(p, i) half_bits_to_float(((const lora_u16 *)(p))[i])
 #define STORE_AT(p, i, v) (((lora_u16 *)(p))[i] = float_to_half_bits(v))
 #include "lora_cpu.c"
@@ -265,20 +282,49 @@ static void expand_1_row(const float *v, const float *bt, int64_t rank, float *d
 #undef LOAD_AT
 #undef STORE_AT
 #undef TILE_VIA_F32
+#undef F16C_SPANS
 
 #else /* The kernel for element type LORA_T. */
 
 #define ELEM PS_CAT(LORA_T, _t)
 #define FN(name) PS_CAT(name, PS_CAT(_, LORA_T))
 
+/* dst[i] = src[i] as fp32, for i < n. */
+static inline void FN(to_f32)(const ELEM *src, float *dst, int64_t n)
+{
+    int64_t i = 0;
+#if F16C_SPANS
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j)
+        dst[j] = LOAD_AT(src, j);
+}
+
+/* y[i] += delta[i], rounded to y's type, for i < n. */
+static inline void FN(add_into)(ELEM *y, const float *delta, int64_t n)
+{
+    int64_t i = 0;
+#if F16C_SPANS
+    for (; i + 8 <= n; i += 8) {
+        const __m256 sum = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128((__m128i *)(y + i))),
+                                         _mm256_loadu_ps(delta + i));
+        _mm_storeu_si128((__m128i *)(y + i),
+                         _mm256_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j)
+        STORE_AT(y, j, LOAD_AT(y, j) + delta[j]);
+}
+
 /* Row t of x as fp32: the row itself for fp32 tensors, else converted into buf. */
 static inline const float *FN(x_row)(const ELEM *x, float *buf, int64_t in)
 {
     if (sizeof(ELEM) == sizeof(float))
         return (const float *)x;
-#pragma omp simd
-    for (int64_t d = 0; d < in; ++d)
-        buf[d] = LOAD_AT(x, d);
+    FN(to_f32)(x, buf, in);
     return buf;
 }
 
@@ -401,30 +447,24 @@ static void FN(expand)(const ELEM *b, const col_tile *tile, int64_t rank, const 
     /* The tile's rows of b are contiguous: converted in one pass (after bt in the scratch), then
      * transposed as fp32 (the conversion spoils the transpose's permutations). */
     float *converted = bt + rank * EXPAND_COLS;
-#pragma omp simd
-    for (int64_t e = 0; e < tile->count * rank; ++e)
-        converted[e] = LOAD_AT(b, e);
+    FN(to_f32)(b, converted, tile->count * rank);
     transpose_tile_f32(converted, tile->count, rank, bt);
 #else
     FN(transpose_tile)(b, tile->count, rank, bt);
 #endif
-    for (int64_t i = 0; i < count; i += 4) {
-        const int64_t n = count - i < 4 ? count - i : 4;
-        const float *v[4];
+    for (int64_t i = 0; i < count; i += GROUP_ROWS) {
+        const int64_t n = count - i < GROUP_ROWS ? count - i : GROUP_ROWS;
+        const float *v[GROUP_ROWS];
         for (int64_t r = 0; r < n; ++r)
             v[r] = tmp + out_rows[i + r] * pr + tile->part * rank;
-        float deltas[4][EXPAND_COLS];
-        if (n == 4)
-            expand_4_rows(v, bt, rank, deltas);
+        float deltas[GROUP_ROWS][EXPAND_COLS];
+        if (n == GROUP_ROWS && n > 1)
+            expand_group(v, bt, rank, deltas);
         else
             for (int64_t r = 0; r < n; ++r)
                 expand_1_row(v[r], bt, rank, deltas[r]);
-        for (int64_t r = 0; r < n; ++r) {
-            ELEM *yr = y + out_rows[i + r] * y_stride + tile->col;
-#pragma omp simd
-            for (int64_t c = 0; c < tile->count; ++c)
-                STORE_AT(yr, c, LOAD_AT(yr, c) + deltas[r][c]);
-        }
+        for (int64_t r = 0; r < n; ++r)
+            FN(add_into)(y + out_rows[i + r] * y_stride + tile->col, deltas[r], tile->count);
     }
 }
 
