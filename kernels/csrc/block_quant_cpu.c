@@ -331,12 +331,12 @@ static inline __m256i broadcast4(const int8_t *p)
     return _mm256_set1_epi32(v);
 }
 
+#ifdef HAVE_VNNI
 /* The integer sums of one block of x (`xq`, 32 codes) against eight repacked rows whose codes
  * for input 4j + t of the block lie, unsigned, in byte 4c + t of q[j] (row c): each lane the
  * sum for its row, starting from `init`. */
 static inline __m256i row_sums_unsigned(const __m256i q[8], const int8_t *xq, __m256i init)
 {
-#ifdef HAVE_VNNI
     /* Two chains, so that each dpbusd need not wait for the one before (the sums are exact
      * integers: their order does not matter). */
     __m256i other = _mm256_setzero_si256();
@@ -345,16 +345,13 @@ static inline __m256i row_sums_unsigned(const __m256i q[8], const int8_t *xq, __
         other = DPBUSD(other, q[j + 1], broadcast4(xq + 4 * j + 4));
     }
     return _mm256_add_epi32(init, other);
-#else
-    /* Each 16-bit lane sums at most 8 pairs of products of q_w <= 15 and |q_x| <= 127:
-     * 30480, inside int16. (Only Q4_1's codes come here without VNNI.) */
-    __m256i pairs = _mm256_maddubs_epi16(q[0], broadcast4(xq));
-    for (int j = 1; j < 8; j++)
-        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(q[j], broadcast4(xq + 4 * j)));
-    return _mm256_add_epi32(init, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#endif
 }
 #endif
+#endif
+
+/* Pins v to a register here: GCC would otherwise regroup the exact integer sums, computing
+ * every product of a block first and spilling them. */
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
 
 /* The 8 outputs of one group of repacked rows for `count` rows of x (rows `blocks` apart).
  * Inlined for each constant count (dispatch_rows), so that the accumulators live in registers. */
@@ -362,7 +359,51 @@ static inline __attribute__((always_inline)) void
 dot_q4_1x8_rows(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks, const int count,
                 float *out, int64_t out_stride)
 {
-#ifdef __AVX2__
+#if defined(__AVX2__) && !defined(HAVE_VNNI)
+    /* AVX2 has sixteen vector registers: eight unpacked code vectors beside TILE rows'
+     * accumulators and offsets would not fit, and the spills cost a quarter of the time. So each
+     * code vector is unpacked and used by every row at once, the rows' 16-bit sums kept across
+     * the block, and the offsets are summed in a pass of their own. The integer sums are exact
+     * and every float operation of an output is the one below, in the same order. */
+    __m256 acc[TILE];
+    for (int r = 0; r < count; r++)
+        acc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; b++) {
+        /* Each 16-bit lane sums 8 pairs of products of q_w <= 15 and |q_x| <= 127 at most:
+         * 30480, inside int16. */
+        __m256i pairs[TILE];
+        for (int r = 0; r < count; r++)
+            pairs[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
+            const __m256i lo = _mm256_and_si256(v, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int r = 0; r < count; r++) {
+                const int8_t *xq = x[r * blocks + b].qs;
+                const __m256i both =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(xq + 4 * j)),
+                                     _mm256_maddubs_epi16(hi, broadcast4(xq + 16 + 4 * j)));
+                pairs[r] = _mm256_add_epi16(pairs[r], both);
+                IN_REGISTER(pairs[r]);
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        for (int r = 0; r < count; r++) {
+            const block_q8 *xb = x + r * blocks + b;
+            const __m256 sums =
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), sums, acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) {
+        __m256 off = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; b++)
+            off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].m)),
+                                  _mm256_set1_ps(x[r * blocks + b].s), off);
+        _mm256_storeu_ps(out + r * out_stride, _mm256_add_ps(acc[r], off));
+    }
+#elif defined(__AVX2__)
     __m256 acc[TILE], off[TILE];
     for (int r = 0; r < count; r++) {
         acc[r] = _mm256_setzero_ps();
@@ -414,38 +455,51 @@ static inline __attribute__((always_inline)) void
 dot_q8_0x8_rows(const block_q8_0x8 *w, const block_q8 *x, int64_t blocks, const int count,
                 float *out, int64_t out_stride)
 {
-#ifdef __AVX2__
+#if defined(__AVX2__) && !defined(HAVE_VNNI)
+    /* As dot_q4_1x8_rows without VNNI: each code vector serves every row at once, so that the
+     * rows' integer sums, not eight code vectors and their magnitudes, stay in registers. The
+     * signed codes, and q_w q_x = |q_w| (sign(q_w) q_x), as maddubs wants its first operand
+     * unsigned and its pairs inside int16. */
+    __m256 acc[TILE];
+    for (int r = 0; r < count; r++)
+        acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i isum[TILE];
+        for (int r = 0; r < count; r++)
+            isum[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i stored = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
+            const __m256i q = _mm256_xor_si256(stored, _mm256_set1_epi8((char)0x80));
+            const __m256i magnitude = _mm256_sign_epi8(q, q);
+            for (int r = 0; r < count; r++) {
+                const __m256i pairs = _mm256_maddubs_epi16(
+                    magnitude, _mm256_sign_epi8(broadcast4(x[r * blocks + b].qs + 4 * j), q));
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                IN_REGISTER(isum[r]);
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        for (int r = 0; r < count; r++) {
+            const block_q8 *xb = x + r * blocks + b;
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)),
+                                     _mm256_cvtepi32_ps(isum[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++)
+        _mm256_storeu_ps(out + r * out_stride, acc[r]);
+#elif defined(__AVX2__)
     __m256 acc[TILE];
     for (int r = 0; r < count; r++)
         acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         __m256i q[8];
-#ifndef HAVE_VNNI
-        __m256i magnitude[8];
-#endif
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 8; j++)
             q[j] = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
-#ifndef HAVE_VNNI
-            /* Without VNNI: the signed codes, and q_w q_x = |q_w| (sign(q_w) q_x), as maddubs
-             * wants its first operand unsigned and its pairs inside int16. */
-            q[j] = _mm256_xor_si256(q[j], _mm256_set1_epi8((char)0x80));
-            magnitude[j] = _mm256_sign_epi8(q[j], q[j]);
-#endif
-        }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
         for (int r = 0; r < count; r++) {
             const block_q8 *xb = x + r * blocks + b;
-#ifdef HAVE_VNNI
             /* sum((q_w + 128) q_x) - 128 sum(q_x) */
             const __m256i isum = row_sums_unsigned(q, xb->qs, _mm256_set1_epi32(-128 * xb->sum));
-#else
-            __m256i isum = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++) {
-                const __m256i pairs = _mm256_maddubs_epi16(
-                    magnitude[j], _mm256_sign_epi8(broadcast4(xb->qs + 4 * j), q[j]));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-            }
-#endif
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)),
                                      _mm256_cvtepi32_ps(isum), acc[r]);
         }
