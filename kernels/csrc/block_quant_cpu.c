@@ -396,13 +396,17 @@ dot_q4_1x8_rows(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks, const 
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), sums, acc[r]);
         }
     }
-    for (int r = 0; r < count; r++) {
-        __m256 off = _mm256_setzero_ps();
-        for (int64_t b = 0; b < blocks; b++)
-            off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].m)),
-                                  _mm256_set1_ps(x[r * blocks + b].s), off);
-        _mm256_storeu_ps(out + r * out_stride, _mm256_add_ps(acc[r], off));
+    /* The rows' offsets together: each sum is a chain of dependent FMAs. */
+    __m256 off[TILE];
+    for (int r = 0; r < count; r++)
+        off[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].m));
+        for (int r = 0; r < count; r++)
+            off[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r * blocks + b].s), off[r]);
     }
+    for (int r = 0; r < count; r++)
+        _mm256_storeu_ps(out + r * out_stride, _mm256_add_ps(acc[r], off[r]));
 #elif defined(__AVX2__)
     __m256 acc[TILE], off[TILE];
     for (int r = 0; r < count; r++) {
