@@ -361,10 +361,10 @@ dot_q4_1x8_rows(const block_q4_1x8 *w, const block_q8 *x, int64_t blocks, const 
 {
 #if defined(__AVX2__) && !defined(HAVE_VNNI)
     /* AVX2 has sixteen vector registers: eight unpacked code vectors beside TILE rows'
-     * accumulators and offsets would not fit, and the spills cost a quarter of the time. So each
-     * code vector is unpacked and used by every row at once, the rows' 16-bit sums kept across
-     * the block, and the offsets are summed in a pass of their own. The integer sums are exact
-     * and every float operation of an output is the one below, in the same order. */
+     * accumulators and offsets do not fit, and the spills cost much of the time. So each code
+     * vector is unpacked and used by every row at once, the rows' 16-bit sums kept across the
+     * block, and the offsets are summed in a pass of their own. The integer sums are exact and
+     * every float operation of an output is the VNNI build's (below), in the same order. */
     __m256 acc[TILE];
     for (int r = 0; r < count; r++)
         acc[r] = _mm256_setzero_ps();
