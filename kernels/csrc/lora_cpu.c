@@ -16,11 +16,11 @@
  * by the compiler). The expand works on tiles of EXPAND_COLS output columns of one part: the
  * tile of b[s] is transposed once into fp32 [rank][EXPAND_COLS] (with vector permutations for
  * ranks 8, 16, 32 and 64), then serves up to EXPAND_ROWS rows, a group at a time (four rows
- * with AVX-512, two with AVX), each a sum over rank of EXPAND_COLS-wide vectors. Both phases
- * share (row block x a-row chunk) and (row block x column tile) items among the OpenMP threads
- * of one parallel region (the same libgomp torch runs on); small calls run on the calling
- * thread. Each element of tmp and y is one thread's sum
- * in a fixed order: the results do not depend on the number of threads.
+ * with AVX-512, two with AVX, one otherwise), each a sum over rank of EXPAND_COLS-wide vectors.
+ * Both phases share (row block x a-row chunk) and (row block x column tile) items among the
+ * OpenMP threads of one parallel region (the same libgomp torch runs on); small calls run on
+ * the calling thread. Each element of tmp and y is one thread's sum in a fixed order: the
+ * results do not depend on the number of threads.
  *
  * All arithmetic is fp32, the shrunk vector included (as the reference holds it); an element of
  * y is rounded to its type once, after its delta is added (round to nearest even, as torch). The
